@@ -1,0 +1,136 @@
+"""Image and mask loading, and the CLIP preprocessing of the published code.
+
+Every entry point accepts a path, a PIL image or an ``H x W x C`` / ``H x W``
+numpy array, and returns 8-bit RGB. 16-bit inputs are scaled to 8 bits
+(``value >> 8``) instead of being clipped, alpha channels are dropped and
+palette / grayscale images are expanded to RGB.
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class ImageReadError(ValueError):
+    """An image or mask file is missing, truncated or in a format we cannot read."""
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale integer/float arrays of any depth to uint8 (16-bit: ``>> 8``)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype.itemsize == 1:
+            return arr.astype(np.uint8)
+        return (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale + 0.5, 0, 255).astype(np.uint8)
+    raise ImageReadError(f"unsupported array dtype {arr.dtype}")
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    arr = _to_uint8(np.asarray(arr))
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return np.ascontiguousarray(arr[:, :, :3])
+    if arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha
+        return np.repeat(arr[:, :, :1], 3, axis=2)
+    raise ImageReadError(f"cannot interpret an array of shape {arr.shape} as an image (want HxW, HxWx1, HxWx3 or HxWx4)")
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode == "RGB":
+        return np.asarray(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        return _array_to_rgb(np.asarray(img))
+    if img.mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"))
+
+
+def _read_file(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as pil_error:
+        import cv2  # OpenCV reads some 16-bit colour TIFFs that Pillow cannot.
+
+        arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ImageReadError(f"cannot read image {path}: {pil_error} (is the file truncated or corrupt?)") from None
+        if arr.ndim == 3 and arr.shape[2] >= 3:
+            arr = arr[:, :, [2, 1, 0]]
+        return _array_to_rgb(arr)
+
+
+def load_rgb(image: ImageInput) -> np.ndarray:
+    """Return an ``H x W x 3`` uint8 RGB array for a path, PIL image or numpy array."""
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(os.fspath(image))
+    raise TypeError(f"expected a path, PIL.Image or numpy array, got {type(image).__name__}")
+
+
+def preprocess(image: ImageInput, size: int) -> torch.Tensor:
+    """CLIP input of the published code: ``3 x size x size`` float32.
+
+    PIL bicubic (antialiased) resize to ``size x size`` with no crop, ``ToTensor``,
+    then normalisation with the OpenAI mean/std.
+    """
+    rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
+    """Ground-truth mask as a ``size x size`` float32 tensor of {0, 1}.
+
+    Any non-zero pixel is anomalous; the binary mask is resized with PIL bilinear
+    (antialiased) and thresholded at 0.5, as in the published code. ``None`` or
+    ``""`` gives an all-zero mask.
+    """
+    if mask is None or (isinstance(mask, str) and mask == ""):
+        return torch.zeros(size, size)
+    if isinstance(mask, (str, os.PathLike)):
+        path = os.fspath(mask)
+        if not os.path.isfile(path):
+            raise ImageReadError(f"mask file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arr = np.asarray(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageReadError(f"cannot read mask {path}: {e} (is the file truncated or corrupt?)") from None
+    elif isinstance(mask, Image.Image):
+        arr = np.asarray(mask)
+    else:
+        arr = np.asarray(mask)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    binary = Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy((np.asarray(binary).astype(np.float32) / 255.0 > 0.5).astype(np.float32))
+
+
