@@ -1,0 +1,140 @@
+"""The public inference API: :class:`Detector` and :class:`Prediction`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .data.image import ImageInput, preprocess
+from .models.clip_loader import ClipWeights, load_clip
+from .models.crane import CraneConfig, CraneModel
+from .models.head import smooth_maps
+from .models.prompts import load_prompt_checkpoint
+from .models.vfm import VfmWeights, load_vfm
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Prediction:
+    """``scores``: ``N`` float32 image anomaly scores; ``maps``: ``N x S x S`` float32 smoothed anomaly maps."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+def _tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-L-14-336")
+
+
+def build_model(clip_weights: Union[ClipWeights, str] = "openai", checkpoint: Union[None, str, os.PathLike, Mapping] = None,
+                dino_weights: VfmWeights = None, config: Optional[CraneConfig] = None) -> CraneModel:
+    """Build a :class:`CraneModel` on CPU from weights and an optional prompt-learner checkpoint.
+
+    ``clip_weights``: ``"openai"``, a file, an OpenAI-format state dict, or ``"synthetic"``
+    (random weights; meaningless numbers, for pipeline demos).
+    """
+    config = config or CraneConfig()
+    if isinstance(clip_weights, str) and clip_weights == "synthetic":
+        from .models.synthetic import synthetic_clip_state_dict
+
+        clip_weights = synthetic_clip_state_dict()
+    clip = load_clip(clip_weights)
+    vfm = None if config.dino_model == "none" else load_vfm(config.dino_model, dino_weights, config.image_size)
+    model = CraneModel(clip, _tokenizer(), config, vfm)
+    if checkpoint is None:
+        log.warning("no prompt-learner checkpoint given: the prompts are untrained (random)")
+    else:
+        sd = checkpoint if isinstance(checkpoint, Mapping) else load_prompt_checkpoint(checkpoint)
+        model.prompt_learner.load_official(sd, source=str(checkpoint) if not isinstance(checkpoint, Mapping) else "checkpoint")
+    return model.eval()
+
+
+class Detector:
+    """Zero-shot anomaly detector: images in, image scores and anomaly maps out.
+
+    Results do not depend on how images are batched (unless ``dattn_batch_mean``).
+    Build one with :meth:`from_config`.
+    """
+
+    def __init__(self, model: CraneModel, device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+                 batch_size: int = 8) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' requested but no CUDA GPU is available; use device='cpu'")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision='fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.batch_size = batch_size
+        self.refresh_text_features()
+
+    @classmethod
+    def from_config(cls, clip_weights: Union[ClipWeights, str] = "openai",
+                    checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_model: str = "none",
+                    dino_weights: VfmWeights = None, features_list: Sequence[int] = (24,), soft_mean: bool = False,
+                    image_size: int = 518, attn_type: str = "qq+kk+vv", sigma: float = 4,
+                    dattn_batch_mean: bool = False, device: str = "cpu", precision: str = "fp32",
+                    batch_size: int = 8, **options) -> "Detector":
+        """Build a detector. ``options`` are further :class:`CraneConfig` fields
+        (``both_eattn_dattn``, ``use_scorebase_pooling``, ``layer_aliasing``, ``n_ctx``, ...)."""
+        config = CraneConfig(features_list=tuple(int(f) for f in features_list), dino_model=dino_model,
+                             soft_mean=soft_mean, image_size=image_size, attn_type=attn_type, sigma=sigma,
+                             dattn_batch_mean=dattn_batch_mean, **options)
+        return cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size)
+
+    @property
+    def config(self) -> CraneConfig:
+        return self.model.config
+
+    def refresh_text_features(self) -> None:
+        """Recompute the cached text features (after changing the prompt learner)."""
+        with torch.no_grad():
+            self.text_features = self.model.text_features()
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    @torch.no_grad()
+    def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, unsmoothed maps ``B x S x S``), on CPU, float32."""
+        with self._autocast():
+            features = self.model.encode_image(images.to(self.device))
+        logits = self.model.patch_logits(features, self.text_features)
+        return self.model.scores(features, logits, self.text_features).cpu(), self.model.maps(logits).cpu()
+
+    def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
+                progress: bool = False) -> Prediction:
+        """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list)."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
+                isinstance(images, np.ndarray) and images.ndim == 3):
+            images = [images]
+        images = list(images)
+        bs = batch_size or self.batch_size
+        size = self.config.image_size
+        scores, maps = [], []
+        batches = range(0, len(images), bs)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="predict", unit="batch")
+        for start in batches:
+            batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
+            s, m = self.predict_tensor(batch)
+            scores.append(s.numpy())
+            maps.append(smooth_maps(m.numpy(), self.config.sigma))
+        if not scores:
+            return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
+        return Prediction(np.concatenate(scores).astype(np.float32), np.concatenate(maps).astype(np.float32))

@@ -1,0 +1,412 @@
+"""Evaluation metrics of the Crane protocol (method.md section 7).
+
+Image level: AUROC, average precision and F1-max of one anomaly score per image.
+Pixel level: AUROC, average precision and F1-max over all pixels of a class, and
+AUPRO (area under the per-region-overlap curve) in two definitions:
+
+* ``method="crane"``: the 200-threshold definition of the published Crane /
+  AnomalyCLIP evaluation (cflow-ad style).
+* ``method="mvtec"``: the MVTec evaluation scripts. With ``num_thresholds`` set (the
+  default, 200) it is ``au_pro_util.calculate_au_pro`` of the MVTec 3D-AD scripts, whose
+  thresholds are that many order statistics of the negative-pixel scores; with
+  ``num_thresholds=None`` it is ``pro_curve_util.compute_pro`` of the MVTec AD scripts,
+  where every distinct score is a threshold. The conformance key
+  ``pixel-aupro-mvtec-official`` is the former.
+
+The AUROC / AP / F1-max values equal scikit-learn's (``roc_auc_score``,
+``average_precision_score``, ``precision_recall_curve``) up to float rounding, and
+the AUPRO values equal the published loops, but everything is computed from one
+sort of the negative scores plus counts: no per-threshold pass over the pixels and
+no float64 copy of the maps. A metric that is undefined for the data (one label class
+only) is ``nan``.
+
+Inputs may be numpy arrays or torch tensors. Labels and masks are binary (values
+above 0.5 count as positive); scores and maps keep their float dtype (anything else is
+converted to float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import auc
+
+__all__ = [
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "aupro",
+]
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _to_numpy(x) -> np.ndarray:
+    """Numpy view of an array or a (possibly GPU, bfloat16) torch tensor."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _binary(x) -> np.ndarray:
+    """Boolean array of a {0, 1} label/mask array (values above 0.5 are positive)."""
+    x = _to_numpy(x)
+    return x if x.dtype == bool else x > 0.5
+
+
+def _scores(x) -> np.ndarray:
+    """Score array in its own float dtype (non-float input becomes float64)."""
+    x = _to_numpy(x)
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+
+
+def _pair(truth, scores, ndim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Binary truth and float scores of the same shape (and of ``ndim`` dims if given)."""
+    truth, scores = _binary(truth), _scores(scores)
+    if truth.shape != scores.shape:
+        raise ValueError(f"shape mismatch: truth {truth.shape} vs scores {scores.shape}")
+    if ndim is not None and truth.ndim != ndim:
+        raise ValueError(f"expected {ndim}-D inputs (N x H x W), got shape {truth.shape}")
+    return truth, scores
+
+
+# ------------------------------------------------------------ ranking (AUROC, AP, F1)
+
+
+def _sorted(scores: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The scores selected by boolean ``where``, as a 1-D copy sorted ascending in place.
+
+    This is the one sort everything else is counted from; the copy keeps the scores'
+    dtype (4 bytes per pixel for float32 maps).
+    """
+    selected = scores[where]
+    selected.sort()
+    return selected
+
+
+class _OperatingPoints(NamedTuple):
+    """Counts at the thresholds equal to the distinct positive scores ``v`` (ascending).
+
+    Thresholds between positive scores only add false positives at unchanged recall,
+    so they never change AP and never give the F1 maximum.
+    """
+
+    count: np.ndarray  # positives equal to v
+    tp: np.ndarray  # positives >= v
+    neg_below: np.ndarray  # negatives < v
+    neg_at_most: np.ndarray  # negatives <= v
+    n_pos: int
+    n_neg: int
+
+
+def _operating_points(truth: np.ndarray, scores: np.ndarray) -> _OperatingPoints | None:
+    """Operating points of binary ``truth`` ranked by ``scores``; None if one class only."""
+    positive = scores[truth]
+    n_pos, n_neg = positive.size, scores.size - positive.size
+    if n_pos == 0 or n_neg == 0:
+        return None
+    negative = _sorted(scores, ~truth)
+    values, count = np.unique(positive, return_counts=True)
+    return _OperatingPoints(
+        count=count,
+        tp=n_pos - np.cumsum(count) + count,
+        neg_below=np.searchsorted(negative, values, side="left"),
+        neg_at_most=np.searchsorted(negative, values, side="right"),
+        n_pos=n_pos,
+        n_neg=n_neg,
+    )
+
+
+def _auroc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count one half) = sklearn's trapezoid."""
+    points = _operating_points(truth, scores)
+    if points is None:
+        return math.nan
+    twice_wins = int(np.sum(points.count * (points.neg_below + points.neg_at_most)))
+    return twice_wins / (2.0 * points.n_pos * points.n_neg)
+
+
+def _average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn's AP: sum over thresholds of (recall increase) * precision."""
+    points = _operating_points(truth, scores)
+    if points is None:
+        return math.nan
+    precision = points.tp / (points.tp + points.n_neg - points.neg_below)
+    return float(np.sum(points.count / points.n_pos * precision))
+
+
+def _f1_max(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Max of ``2 p r / (p + r)`` over sklearn's precision-recall curve."""
+    points = _operating_points(truth, scores)
+    if points is None:
+        return math.nan
+    precision = points.tp / (points.tp + points.n_neg - points.neg_below)
+    recall = points.tp / points.n_pos
+    return float(np.max(2 * precision * recall / (precision + recall)))
+
+
+# ------------------------------------------------------------------------ image level
+
+
+def _image_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Binary labels and float scores, both 1-D of length N."""
+    labels, scores = _pair(labels, scores)
+    if labels.ndim != 1:
+        raise ValueError(f"expected 1-D labels and scores, got shape {labels.shape}")
+    return labels, scores
+
+
+def image_auroc(labels, scores) -> float:
+    """Image-level ROC AUC (sklearn ``roc_auc_score``).
+
+    Args:
+        labels: ``N`` in {0, 1} (1 = anomalous).
+        scores: ``N`` float anomaly scores.
+    Returns:
+        The AUROC, ``nan`` when only one class is present.
+    """
+    return _auroc(*_image_pair(labels, scores))
+
+
+def image_ap(labels, scores) -> float:
+    """Image-level average precision (sklearn ``average_precision_score``).
+
+    Args:
+        labels: ``N`` in {0, 1}.
+        scores: ``N`` float.
+    Returns:
+        The AP, ``nan`` when only one class is present.
+    """
+    return _average_precision(*_image_pair(labels, scores))
+
+
+def image_f1_max(labels, scores) -> float:
+    """Image-level F1-max: max of ``2pr/(p+r)`` over sklearn's ``precision_recall_curve``.
+
+    Args:
+        labels: ``N`` in {0, 1}.
+        scores: ``N`` float.
+    Returns:
+        The F1-max, ``nan`` when only one class is present.
+    """
+    return _f1_max(*_image_pair(labels, scores))
+
+
+# ------------------------------------------------------------------------ pixel level
+
+
+def pixel_auroc(masks, maps) -> float:
+    """Pixel-level ROC AUC over all pixels (sklearn ``roc_auc_score(masks.ravel(), maps.ravel())``).
+
+    Args:
+        masks: ``N x H x W`` (any shape) in {0, 1}.
+        maps: float anomaly maps of the same shape.
+    Returns:
+        The AUROC, ``nan`` when all pixels are positive or all negative.
+    """
+    return _auroc(*_pair(masks, maps))
+
+
+def pixel_ap(masks, maps) -> float:
+    """Pixel-level average precision over all pixels (sklearn ``average_precision_score``).
+
+    Args:
+        masks: ``N x H x W`` (any shape) in {0, 1}.
+        maps: float anomaly maps of the same shape.
+    Returns:
+        The AP, ``nan`` when all pixels are positive or all negative.
+    """
+    return _average_precision(*_pair(masks, maps))
+
+
+def pixel_f1_max(masks, maps) -> float:
+    """Pixel-level F1-max over all pixels (published ``precision_recall_curve`` formula).
+
+    Args:
+        masks: ``N x H x W`` (any shape) in {0, 1}.
+        maps: float anomaly maps of the same shape.
+    Returns:
+        The F1-max, ``nan`` when all pixels are positive or all negative.
+    """
+    return _f1_max(*_pair(masks, maps))
+
+
+# ----------------------------------------------------------------------------- AUPRO
+
+
+def _region_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores and weights of the pixels of all ground-truth regions.
+
+    Each mask is labelled once (8-connected, per image). Returns the scores of the
+    positive pixels, the weight ``1 / area`` of the region each belongs to, and the
+    number of regions. The sum of the weights of a region's pixels above a threshold
+    is that region's overlap, so the PRO is a weighted count divided by the number of
+    regions.
+    """
+    values, weights, n_regions = [], [], 0
+    for mask, amap in zip(masks, maps):
+        regions, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        inside = regions > 0
+        areas = np.bincount(regions[inside])
+        values.append(amap[inside])
+        weights.append(1.0 / areas[regions[inside]])
+        n_regions += n
+    return np.concatenate(values), np.concatenate(weights), n_regions
+
+
+def _pro_above(values: np.ndarray, weights: np.ndarray, n_regions: int,
+               thresholds: np.ndarray) -> np.ndarray:
+    """PRO at each of ascending ``thresholds``: mean over regions of the fraction ``> t``.
+
+    One searchsorted of the region pixels against the grid, one weighted histogram
+    and a reverse cumulative sum.
+    """
+    passed = np.searchsorted(thresholds, values, side="left")  # number of thresholds < value
+    mass = np.bincount(passed, weights=weights, minlength=thresholds.size + 1)
+    above = np.cumsum(mass[::-1])[::-1][1:]  # above[j] = mass of values passing thresholds[j]
+    return above / n_regions
+
+
+def _floor_to_dtype(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Largest values of ``dtype`` that are ``<= thresholds``.
+
+    For scores ``v`` of that dtype, ``v > t`` (compared exactly, as numpy compares a
+    float32 array with a float64 scalar) is the same as ``v > floor(t)``, so the
+    comparison can stay in the scores' dtype.
+    """
+    floored = thresholds.astype(dtype)
+    too_high = floored > thresholds
+    floored[too_high] = np.nextafter(floored[too_high], -np.inf)
+    return floored
+
+
+def _crane_aupro(masks, maps, max_fpr: float, num_thresholds: int) -> float:
+    """Published Crane/AnomalyCLIP ``cal_pro_score`` (cflow-ad).
+
+    Thresholds: ``np.arange(min, max, (max - min) / num_thresholds)`` with the min and
+    max of the maps in their dtype (np.float32 for the published float32 maps;
+    ``np.arange`` returns float64 thresholds, and ``maps > t`` compares exactly, as the
+    reference outputs confirm); keep ``fpr < max_fpr``, min-max rescale those FPRs,
+    ``sklearn.metrics.auc``.
+    """
+    low, high = maps.min(), maps.max()
+    if low == high:
+        return math.nan
+    thresholds = _floor_to_dtype(np.arange(low, high, (high - low) / num_thresholds), maps.dtype)
+    negative = _sorted(maps, ~masks)
+    fpr = (negative.size - np.searchsorted(negative, thresholds, side="right")) / negative.size
+    pro = _pro_above(*_region_pixels(masks, maps), thresholds)
+    kept = fpr < max_fpr
+    fpr, pro = fpr[kept], pro[kept]
+    if fpr.size == 0 or fpr.max() == fpr.min():
+        return math.nan
+    return float(auc((fpr - fpr.min()) / (fpr.max() - fpr.min()), pro))
+
+
+def _mvtec_trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """``trapezoid(x, y, x_max)`` of the MVTec evaluation scripts (``x`` ascending).
+
+    Trapezoidal area up to ``x_max``; when ``x_max`` is not a curve point, the last
+    piece is closed with ``y`` interpolated linearly at ``x_max``.
+    """
+    correction = 0.0
+    if x_max not in x:
+        ins = int(np.searchsorted(x, x_max, side="right"))  # bisect.bisect
+        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+        correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
+    kept = x <= x_max
+    x, y = x[kept], y[kept]
+    return float(np.sum(0.5 * (x[1:] - x[:-1]) * (y[1:] + y[:-1])) + correction)
+
+
+def _mvtec_grid_curve(masks, maps, num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+    """PRO curve of MVTec 3D-AD ``au_pro_util.compute_pro``.
+
+    Thresholds are the negative scores at ``np.linspace(0, n_neg - 1, num_thresholds,
+    dtype=int)`` of their ascending order, FPR at position ``i`` is ``1 - (i + 1) / n_neg``,
+    and the curve ends at (1, 1).
+    """
+    negative = _sorted(maps, ~masks)
+    positions = np.linspace(0, negative.size - 1, num=num_thresholds, dtype=int)
+    pro = _pro_above(*_region_pixels(masks, maps), negative[positions])
+    fpr = 1.0 - (positions + 1) / negative.size
+    return np.r_[fpr[::-1], 1.0], np.r_[pro[::-1], 1.0]
+
+
+def _mvtec_exact_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """PRO curve of MVTec AD ``pro_curve_util.compute_pro`` (every distinct score).
+
+    The official curve visits every distinct score in descending order; it is
+    horizontal across scores held by negative pixels only and vertical across scores
+    held by positive pixels only, so the same polyline is traced by two points per
+    distinct positive score ``v``: just above ``v`` (negatives ``> v``) and at ``v``
+    (negatives ``>= v``). As in the official code, FPRs are float32 and both
+    coordinates are clipped to 1, between the anchors (0, 0) and (1, 1).
+    """
+    negative = _sorted(maps, ~masks)
+    values, weights, n_regions = _region_pixels(masks, maps)
+    distinct, index = np.unique(values, return_inverse=True)
+    mass_at_least = np.cumsum(np.bincount(index, weights=weights)[::-1])  # descending scores
+    mass_above = np.r_[0.0, mass_at_least[:-1]]
+    neg_above = negative.size - np.searchsorted(negative, distinct[::-1], side="right")
+    neg_at_least = negative.size - np.searchsorted(negative, distinct[::-1], side="left")
+    fp = np.r_[np.column_stack([neg_above, neg_at_least]).ravel(), negative.size]
+    mass = np.r_[np.column_stack([mass_above, mass_at_least]).ravel(), mass_at_least[-1]]
+    fpr = np.minimum(fp.astype(np.float32) / np.float32(negative.size), 1.0).astype(np.float64)
+    pro = np.minimum(mass / n_regions, 1.0)
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, pro, 1.0]
+
+
+def aupro(masks, maps, method: Literal["crane", "mvtec"] = "crane", max_fpr: float = 0.3,
+          num_thresholds: int | None = 200) -> float:
+    """Area under the per-region-overlap curve up to ``max_fpr``.
+
+    Regions are the 8-connected components of each mask. PRO at a threshold ``t`` is
+    the mean over all regions of all images of the fraction of region pixels with
+    score ``> t``; FPR is the fraction of negative pixels above ``t``.
+
+    Args:
+        masks: ``N x H x W`` ground truth in {0, 1}.
+        maps: ``N x H x W`` float anomaly maps.
+        method: ``"crane"``, the published Crane evaluation (``num_thresholds`` evenly
+            spaced thresholds from the minimum to the maximum of the maps; FPRs kept
+            below ``max_fpr`` are min-max rescaled to [0, 1] and the area is not divided
+            again), or ``"mvtec"``, the MVTec evaluation scripts (curve integrated to
+            ``max_fpr`` with interpolation, divided by ``max_fpr``; ``num_thresholds``
+            order statistics of the negative scores as thresholds (MVTec 3D-AD), or every
+            distinct score when ``num_thresholds`` is None (MVTec AD)).
+        max_fpr: FPR limit, in (0, 1].
+        num_thresholds: number of thresholds (None only with ``method="mvtec"``).
+    Returns:
+        The AUPRO in [0, 1]; ``nan`` when there is no positive or no negative pixel,
+        or, for ``"crane"``, when the maps are constant or fewer than two distinct FPRs
+        fall below ``max_fpr`` (where the published code fails or gives nan).
+    """
+    masks, maps = _pair(masks, maps, ndim=3)
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    if method not in ("crane", "mvtec"):
+        raise ValueError(f"method must be 'crane' or 'mvtec', got {method!r}")
+    if num_thresholds is None and method == "crane":
+        raise ValueError("method='crane' needs num_thresholds")
+    if masks.all() or not masks.any():
+        return math.nan
+    if method == "crane":
+        return _crane_aupro(masks, maps, max_fpr, num_thresholds)
+    if num_thresholds is None:
+        fpr, pro = _mvtec_exact_curve(masks, maps)
+    else:
+        fpr, pro = _mvtec_grid_curve(masks, maps, num_thresholds)
+    return _mvtec_trapezoid(fpr, pro, max_fpr) / max_fpr

@@ -1,0 +1,155 @@
+"""Crane's learnable prompts and the CLIP text encoder with deep prompts.
+
+An official checkpoint is ``{"prompt_learner": state_dict}`` with 16 entries:
+``ctx_pos``, ``ctx_neg`` (``1 x 1 x n_ctx x W``), ``compound_prompts_text.{0..depth-2}``
+(``t_n_ctx x W``) and the buffers ``token_prefix_*``, ``token_suffix_*``,
+``tokenized_prompts_*`` for the normal (``pos``) and anomalous (``neg``) prompt.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import CheckpointMismatchError
+
+IMAGE_TOKEN_TYPES = ("pad_suffix", "pad_prefix", "replace_prefix", "replace_suffix")
+STATE_TEMPLATES = ("{}", "damaged {}")
+CLASS_NAME = "object"
+
+
+class PromptLearner(nn.Module):
+    """Learnable context for the "normal" and "anomalous" prompts plus deep text prompts.
+
+    Args:
+        token_embedding: the CLIP token embedding (``vocab x W``) used to build the
+            fixed prefix/suffix buffers.
+        tokenizer: an open_clip tokenizer (``texts -> K x 77`` ids).
+        n_ctx: learnable context vectors per prompt (12).
+        t_n_ctx: deep prompt tokens per text block (4).
+        depth: deep prompts go into text blocks ``2 .. depth`` (9).
+    """
+
+    def __init__(self, token_embedding: nn.Embedding, tokenizer, n_ctx: int = 12, t_n_ctx: int = 4,
+                 depth: int = 9) -> None:
+        super().__init__()
+        width = token_embedding.weight.shape[1]
+        self.n_ctx, self.t_n_ctx, self.depth = n_ctx, t_n_ctx, depth
+        self.ctx_pos = nn.Parameter(torch.empty(1, 1, n_ctx, width).normal_(std=0.02))
+        self.ctx_neg = nn.Parameter(torch.empty(1, 1, n_ctx, width).normal_(std=0.02))
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(torch.empty(t_n_ctx, width).normal_(std=0.02)) for _ in range(depth - 1)])
+        prefix = " ".join(["X"] * n_ctx)
+        for state, template in zip(("pos", "neg"), STATE_TEMPLATES):
+            ids = tokenizer([f"{prefix} {template.format(CLASS_NAME)}."])
+            with torch.no_grad():
+                emb = token_embedding(ids).float()
+            self.register_buffer(f"tokenized_prompts_{state}", ids.to(torch.int32).view(1, 1, -1))
+            self.register_buffer(f"token_prefix_{state}", emb[:, None, :1].clone())
+            self.register_buffer(f"token_suffix_{state}", emb[:, None, 1 + n_ctx:].clone())
+
+    def load_official(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load an official prompt-learner state dict strictly, with a readable error on mismatch."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise CheckpointMismatchError(
+                f"{source} does not fit this prompt learner (n_ctx={self.n_ctx}, t_n_ctx={self.t_n_ctx}, "
+                f"depth={self.depth}, width={self.ctx_pos.shape[-1]}):"
+                + (f"\n  missing keys: {missing}" if missing else "")
+                + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+                + (f"\n  shape mismatches: {shapes}" if shapes else "")
+                + "\nCheck --n_ctx/--t_n_ctx/--depth and that the CLIP text width matches the checkpoint.")
+        self.load_state_dict(state_dict, strict=True)
+
+    def forward(self, image_embedding: Optional[torch.Tensor] = None, image_token_type: str = "pad_suffix"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and token ids, all normal prompts first, then all anomalous.
+
+        Without ``image_embedding``: ``2 x 77 x W`` and ``2 x 77``. With ``image_embedding``
+        (``B x W``, normalised), each image gets its own pair: ``2B x 77 x W`` and ``2B x 77``.
+        """
+        prompts, ids = [], []
+        for state in ("pos", "neg"):
+            ctx = getattr(self, f"ctx_{state}")[0]  # 1 x n_ctx x W
+            prefix = getattr(self, f"token_prefix_{state}")[0]
+            suffix = getattr(self, f"token_suffix_{state}")[0]
+            tok = getattr(self, f"tokenized_prompts_{state}")[0].long()  # 1 x 77
+            if image_embedding is None:
+                prompts.append(torch.cat([prefix, ctx, suffix], dim=1))
+                ids.append(tok)
+                continue
+            b = image_embedding.shape[0]
+            img = image_embedding[:, None, :].to(ctx.dtype)
+            ctx, prefix, suffix = ctx.expand(b, -1, -1), prefix.expand(b, -1, -1), suffix.expand(b, -1, -1)
+            p, t = _condition_on_image(prefix, ctx, suffix, img, tok, image_token_type)
+            prompts.append(p)
+            ids.append(t.expand(b, -1))
+        return torch.cat(prompts, dim=0), torch.cat(ids, dim=0)
+
+
+def _condition_on_image(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, img: torch.Tensor,
+                        tok: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert the image embedding ``img`` (``B x 1 x W``) as a context token; keep length 77."""
+    n_ctx = ctx.shape[1]
+    if kind == "pad_suffix":
+        prompt = torch.cat([prefix, ctx, img, suffix[:, :-1]], dim=1)
+        tok = torch.cat([tok[:, :1 + n_ctx], tok[:, n_ctx:n_ctx + 1], tok[:, 1 + n_ctx:-1]], dim=1)
+    elif kind == "pad_prefix":
+        prompt = torch.cat([prefix, img, ctx, suffix[:, :-1]], dim=1)
+        tok = torch.cat([tok[:, :1], tok[:, 1:2], tok[:, 1:-1]], dim=1)
+    elif kind == "replace_prefix":
+        prompt = torch.cat([prefix, img, ctx[:, 1:], suffix], dim=1)
+    elif kind == "replace_suffix":
+        prompt = torch.cat([prefix, ctx[:, :-1], img, suffix], dim=1)
+    else:
+        raise ValueError(f"unknown train_with_img_cls_type {kind!r}; choose one of {', '.join(IMAGE_TOKEN_TYPES)}")
+    return prompt, tok
+
+
+def encode_text(clip: nn.Module, prompts: torch.Tensor, token_ids: torch.Tensor,
+                deep_prompts: Union[nn.ParameterList, list[torch.Tensor]]) -> torch.Tensor:
+    """CLIP text encoder on prompt embeddings with deep prompts: ``K x 77 x W`` -> ``K x E``.
+
+    Before text block ``i+2`` (1-indexed) token positions ``1 .. t_n_ctx`` are replaced
+    by ``deep_prompts[i]``, rounded through float16 as the published code does (quirk 4).
+    """
+    x = prompts + clip.positional_embedding.to(prompts.dtype)
+    for i, block in enumerate(clip.transformer.resblocks):
+        if 1 <= i <= len(deep_prompts):
+            deep = deep_prompts[i - 1].to(torch.float16).to(x.dtype)
+            x = torch.cat([x[:, :1], deep.expand(x.shape[0], -1, -1), x[:, 1 + deep.shape[0]:]], dim=1)
+        x = block(x, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    return x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)] @ clip.text_projection
+
+
+def load_prompt_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Read ``{"prompt_learner": state_dict}`` (the official format) from ``path``."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        from .errors import WeightsNotFoundError
+
+        raise WeightsNotFoundError(
+            f"prompt-learner checkpoint not found: {path}\n"
+            "Official checkpoints: `bash scripts/download_weights.sh` puts them in "
+            "checkpoints/trained_on_{mvtec,visa}_{crane,cranep}/epoch_N.pth; or pass --checkpoint FILE.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "prompt_learner" not in ckpt:
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointMismatchError(f"{path} is not a Crane checkpoint: expected a dict with key 'prompt_learner', found {keys}")
+    return ckpt["prompt_learner"]
+
+
+def save_prompt_checkpoint(learner: PromptLearner, path: Union[str, os.PathLike]) -> None:
+    """Write ``{"prompt_learner": state_dict}`` atomically (temp file + rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"prompt_learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,241 @@
+"""crane.metrics against the conformance values, scikit-learn and plain reference loops.
+
+Conformance tolerance is the README's (1e-6 absolute); against sklearn and the
+reference loops on random data the values must agree to 1e-9.
+"""
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+
+from crane import metrics
+from crane.metrics import (aupro, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc,
+                           pixel_f1_max)
+
+EIGHT = np.ones((3, 3), dtype=int)
+KEYS = ["image-auroc", "image-ap", "image-f1", "pixel-auroc", "pixel-f1", "pixel-aupro",
+        "pixel-aupro-mvtec-official"]
+
+
+def _ours(key, maps, masks, labels, scores) -> float:
+    return {
+        "image-auroc": lambda: image_auroc(labels, scores),
+        "image-ap": lambda: image_ap(labels, scores),
+        "image-f1": lambda: image_f1_max(labels, scores),
+        "pixel-auroc": lambda: pixel_auroc(masks, maps),
+        "pixel-f1": lambda: pixel_f1_max(masks, maps),
+        "pixel-aupro": lambda: aupro(masks, maps, method="crane"),
+        "pixel-aupro-mvtec-official": lambda: aupro(masks, maps, method="mvtec"),
+    }[key]()
+
+
+# ------------------------------------------------------------------------ conformance
+
+
+@pytest.mark.parametrize("case", ["small", "medium"])
+def test_conformance(case, synth, conformance_dir):
+    expected = json.loads((conformance_dir / "metrics_expected.json").read_text())[case]
+    maps, masks, labels, scores = synth.metric_inputs(**expected["inputs"])
+    for key in KEYS:
+        assert _ours(key, maps, masks, labels, scores) == pytest.approx(expected[key], abs=1e-6), key
+
+
+# ------------------------------------------------------------------- sklearn equality
+
+
+def _sklearn_f1_max(truth, scores) -> float:
+    precision, recall, _ = precision_recall_curve(truth, scores)
+    with np.errstate(invalid="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.max(f1[np.isfinite(f1)]))
+
+
+def _random_pixels(seed: int, levels: int):
+    """Blob masks and quantised maps (ties within and across classes), uint8 / float32."""
+    rng = np.random.default_rng(seed)
+    masks = (ndimage.gaussian_filter(rng.random((5, 48, 48)), (0, 3, 3)) > 0.54).astype(np.uint8)
+    maps = np.round((rng.random((5, 48, 48)) + 0.3 * masks) * levels) / levels
+    return masks, maps.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_image_metrics_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(60) < 0.4
+    scores = np.round(rng.random(60) * 8 + labels * 3).astype(np.float32)
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert image_ap(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    assert image_f1_max(labels, scores) == pytest.approx(_sklearn_f1_max(labels, scores), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,levels", [(0, 10), (1, 50), (2, 1000), (3, 3)])
+def test_pixel_metrics_equal_sklearn(seed, levels):
+    masks, maps = _random_pixels(seed, levels)
+    truth, flat = masks.ravel(), maps.ravel()
+    assert 0 < truth.sum() < truth.size
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(truth, flat), abs=1e-9)
+    assert pixel_ap(masks, maps) == pytest.approx(average_precision_score(truth, flat), abs=1e-9)
+    assert pixel_f1_max(masks, maps) == pytest.approx(_sklearn_f1_max(truth, flat), abs=1e-9)
+
+
+# ------------------------------------------------------------------ AUPRO references
+
+
+def _regions(masks):
+    """(image index, boolean region mask) for every 8-connected region of every mask."""
+    out = []
+    for i, mask in enumerate(masks):
+        labelled, n = ndimage.label(mask, structure=EIGHT)
+        out += [(i, labelled == k) for k in range(1, n + 1)]
+    return out
+
+
+def _crane_reference(masks, maps, max_step=200, expect_fpr=0.3) -> float:
+    """The published ``cal_pro_score`` loop, one binarisation per threshold."""
+    regions = _regions(masks)
+    negatives = masks == 0
+    low, high = maps.min(), maps.max()
+    pros, fprs = [], []
+    for th in np.arange(low, high, (high - low) / max_step):
+        binary = maps > th
+        pros.append(np.mean([binary[i][region].sum() / region.sum() for i, region in regions]))
+        fprs.append(np.logical_and(negatives, binary).sum() / negatives.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    kept = fprs < expect_fpr
+    fprs = fprs[kept]
+    return auc((fprs - fprs.min()) / (fprs.max() - fprs.min()), pros[kept])
+
+
+def _trapezoid_reference(x, y, x_max) -> float:
+    """``generic_util.trapezoid`` of the MVTec AD evaluation scripts."""
+    x, y = np.array(x), np.array(y)
+    correction = 0.0
+    if x_max not in x:
+        ins = bisect(x, x_max)
+        assert 0 < ins < len(x)
+        y_interp = y[ins - 1] + ((y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1]))
+        correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
+    mask = x <= x_max
+    x, y = x[mask], y[mask]
+    return np.sum(0.5 * (x[1:] - x[:-1]) * (y[1:] + y[:-1])) + correction
+
+
+def _mvtec_grid_reference(masks, maps, num_thresholds=200, x_max=0.3) -> float:
+    """MVTec 3D-AD ``au_pro_util.calculate_au_pro``: thresholds at negative-score quantiles."""
+    regions = [maps[i][region] for i, region in _regions(masks)]
+    negatives = np.sort(maps[masks == 0].astype(np.float64))
+    fprs, pros = [1.0], [1.0]
+    for pos in np.linspace(0, len(negatives) - 1, num=num_thresholds, dtype=int):
+        threshold = negatives[pos]
+        fprs.append(1.0 - (pos + 1) / len(negatives))
+        pros.append(sum(1.0 - np.sum(r <= threshold) / len(r) for r in regions) / len(regions))
+    return _trapezoid_reference(fprs[::-1], pros[::-1], x_max) / x_max
+
+
+def _mvtec_exact_reference(masks, maps, x_max=0.3) -> float:
+    """MVTec AD ``pro_curve_util.compute_pro`` (every distinct score a threshold) + trapezoid."""
+    fp_change = (masks == 0).astype(np.uint32)
+    pro_change = np.zeros(maps.shape)
+    regions = _regions(masks)
+    for i, region in regions:
+        pro_change[i][region] = 1.0 / region.sum()
+    order = np.argsort(maps.ravel())[::-1]
+    scores = maps.ravel()[order]
+    fprs = np.cumsum(fp_change.ravel()[order]).astype(np.float32) / np.float32(fp_change.sum())
+    pros = np.cumsum(pro_change.ravel()[order]) / len(regions)
+    keep = np.append(np.diff(scores) != 0, True)
+    fprs, pros = np.clip(fprs[keep], None, 1.0), np.clip(pros[keep], None, 1.0)
+    x = np.concatenate(([0.0], fprs, [1.0]))
+    y = np.concatenate(([0.0], pros, [1.0]))
+    return _trapezoid_reference(x, y, x_max) / x_max
+
+
+def _aupro_inputs(seed: int, levels: int | None):
+    """Small maps with several blob regions per mask; ``levels`` quantises (ties)."""
+    rng = np.random.default_rng(seed)
+    masks = (ndimage.gaussian_filter(rng.random((6, 40, 40)), (0, 2, 2)) > 0.56).astype(np.uint8)
+    maps = ndimage.gaussian_filter(rng.random((6, 40, 40)), (0, 1, 1)) + 0.15 * masks * rng.random((6, 40, 40))
+    if levels is not None:
+        maps = np.round(maps * levels) / levels
+    assert len(_regions(masks)) >= 10
+    return masks, maps.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 40), (3, 400)])
+def test_crane_aupro_equals_published_loop(seed, levels):
+    masks, maps = _aupro_inputs(seed, levels)
+    assert aupro(masks, maps, method="crane") == pytest.approx(_crane_reference(masks, maps), abs=1e-9)
+    assert aupro(masks, maps, method="crane", max_fpr=0.1, num_thresholds=57) == pytest.approx(
+        _crane_reference(masks, maps, max_step=57, expect_fpr=0.1), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,levels", [(0, None), (2, 40), (3, 400)])
+@pytest.mark.parametrize("max_fpr", [0.3, 0.05, 1.0])
+def test_mvtec_aupro_equals_official_code(seed, levels, max_fpr):
+    masks, maps = _aupro_inputs(seed, levels)
+    assert aupro(masks, maps, method="mvtec", max_fpr=max_fpr) == pytest.approx(
+        _mvtec_grid_reference(masks, maps, x_max=max_fpr), abs=1e-9)
+    assert aupro(masks, maps, method="mvtec", max_fpr=max_fpr, num_thresholds=None) == pytest.approx(
+        _mvtec_exact_reference(masks, maps, x_max=max_fpr), abs=1e-9)
+
+
+def test_thresholds_compare_like_float64():
+    """float32 maps against float64 thresholds: flooring the grid keeps ``v > t`` exact."""
+    rng = np.random.default_rng(0)
+    values = rng.random(20_000).astype(np.float32)
+    near = values[:200].astype(np.float64)
+    thresholds = np.sort(np.concatenate([near - 1e-10, near, near + 1e-10, rng.random(200)]))
+    floored = metrics._floor_to_dtype(thresholds, np.dtype(np.float32))
+    assert floored.dtype == np.float32
+    assert np.array_equal(values[:, None] > thresholds, values[:, None] > floored)
+
+
+# ----------------------------------------------------------------- edge cases, inputs
+
+
+def test_single_class_is_nan():
+    scores = np.linspace(0, 1, 8)
+    for labels in (np.zeros(8), np.ones(8)):
+        assert math.isnan(image_auroc(labels, scores))
+        assert math.isnan(image_ap(labels, scores))
+        assert math.isnan(image_f1_max(labels, scores))
+    maps = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    for masks in (np.zeros((2, 16, 16), np.uint8), np.ones((2, 16, 16), np.uint8)):
+        for metric in (pixel_auroc, pixel_ap, pixel_f1_max):
+            assert math.isnan(metric(masks, maps))
+        for method, num in (("crane", 200), ("mvtec", 200), ("mvtec", None)):
+            assert math.isnan(aupro(masks, maps, method=method, num_thresholds=num))
+
+
+def test_torch_inputs(synth):
+    maps, masks, labels, scores = synth.metric_inputs(n=6, size=32, seed=3)
+    as_torch = [torch.from_numpy(a) for a in (maps, masks, labels, scores)]
+    for key in KEYS:
+        ours = _ours(key, maps, masks, labels, scores)
+        assert isinstance(ours, float)
+        assert _ours(key, *as_torch) == ours, key
+    assert pixel_auroc(torch.from_numpy(masks).bool(), torch.from_numpy(maps).bfloat16()) == pytest.approx(
+        pixel_auroc(masks, torch.from_numpy(maps).bfloat16().float().numpy()), abs=0)
+
+
+def test_rejects_bad_arguments():
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, 2:4, 2:4] = 1
+    maps = np.random.default_rng(0).random((2, 8, 8))
+    with pytest.raises(ValueError):
+        pixel_auroc(masks, maps[:1])
+    with pytest.raises(ValueError):
+        aupro(masks[0], maps[0])
+    with pytest.raises(ValueError):
+        aupro(masks, maps, method="other")
+    with pytest.raises(ValueError):
+        aupro(masks, maps, max_fpr=0.0)
+    with pytest.raises(ValueError):
+        aupro(masks, maps, method="crane", num_thresholds=None)
