@@ -82,6 +82,7 @@ class CraneModel(nn.Module):
         xo, tokens, t = self.vision.forward_features(images, cfg.features_list, self.dattn_layer)
         embedding = self.vision.project(xo[:, 0])
         sets: list[torch.Tensor] = []
+        projected: dict[int, torch.Tensor] = {}  # aliased layers (quirk 1) share one stream: project it once
         for layer in cfg.features_list:
             if layer == self.dattn_layer:
                 feats = self.vfm(images)
@@ -89,7 +90,10 @@ class CraneModel(nn.Module):
                 sets.append(self.vision.project(self.vision.dattn_tokens(t, layer, attn, tuple(feats.shape[-2:]))))
                 if not cfg.both_eattn_dattn:
                     continue
-            sets.append(self.vision.project(tokens[layer][:, 1:]))
+            stream = tokens[layer]
+            if id(stream) not in projected:
+                projected[id(stream)] = self.vision.project(stream[:, 1:])
+            sets.append(projected[id(stream)])
         return ImageFeatures(F.normalize(embedding.float(), dim=-1), [F.normalize(s.float(), dim=-1) for s in sets])
 
     def patch_logits(self, features: ImageFeatures, text: torch.Tensor) -> list[torch.Tensor]:
