@@ -71,6 +71,8 @@ def _read_file(path: str) -> np.ndarray:
             img.load()
             return _pil_to_rgb(img)
     except (OSError, SyntaxError, ValueError) as pil_error:
+        if "truncated" in str(pil_error).lower():  # OpenCV would decode it and fill the missing part with gray
+            raise ImageReadError(f"cannot read image {path}: {pil_error}") from None
         import cv2  # OpenCV reads some 16-bit colour TIFFs that Pillow cannot.
 
         arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
