@@ -1,0 +1,96 @@
+"""Result files written atomically: a reader never sees a half-written file.
+
+Every writer goes through a temporary file in the target's folder and
+``os.replace``, so an interrupted run leaves either the old file or the new one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_aupro", "pixel_f1")
+PREDICTION_COLUMNS = ("img_path", "cls_name", "specie_name", "anomaly", "score")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders."""
+    _write_atomic(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (non-finite floats are not allowed: use ``None``)."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Save one array as ``.npy`` atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    _write_atomic(path, buffer.getvalue())
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write dict rows under ``columns`` as CSV atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def defined(value: Optional[float]) -> Optional[float]:
+    """``value`` as a float, or ``None`` when it is ``None`` or nan (an undefined metric)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def mean_defined(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Mean of the defined (non-``None``) values; ``None`` when there are none."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def metrics_table(per_class: Mapping[str, Mapping[str, Optional[float]]], mean: Mapping[str, Optional[float]],
+                  label: str = "class") -> str:
+    """Markdown table (tabulate ``github``): one row per class plus a ``mean`` row, values in %.
+
+    Undefined values are shown as ``-``.
+    """
+    from tabulate import tabulate
+
+    def row(name: str, values: Mapping[str, Optional[float]]) -> list:
+        return [name] + [None if values.get(m) is None else 100.0 * values[m] for m in METRICS]
+
+    rows = [row(name, values) for name, values in per_class.items()] + [row("mean", mean)]
+    return tabulate(rows, headers=[label, *METRICS], tablefmt="github", floatfmt=".1f", missingval="-")
