@@ -169,7 +169,7 @@ def _image_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def image_auroc(labels, scores) -> float:
-    """Image-level ROC AUC (sklearn ``roc_auc_score``).
+    """Image-level ROC AUC, equal to sklearn ``roc_auc_score``.
 
     Args:
         labels: ``N`` in {0, 1} (1 = anomalous).
@@ -181,7 +181,7 @@ def image_auroc(labels, scores) -> float:
 
 
 def image_ap(labels, scores) -> float:
-    """Image-level average precision (sklearn ``average_precision_score``).
+    """Image-level average precision, equal to sklearn ``average_precision_score``.
 
     Args:
         labels: ``N`` in {0, 1}.
@@ -208,7 +208,7 @@ def image_f1_max(labels, scores) -> float:
 
 
 def pixel_auroc(masks, maps) -> float:
-    """Pixel-level ROC AUC over all pixels (sklearn ``roc_auc_score(masks.ravel(), maps.ravel())``).
+    """Pixel-level ROC AUC over all pixels, equal to sklearn ``roc_auc_score(masks.ravel(), maps.ravel())``.
 
     Args:
         masks: ``N x H x W`` (any shape) in {0, 1}.
@@ -220,7 +220,7 @@ def pixel_auroc(masks, maps) -> float:
 
 
 def pixel_ap(masks, maps) -> float:
-    """Pixel-level average precision over all pixels (sklearn ``average_precision_score``).
+    """Pixel-level average precision over all pixels, equal to sklearn ``average_precision_score``.
 
     Args:
         masks: ``N x H x W`` (any shape) in {0, 1}.
@@ -282,9 +282,9 @@ def _pro_above(values: np.ndarray, weights: np.ndarray, n_regions: int,
 def _floor_to_dtype(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Largest values of ``dtype`` that are ``<= thresholds``.
 
-    For scores ``v`` of that dtype, ``v > t`` (compared exactly, as numpy compares a
-    float32 array with a float64 scalar) is the same as ``v > floor(t)``, so the
-    comparison can stay in the scores' dtype.
+    For scores ``v`` of that dtype, ``v > t`` compared exactly (numpy >= 2 compares a
+    float32 array with a float64 scalar in float64) is the same as ``v > floor(t)``,
+    so the comparison can stay in the scores' dtype.
     """
     floored = thresholds.astype(dtype)
     too_high = floored > thresholds
@@ -295,11 +295,12 @@ def _floor_to_dtype(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _crane_aupro(masks, maps, max_fpr: float, num_thresholds: int) -> float:
     """Published Crane/AnomalyCLIP ``cal_pro_score`` (cflow-ad).
 
-    Thresholds: ``np.arange(min, max, (max - min) / num_thresholds)`` with the min and
-    max of the maps in their dtype (np.float32 for the published float32 maps;
-    ``np.arange`` returns float64 thresholds, and ``maps > t`` compares exactly, as the
-    reference outputs confirm); keep ``fpr < max_fpr``, min-max rescale those FPRs,
-    ``sklearn.metrics.auc``.
+    Thresholds are the published expression ``np.arange(min, max, (max - min) /
+    num_thresholds)``, with ``min``/``max`` the maps' own scalars (np.float32 for
+    float32 maps); ``np.arange`` returns float64 values and ``maps > t`` compares them
+    exactly, as numpy >= 2 does and as the conformance outputs confirm (rounding the
+    thresholds to float32 instead moves the medium case by 7e-8). Then keep
+    ``fpr < max_fpr``, min-max rescale those FPRs and integrate with ``sklearn.metrics.auc``.
     """
     low, high = maps.min(), maps.max()
     if low == high:

@@ -161,7 +161,8 @@ def _aupro_inputs(seed: int, levels: int | None):
     """Small maps with several blob regions per mask; ``levels`` quantises (ties)."""
     rng = np.random.default_rng(seed)
     masks = (ndimage.gaussian_filter(rng.random((6, 40, 40)), (0, 2, 2)) > 0.56).astype(np.uint8)
-    maps = ndimage.gaussian_filter(rng.random((6, 40, 40)), (0, 1, 1)) + 0.15 * masks * rng.random((6, 40, 40))
+    maps = ndimage.gaussian_filter(rng.random((6, 40, 40)), (0, 1, 1))
+    maps += 0.15 * masks * rng.random((6, 40, 40))
     if levels is not None:
         maps = np.round(maps * levels) / levels
     assert len(_regions(masks)) >= 10
