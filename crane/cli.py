@@ -1,0 +1,541 @@
+"""Command line: ``python -m crane {predict,calibrate,init-checkpoint}`` (also installed as ``crane``).
+
+* ``predict INPUT... --checkpoint FILE --out DIR``: score image files, folders
+  (searched recursively) and globs; write ``DIR/scores.csv`` and one panel per image.
+* ``calibrate --dataset NAME --datasets_root_dir ROOT --checkpoint FILE``: pick the
+  image and pixel thresholds on a labelled dataset and save ``thresholds.json``
+  beside the checkpoint, where ``predict`` finds it.
+* ``init-checkpoint OUT``: write a randomly initialised prompt-learner checkpoint
+  (for pipeline demos only).
+
+Exit status: 0 success, 1 an error (one line on stderr), 2 bad arguments,
+3 ``predict`` skipped unreadable files (the others were processed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from crane import __version__
+from crane.thresholds import (IMAGE_CRITERIA, Thresholds, confusion, default_path, load_thresholds, max_f1_threshold,
+                              parse_override, save_thresholds, youden_threshold)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EXIT_ERROR, EXIT_SKIPPED = 1, 3
+# Model options recorded in thresholds.json and compared when predict uses the file.
+MODEL_OPTIONS = ("clip_weights", "dino_model", "features_list", "soft_mean", "image_size", "sigma", "attn_type",
+                 "both_eattn_dattn", "use_scorebase_pooling", "dattn_batch_mean")
+
+
+class CliError(Exception):
+    """A user-facing error reported as one line."""
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model flags of ``test.py``."""
+    g = parser.add_argument_group("model (as test.py)")
+    g.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="prompt-learner checkpoint, e.g. checkpoints/trained_on_mvtec_crane/epoch_5.pth")
+    g.add_argument("--clip_weights", default="openai", metavar="W",
+                   help="'openai' (HF cache / ~/.cache/clip), a weights file, or 'synthetic' (random weights: "
+                        "meaningless numbers, for pipeline tests) (default: openai)")
+    g.add_argument("--dino_model", default="none", choices=("none", "dinov2", "dino", "sam"),
+                   help="vision foundation model for D-Attn: none = Crane, dinov2 = Crane+ (default: none)")
+    g.add_argument("--dino_weights", default=None, metavar="FILE", help="weights file of --dino_model")
+    g.add_argument("--features_list", type=int, nargs="+", default=[24], metavar="L",
+                   help="CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24) (default: 24)")
+    g.add_argument("--soft_mean", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="average probabilities instead of logits over layers (Crane: true) (default: false)")
+    g.add_argument("--image_size", type=int, default=518, help="model input side (default: 518)")
+    g.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the maps (default: 4)")
+    g.add_argument("--attn_type", default="qq+kk+vv", help="E-Attn attention type (default: qq+kk+vv)")
+    g.add_argument("--both_eattn_dattn", type=_bool, default=True, metavar="BOOL", help="(default: true)")
+    g.add_argument("--use_scorebase_pooling", type=_bool, default=True, metavar="BOOL", help="(default: true)")
+    g.add_argument("--dattn_batch_mean", type=_bool, default=False, metavar="BOOL",
+                   help="published D-Attn batch mean; makes results depend on the batch (default: false)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available) (default: auto)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default: fp32)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m crane", description="Crane zero-shot anomaly detection.",
+                                     epilog="Exit status: 0 ok, 1 error, 2 bad arguments, 3 unreadable inputs skipped.")
+    parser.add_argument("--version", action="version", version=f"crane {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="score images and draw anomaly panels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score images, folders (recursive) and globs; write DIR/scores.csv (path, score, "
+                                   "decision) and DIR/panels/<name>.png (original | heat map | overlay).",
+                       epilog="Thresholds: thresholds.json beside the checkpoint (from `python -m crane calibrate`) "
+                              "gives `decision` (anomalous when score >= image threshold) and the outlined region "
+                              "(map >= pixel threshold). --thresholds FILE reads another file; --threshold overrides "
+                              "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
+                              "outlined.\nExit status: 0 ok, 1 error, 3 some files were unreadable and skipped.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=f"image file, folder (searched recursively for {' '.join(IMAGE_SUFFIXES)}, any case) or "
+                        "quoted glob such as 'photos/**/*.jpg'")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
+    p.add_argument("--thresholds", type=Path, metavar="FILE",
+                   help="thresholds.json to use (default: the one beside --checkpoint, when present)")
+    p.add_argument("--threshold", metavar="IMG[,PIX]",
+                   help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only)")
+    p.add_argument("--save_maps", action="store_true", help="also write DIR/maps/<name>.npy (S x S float32 map)")
+    p.add_argument("--save_masks", action="store_true",
+                   help="also write DIR/masks/<name>.png (0/255 at the image's size; needs a pixel threshold)")
+    p.add_argument("--no_panels", action="store_true", help="skip the panels (scores only)")
+    _add_model_flags(p)
+
+    c = sub.add_parser("calibrate", help="pick thresholds on a labelled dataset, save thresholds.json",
+                       description="Run the model on the test split of ROOT/NAME (meta.json) and pick the image "
+                                   "threshold (max F1, or Youden's J) and the pixel threshold (max F1 over the pixels "
+                                   "of normal images and of anomalous images with masks). Saves thresholds.json "
+                                   "beside the checkpoint unless --output is given.")
+    c.add_argument("--dataset", required=True, metavar="NAME", help="dataset folder name under --datasets_root_dir")
+    c.add_argument("--datasets_root_dir", type=Path, default=Path("data"), metavar="ROOT", help="(default: data)")
+    c.add_argument("--classes", nargs="+", metavar="CLASS", help="calibrate on these classes only (default: all)")
+    c.add_argument("--image_criterion", choices=IMAGE_CRITERIA, default="f1",
+                   help="f1: max F1; youden: max TPR - FPR (default: f1)")
+    c.add_argument("--output", type=Path, metavar="FILE", help="where to write (default: thresholds.json beside "
+                                                                "--checkpoint)")
+    c.add_argument("--workers", type=int, default=0, help="data loading processes (default: 0)")
+    _add_model_flags(c)
+
+    i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
+                       description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
+                                   "it exists so the pipeline can run without the official checkpoints.")
+    i.add_argument("out", type=Path, metavar="OUT", help="checkpoint file to write")
+    i.add_argument("--clip_weights", default="synthetic", metavar="W",
+                   help="CLIP whose token embedding builds the prompt buffers (default: synthetic)")
+    i.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    return parser
+
+
+# ------------------------------------------------------------------------------- model
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that change scores, as recorded in ``thresholds.json``."""
+    options = {k: getattr(args, k) for k in MODEL_OPTIONS}
+    options["features_list"] = list(options["features_list"])
+    return options
+
+
+def build_detector(args: argparse.Namespace):
+    """A :class:`crane.Detector` from the model flags."""
+    from crane.detector import Detector
+
+    return Detector.from_config(
+        clip_weights=args.clip_weights, checkpoint=args.checkpoint, dino_model=args.dino_model,
+        dino_weights=args.dino_weights, features_list=args.features_list, soft_mean=args.soft_mean,
+        image_size=args.image_size, attn_type=args.attn_type, sigma=args.sigma,
+        dattn_batch_mean=args.dattn_batch_mean, device=_device(args.device), precision=args.precision,
+        batch_size=args.batch_size, both_eattn_dattn=args.both_eattn_dattn,
+        use_scorebase_pooling=args.use_scorebase_pooling)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An image to score: ``path`` as found from the user's input, ``name`` its output name."""
+
+    path: Path
+    name: str
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden files and folders skipped)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[InputFile]:
+    """Expand files, folders and globs into a list of images, in the given order without duplicates.
+
+    Files named explicitly are kept whatever their suffix; folders and globs keep
+    image suffixes only. Files inside ``exclude`` (the output folder) are left out.
+    Output names are the paths relative to the deepest folder common to all images.
+    Raises ``CliError`` for an input that is neither a file, a folder nor a matching glob.
+    """
+    import glob
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths += _walk(path)
+        elif path.is_file():
+            paths.append(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            for match in map(Path, matches):
+                if match.is_dir():
+                    paths += _walk(match)
+                elif match.is_file() and match.name.lower().endswith(IMAGE_SUFFIXES):
+                    paths.append(match)
+            if not matches:
+                raise CliError(f"no file matches {item!r}")
+        else:
+            raise CliError(f"no such file or folder: {item}")
+    excluded = exclude.resolve() if exclude is not None else None
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        resolved = path.resolve()
+        if excluded is not None and resolved.is_relative_to(excluded):
+            continue
+        unique.setdefault(resolved, path)
+    if not unique:
+        return []
+    common = Path(os.path.commonpath([r.parent for r in unique]))
+    return [InputFile(path, resolved.relative_to(common).as_posix()) for resolved, path in unique.items()]
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def resolve_thresholds(args: argparse.Namespace) -> Thresholds:
+    """Thresholds from ``--thresholds`` or beside the checkpoint, then ``--threshold`` overrides."""
+    path = args.thresholds or default_path(args.checkpoint)
+    if args.thresholds is not None or path.is_file():
+        thresholds = load_thresholds(path)
+    else:
+        thresholds = Thresholds()
+    if args.threshold:
+        image, pixel = parse_override(args.threshold)
+        thresholds.image = thresholds.image if image is None else image
+        thresholds.pixel = thresholds.pixel if pixel is None else pixel
+    return thresholds
+
+
+def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace) -> list[str]:
+    """One-line notes on missing thresholds or a calibration made with other model options."""
+    notes = []
+    calibrate = (f"python -m crane calibrate --dataset NAME --datasets_root_dir ROOT --checkpoint {args.checkpoint} "
+                 "[same model flags]")
+    if thresholds.image is None and thresholds.pixel is None:
+        where = f"{thresholds.source} has none" if thresholds.source else f"{default_path(args.checkpoint)} not found"
+        notes.append(f"note: no thresholds ({where}), so "
+                     f"`decision` is left empty and the panels outline nothing; calibrate on labelled images with "
+                     f"`{calibrate}`, or pass --threshold IMG[,PIX]")
+    elif thresholds.image is None:
+        notes.append(f"note: no image threshold in {thresholds.source}, so `decision` is left empty; "
+                     "pass --threshold IMG")
+    elif thresholds.pixel is None:
+        notes.append("note: no pixel threshold, so the panels outline nothing; calibrate on images with masks, "
+                     "or pass --threshold IMG,PIX")
+    calibrated = thresholds.meta.get("model", {})
+    current = model_options(args)
+    differ = [f"{k}={calibrated[k]!r} (now {current[k]!r})" for k in current
+              if k in calibrated and calibrated[k] != current[k]]
+    if differ:
+        notes.append(f"warning: {thresholds.source} was calibrated with other model options: {', '.join(differ)}; "
+                     "scores are not comparable, recalibrate or use the same flags")
+    return notes
+
+
+# ------------------------------------------------------------------------------ predict
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _resize_to(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The ``S x S`` map resized (bilinear) back to the original ``height x width``."""
+    import cv2
+
+    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _decision(score: float, threshold: Optional[float]) -> str:
+    if threshold is None:
+        return ""
+    return "anomalous" if score >= threshold else "normal"
+
+
+class _Outputs:
+    """Writers for one predict run: the CSV rows (streamed to a temp file) and per-image files."""
+
+    def __init__(self, out: Path, args: argparse.Namespace, thresholds: Thresholds) -> None:
+        self.out, self.args, self.thresholds = out, args, thresholds
+        out.mkdir(parents=True, exist_ok=True)
+        self.csv_path = out / "scores.csv"
+        self._tmp = out / f".scores.csv.{os.getpid()}.tmp"
+        self._file = open(self._tmp, "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(["path", "score", "decision"])
+        self.rows = 0
+        self.anomalous = 0
+
+    def write(self, item: InputFile, image: np.ndarray, score: float, anomaly_map: np.ndarray) -> None:
+        from crane.visualize import save_panel, write_png
+
+        decision = _decision(score, self.thresholds.image)
+        self._csv.writerow([item.path.as_posix(), repr(float(score)), decision])
+        self.rows += 1
+        self.anomalous += decision == "anomalous"
+        if not self.args.no_panels:
+            caption = item.name + (f" | {decision}" if decision else "")
+            save_panel(self.out / "panels" / f"{item.name}.png", image, anomaly_map, self.thresholds.pixel,
+                       score=score, caption=caption)
+        if self.args.save_maps:
+            _atomic_npy(self.out / "maps" / f"{item.name}.npy", anomaly_map.astype(np.float32))
+        if self.args.save_masks:
+            full = _resize_to(anomaly_map, *image.shape[:2])
+            write_png(self.out / "masks" / f"{item.name}.png", (full >= self.thresholds.pixel).astype(np.uint8) * 255)
+
+    def close(self, skipped: list[tuple[InputFile, str]]) -> None:
+        """Publish ``scores.csv`` and ``skipped.csv`` (the latter only when files were skipped)."""
+        self._file.close()
+        os.replace(self._tmp, self.csv_path)
+        skipped_path = self.out / "skipped.csv"
+        if not skipped:
+            skipped_path.unlink(missing_ok=True)
+            return
+        tmp = self.out / f".skipped.csv.{os.getpid()}.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "error"])
+            writer.writerows([item.path.as_posix(), reason] for item, reason in skipped)
+        os.replace(tmp, skipped_path)
+
+
+def _load(item: InputFile, size: int):
+    """``(rgb, preprocessed)`` of one file, or ``(None, reason)`` when it cannot be read."""
+    from crane.data.image import ImageReadError, load_rgb, preprocess
+
+    try:
+        rgb = load_rgb(item.path)
+        return rgb, preprocess(rgb, size)
+    except ImageReadError as e:
+        return None, str(e)
+    except Exception as e:  # any decoder failure (e.g. Pillow's decompression-bomb guard) skips this file only
+        return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    items = collect_inputs(args.inputs, exclude=args.out)
+    if not items:
+        raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
+    thresholds = resolve_thresholds(args)
+    if args.save_masks and thresholds.pixel is None:
+        raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate` on labelled images "
+                       "with masks, or pass --threshold IMG,PIX")
+    for note in _threshold_notes(thresholds, args):
+        print(note, file=sys.stderr)
+
+    import torch
+    from tqdm import tqdm
+
+    from crane.models.head import smooth_maps
+
+    detector = build_detector(args)
+    size, sigma = detector.config.image_size, detector.config.sigma
+    outputs = _Outputs(args.out, args, thresholds)
+    skipped: list[tuple[InputFile, str]] = []
+    try:
+        with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
+            for start in range(0, len(items), args.batch_size):
+                batch = []
+                for item in items[start:start + args.batch_size]:
+                    rgb, x = _load(item, size)
+                    if rgb is None:
+                        skipped.append((item, x))
+                        bar.write(f"skipped: {x}", file=sys.stderr)
+                        bar.update(1)
+                    else:
+                        batch.append((item, rgb, x))
+                if not batch:
+                    continue
+                scores, raw = detector.predict_tensor(torch.stack([x for _, _, x in batch]))
+                maps = smooth_maps(raw.numpy(), sigma)
+                for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
+                    outputs.write(item, rgb, score, amap)
+                    bar.update(1)
+    finally:
+        outputs.close(skipped)
+    _predict_summary(args, outputs, thresholds, skipped)
+    return EXIT_SKIPPED if skipped else 0
+
+
+def _predict_summary(args: argparse.Namespace, outputs: _Outputs, thresholds: Thresholds,
+                     skipped: list[tuple[InputFile, str]]) -> None:
+    wrote = [f"{outputs.csv_path} ({outputs.rows} images)"]
+    if not args.no_panels:
+        wrote.append(f"panels in {args.out / 'panels'}/")
+    wrote += [f"{folder} in {args.out / folder}/" for folder in ("maps", "masks") if getattr(args, f"save_{folder}")]
+    print("wrote " + ", ".join(wrote))
+    if thresholds.image is not None:
+        print(f"{outputs.anomalous} of {outputs.rows} images anomalous (score >= {thresholds.image:.6g}"
+              f"{', from ' + thresholds.source if thresholds.source else ''})")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s), listed in {args.out / 'skipped.csv'}:", file=sys.stderr)
+        for item, _ in skipped:
+            print(f"  {item.path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+
+def _run_dataset(detector, dataset, batch_size: int, workers: int):
+    """Scores, labels, and the maps and masks of the images with pixel ground truth.
+
+    Returns ``(scores N, labels N, maps M x S x S float32, masks M x S x S bool)``, where the M
+    images are the normal ones and the anomalous ones with a mask.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from crane.models.head import smooth_maps
+
+    scores, labels, maps, masks = [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    for batch in tqdm(loader, desc="calibrate", unit="batch", file=sys.stderr):
+        s, raw = detector.predict_tensor(batch["img"])
+        smoothed = smooth_maps(raw.numpy(), detector.config.sigma)
+        label = batch["anomaly"].numpy().astype(bool)
+        known = batch["has_mask"].numpy() | ~label
+        scores.append(s.numpy())
+        labels.append(label)
+        maps.append(smoothed[known])
+        masks.append(batch["img_mask"].numpy()[known] > 0.5)
+    size = detector.config.image_size
+    stack = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)  # noqa: E731
+    return (stack(scores, (0,), np.float32), stack(labels, (0,), bool),
+            stack(maps, (0, size, size), np.float32), stack(masks, (0, size, size), bool))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from crane.data.dataset import CraneDataset
+
+    dataset = CraneDataset(args.datasets_root_dir / args.dataset, "test", image_size=args.image_size,
+                           classes=args.classes)
+    output = args.output or default_path(args.checkpoint)
+    detector = build_detector(args)
+    scores, labels, maps, masks = _run_dataset(detector, dataset, args.batch_size, args.workers)
+    if labels.all() or not labels.any():
+        raise CliError(f"{args.dataset}: calibration needs normal and anomalous test images, found "
+                       f"{int(labels.sum())} anomalous of {labels.size}")
+    pick = max_f1_threshold if args.image_criterion == "f1" else youden_threshold
+    image_threshold, image_value = pick(labels, scores)
+    image_stats = confusion(labels, scores, image_threshold)
+    rows = [["image", f"{image_threshold:.6g}", "max F1" if args.image_criterion == "f1" else "max Youden J",
+             f"{image_value:.4f}", f"{image_stats['precision']:.4f}", f"{image_stats['recall']:.4f}",
+             f"{image_stats['fpr']:.4f}", f"{labels.size} images ({int(labels.sum())} anomalous)"]]
+    pixel_threshold = None
+    calibration: dict[str, Any] = {
+        "dataset": args.dataset, "datasets_root_dir": str(args.datasets_root_dir), "split": "test",
+        "classes": dataset.classes, "images": int(labels.size), "anomalous": int(labels.sum()),
+        "normal": int((~labels).sum()), "image_f1": image_stats["f1"],
+        "image_precision": image_stats["precision"], "image_recall": image_stats["recall"],
+        "image_fpr": image_stats["fpr"], "pixel_images": int(len(masks)),
+    }
+    if masks.any():
+        pixel_threshold, pixel_f1 = max_f1_threshold(masks, maps)
+        pixel_stats = confusion(masks, maps, pixel_threshold)
+        calibration.update(pixel_f1=pixel_f1, pixel_precision=pixel_stats["precision"],
+                           pixel_recall=pixel_stats["recall"], pixel_fpr=pixel_stats["fpr"])
+        rows.append(["pixel", f"{pixel_threshold:.6g}", "max F1", f"{pixel_f1:.4f}",
+                     f"{pixel_stats['precision']:.4f}", f"{pixel_stats['recall']:.4f}", f"{pixel_stats['fpr']:.4f}",
+                     f"{len(masks)} images, {masks.size} pixels"])
+    else:
+        print(f"note: {args.dataset} has no anomalous images with masks: no pixel threshold", file=sys.stderr)
+    thresholds = Thresholds(image_threshold, pixel_threshold, {
+        "image_criterion": args.image_criterion, "pixel_criterion": "f1", "calibration": calibration,
+        "model": {"checkpoint": str(args.checkpoint), **model_options(args)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "crane_version": __version__})
+    try:
+        save_thresholds(thresholds, output)
+    except PermissionError:
+        raise CliError(f"cannot write {output} (permission denied); pass --output FILE and give predict "
+                       "--thresholds FILE") from None
+    print(tabulate(rows, headers=["threshold", "value", "criterion", "criterion value", "precision", "recall", "FPR",
+                                  "calibrated on"]))
+    print(f"wrote {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------- init-checkpoint
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    import open_clip
+    import torch
+
+    from crane.models.clip_loader import load_clip
+    from crane.models.prompts import PromptLearner, save_prompt_checkpoint
+
+    weights = args.clip_weights
+    if weights == "synthetic":
+        from crane.models.synthetic import synthetic_clip_state_dict
+
+        weights = synthetic_clip_state_dict()
+    clip = load_clip(weights)
+    torch.manual_seed(args.seed)
+    learner = PromptLearner(clip.token_embedding, open_clip.get_tokenizer("ViT-L-14-336"))
+    save_prompt_checkpoint(learner, args.out)
+    print(f"wrote {args.out} (random prompts: predictions made with it are meaningless)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "init-checkpoint": cmd_init_checkpoint}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m crane`` / ``crane``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch_size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (CliError, OSError, ValueError, RuntimeError) as e:
+        message = str(e).strip() or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
