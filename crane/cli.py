@@ -18,6 +18,7 @@ import csv
 import datetime
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -54,13 +55,16 @@ def _bool(text: str) -> bool:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The model flags of ``test.py``."""
     g = parser.add_argument_group("model (as test.py)")
-    g.add_argument("--checkpoint", required=True, metavar="FILE",
-                   help="prompt-learner checkpoint, e.g. checkpoints/trained_on_mvtec_crane/epoch_5.pth")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="prompt-learner checkpoint file (default: checkpoints/MODEL_NAME/epoch_EPOCH.pth)")
+    g.add_argument("--model_name", default="trained_on_mvtec_cranep",
+                   help="checkpoint folder under checkpoints/ (default: trained_on_mvtec_cranep)")
+    g.add_argument("--epoch", type=int, default=5, help="checkpoint epoch (default: 5)")
     g.add_argument("--clip_weights", default="openai", metavar="W",
                    help="'openai' (HF cache / ~/.cache/clip), a weights file, or 'synthetic' (random weights: "
                         "meaningless numbers, for pipeline tests) (default: openai)")
-    g.add_argument("--dino_model", default="none", choices=("none", "dinov2", "dino", "sam"),
-                   help="vision foundation model for D-Attn: none = Crane, dinov2 = Crane+ (default: none)")
+    g.add_argument("--dino_model", default="dinov2", choices=("none", "dinov2", "dino", "sam"),
+                   help="vision foundation model for D-Attn: none = Crane, dinov2 = Crane+ (default: dinov2)")
     g.add_argument("--dino_weights", default=None, metavar="FILE", help="weights file of --dino_model")
     g.add_argument("--features_list", type=int, nargs="+", default=[24], metavar="L",
                    help="CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24) (default: 24)")
@@ -113,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of normal images and of anomalous images with masks). Saves thresholds.json "
                                    "beside the checkpoint unless --output is given.")
     c.add_argument("--dataset", required=True, metavar="NAME", help="dataset folder name under --datasets_root_dir")
-    c.add_argument("--datasets_root_dir", type=Path, default=Path("data"), metavar="ROOT", help="(default: data)")
+    c.add_argument("--datasets_root_dir", type=Path, metavar="ROOT",
+                   help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
     c.add_argument("--classes", nargs="+", metavar="CLASS", help="calibrate on these classes only (default: all)")
     c.add_argument("--image_criterion", choices=IMAGE_CRITERIA, default="f1",
                    help="f1: max F1; youden: max TPR - FPR (default: f1)")
@@ -168,7 +173,7 @@ def build_detector(args: argparse.Namespace):
 
 @dataclass(frozen=True)
 class InputFile:
-    """An image to score: ``path`` as found from the user's input, ``name`` its output name."""
+    """An image to score: ``path`` as found from the user's input, ``name`` its output name (no suffix)."""
 
     path: Path
     name: str
@@ -189,7 +194,9 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> lis
 
     Files named explicitly are kept whatever their suffix; folders and globs keep
     image suffixes only. Files inside ``exclude`` (the output folder) are left out.
-    Output names are the paths relative to the deepest folder common to all images.
+    Output names are the paths relative to the deepest folder common to all images,
+    without the suffix (``sub/part.jpg`` -> ``sub/part``), or with it where two images
+    would share a name (``part.jpg``, ``part.png``).
     Raises ``CliError`` for an input that is neither a file, a folder nor a matching glob.
     """
     import glob
@@ -222,7 +229,11 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> lis
     if not unique:
         return []
     common = Path(os.path.commonpath([r.parent for r in unique]))
-    return [InputFile(path, resolved.relative_to(common).as_posix()) for resolved, path in unique.items()]
+    relative = [resolved.relative_to(common) for resolved in unique]
+    names = [rel.with_suffix("").as_posix() for rel in relative]
+    counts = Counter(names)
+    return [InputFile(path, name if counts[name] == 1 else rel.as_posix())
+            for path, rel, name in zip(unique.values(), relative, names)]
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -301,7 +312,7 @@ class _Outputs:
         self.csv_path = out / "scores.csv"
         self._tmp = out / f".scores.csv.{os.getpid()}.tmp"
         self._file = open(self._tmp, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file)
+        self._csv = csv.writer(self._file, lineterminator="\n")
         self._csv.writerow(["path", "score", "decision"])
         self.rows = 0
         self.anomalous = 0
@@ -333,7 +344,7 @@ class _Outputs:
             return
         tmp = self.out / f".skipped.csv.{os.getpid()}.tmp"
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["path", "error"])
             writer.writerows([item.path.as_posix(), reason] for item, reason in skipped)
         os.replace(tmp, skipped_path)
@@ -533,6 +544,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch_size must be at least 1", file=sys.stderr)
         return 2
+    if args.command in ("predict", "calibrate") and args.checkpoint is None:
+        args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
+    if args.command == "calibrate" and args.datasets_root_dir is None:
+        from crane.engine.evaluate import default_datasets_root
+
+        args.datasets_root_dir = Path(default_datasets_root())
     try:
         return COMMANDS[args.command](args)
     except (CliError, OSError, ValueError, RuntimeError) as e:
