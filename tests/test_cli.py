@@ -312,3 +312,56 @@ def test_init_checkpoint_writes_a_loadable_random_checkpoint(tmp_path, synth_wei
     state = load_prompt_checkpoint(out)
     assert len(state) == 16 and state["ctx_pos"].shape == (1, 1, 12, 768)
     assert "meaningless" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- scripts/download_weights.sh
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_weights.sh"
+
+
+def _download_weights(tmp_path: Path, *args: str) -> "subprocess.CompletedProcess[str]":
+    """Run the script with every cache folder inside ``tmp_path`` (nothing outside is read or written)."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf"), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_download_weights_help_and_bad_arguments(tmp_path):
+    shown = _download_weights(tmp_path, "--help")
+    assert shown.returncode == 0 and "--dry-run" in shown.stdout and "--manual" in shown.stdout
+    for args in (["--bogus"], ["clip", "weights"], ["--clip-source", "ftp"], ["--crane-url"], ["--dry-run", "--verify"]):
+        result = _download_weights(tmp_path, *args)
+        assert result.returncode == 2 and "see --help" in result.stderr, args
+
+
+def test_download_weights_dry_run_and_manual_name_every_destination(tmp_path):
+    result = _download_weights(tmp_path, "--dry-run", "--checkpoints-dir", str(tmp_path / "ckpt"))
+    assert result.returncode == 0, result.stderr
+    torch_dir = tmp_path / "torch" / "hub" / "checkpoints"
+    for expected in (f"{torch_dir}/dinov2_vitb14_reg4_pretrain.pth", f"{torch_dir}/sam_vit_b_01ec64.pth",
+                     "timm/vit_large_patch14_clip_336.openai", str(tmp_path / "hf" / "hub"), "--crane-url"):
+        assert expected in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a dry run writes nothing
+    manual = _download_weights(tmp_path, "--manual", "--checkpoints-dir", "ckpt")
+    assert manual.returncode == 0
+    assert "ckpt/trained_on_mvtec_crane/epoch_5.pth" in manual.stdout
+    assert str(tmp_path / "home" / ".cache" / "clip" / "ViT-L-14-336px.pt") in manual.stdout
+
+
+def test_download_weights_verify_checks_sha256(tmp_path, official_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    for name in ("trained_on_mvtec_crane", "trained_on_visa_crane"):
+        (ckpt / name).mkdir(parents=True)
+    shutil.copy(official_checkpoint, ckpt / "trained_on_mvtec_crane" / "epoch_5.pth")
+    (ckpt / "trained_on_visa_crane" / "epoch_5.pth").write_bytes(b"not a checkpoint")
+    result = _download_weights(tmp_path, "--verify", "crane", "--checkpoints-dir", str(ckpt))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["ok", "crane"] and "trained_on_mvtec_crane/epoch_5.pth" in line
+               and "SHA-256 verified" in line for line in lines)
+    assert any(line.strip().startswith("BAD SUM") and "trained_on_visa_crane/epoch_5.pth" in line for line in lines)
+    assert any(line.strip().startswith("MISSING") and "trained_on_visa_cranep/epoch_5.pth" in line for line in lines)
