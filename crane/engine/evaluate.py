@@ -61,6 +61,10 @@ class EvalError(ValueError):
     """A setting of the evaluation is unusable (missing checkpoint or weights, bad option)."""
 
 
+USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError)
+"""Errors caused by the input (reported as one message, exit code 2 in ``test.py``)."""
+
+
 def default_datasets_root() -> str:
     """``$CRANE_DATASETS``, else ``./datasets/data``."""
     return os.environ.get("CRANE_DATASETS", os.path.join(".", "datasets", "data"))
@@ -189,6 +193,10 @@ def _check_options(opts: EvalOptions) -> None:
                         f"download), a ViT-L-14-336px.pt file, or synthetic")
     if opts.dino_model != "none" and opts.dino_weights and not Path(opts.dino_weights).expanduser().is_file():
         raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
+    if opts.clip_weights == "openai":
+        from crane.models.clip_loader import resolve_openai_weights
+
+        resolve_openai_weights()  # raises WeightsNotFoundError (what to fetch, where) before any process starts
 
 
 def _class_file(save: Path, cls_name: str) -> Path:
@@ -209,8 +217,9 @@ def _dataset(opts: EvalOptions, root: Path, classes: Optional[list[str]] = None,
 
 
 def prepare(opts: EvalOptions) -> EvalPlan:
-    """Check the options, the checkpoint and the dataset (every pending image decoded), and find the
-    classes still to do. Raises ``EvalError`` or ``DatasetError`` with one clear line."""
+    """Check the options, the weights, the checkpoint and the dataset (every pending image decoded),
+    and find the classes still to do. Raises ``EvalError``, ``DatasetError`` or ``WeightsNotFoundError``
+    with a clear message."""
     _check_options(opts)
     root = Path(opts.datasets_root_dir) / opts.dataset
     dataset = _dataset(opts, root)
@@ -439,7 +448,7 @@ def _plan_on_main(opts: EvalOptions, ctx: DistContext) -> EvalPlan:
     if ctx.is_main:
         try:
             plan = prepare(opts)
-        except (EvalError, DatasetError) as e:
+        except USER_ERRORS as e:
             error = str(e)
     plan, error = broadcast_from_main((plan, error), ctx)
     if error:
@@ -494,6 +503,3 @@ def evaluate(opts: EvalOptions) -> Path:
         plan = prepare(opts)
         launch(worker, len(opts.devices), opts, plan)
     return save_path(opts)
-
-
-USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError)

@@ -1,0 +1,339 @@
+"""``test.py`` end to end on a small synthetic dataset with synthetic CLIP weights.
+
+The dataset (images and masks from the conformance ``synth.py``) has three classes:
+``mixed`` (normal images, anomalous images with masks, and one anomalous image
+without a mask, which must be left out of the pixel metrics), ``allbad`` (every
+image anomalous: image metrics undefined) and ``imgonly`` (no masks at all: pixel
+metrics undefined).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import measure
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+
+import crane
+from crane import metrics
+from crane.data.image import load_mask
+from crane.engine import evaluate
+from tests.conftest import REPO
+
+SIZE = 112
+BATCH = 3
+CHECKPOINT = "checkpoints/trained_on_mvtec_crane/epoch_5.pth"
+METRIC_NAMES = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_aupro", "pixel_f1")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("crane_test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _load_script()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, synth) -> Path:
+    """``ROOT/toy`` with meta.json: classes ``mixed`` (8 images), ``allbad`` (4), ``imgonly`` (4)."""
+    root = tmp_path_factory.mktemp("datasets")
+    folder = root / "toy"
+    images, masks = synth.images_uint8(n=8, size=64, seed=1), synth.masks_uint8(n=8, size=64, seed=1)
+    layout = {"mixed": (range(8), {1, 3, 5}), "allbad": ([1, 3, 5, 7], {1, 3, 5, 7}), "imgonly": (range(4), set())}
+    meta = {"train": {}, "test": {}}
+    for cls_name, (indices, with_mask) in layout.items():
+        samples = []
+        for i in indices:
+            anomaly = int(i % 2 == 1)
+            specie = "blob" if anomaly else "good"
+            img_path = f"{cls_name}/test/{specie}/{i:03d}.png"
+            (folder / img_path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / img_path)
+            mask_path = ""
+            if i in with_mask:
+                mask_path = f"{cls_name}/ground_truth/{specie}/{i:03d}_mask.png"
+                (folder / mask_path).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(masks[i]).save(folder / mask_path)
+            samples.append({"img_path": img_path, "mask_path": mask_path, "cls_name": cls_name,
+                            "specie_name": specie, "anomaly": anomaly})
+        meta["test"][cls_name] = samples
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip_file(synth_weights) -> Path:
+    return synth_weights("clip", vision_width=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_args(data_root, clip_file, conformance_dir) -> list[str]:
+    return ["--dataset", "toy", "--datasets_root_dir", str(data_root), "--checkpoint", str(conformance_dir / CHECKPOINT),
+            "--clip_weights", str(clip_file), "--dino_model", "none", "--features_list", "6", "12", "18", "24",
+            "--soft_mean", "True", "--image_size", str(SIZE), "--device", "cpu", "--batch_size", str(BATCH),
+            "--save_maps"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Compute on one CPU thread, like each process of the 2-process run: CPU matrix products
+    round differently with different thread counts, and the files are compared byte for byte."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(base_args, tmp_path_factory) -> Path:
+    """A single-process in-process run."""
+    out = tmp_path_factory.mktemp("run") / "single"
+    with one_thread():
+        assert SCRIPT.main([*base_args, "--save_path", str(out)]) == 0
+    return out
+
+
+def _meta(data_root: Path) -> dict:
+    return json.loads((data_root / "toy" / "meta.json").read_text())["test"]
+
+
+def _predictions(out: Path) -> dict[str, dict]:
+    with open(out / "predictions.csv", newline="") as f:
+        return {row["img_path"]: row for row in csv.DictReader(f)}
+
+
+def _map(out: Path, img_path: str) -> np.ndarray:
+    return np.load(out / "maps" / Path(img_path).with_suffix(".npy"))
+
+
+def _pixel_set(samples: list[dict]) -> list[dict]:
+    return [s for s in samples if s["mask_path"] or s["anomaly"] == 0]
+
+
+def _published_aupro(masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
+    """The published ``cal_pro_score`` loop (AnomalyCLIP / Crane), verbatim in substance."""
+    binary_amaps = np.zeros_like(amaps, dtype=bool)
+    min_th, max_th = amaps.min(), amaps.max()
+    pros, fprs = [], []
+    for th in np.arange(min_th, max_th, (max_th - min_th) / max_step):
+        binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
+        pro = []
+        for binary_amap, mask in zip(binary_amaps, masks):
+            for region in measure.regionprops(measure.label(mask)):
+                pro.append(binary_amap[region.coords[:, 0], region.coords[:, 1]].sum() / region.area)
+        inverse_masks = 1 - masks
+        fprs.append(np.logical_and(inverse_masks, binary_amaps).sum() / inverse_masks.sum())
+        pros.append(np.array(pro).mean())
+    pros, fprs = np.array(pros), np.array(fprs)
+    kept = fprs < expect_fpr
+    fprs = fprs[kept]
+    return auc((fprs - fprs.min()) / (fprs.max() - fprs.min()), pros[kept])
+
+
+def _published_f1(truth: np.ndarray, scores: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(truth.ravel(), scores.ravel())
+    with np.errstate(invalid="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.max(f1[np.isfinite(f1)]))
+
+
+def test_flags_accept_the_original_boolean_style():
+    parser = SCRIPT.build_parser()
+    args = parser.parse_args(["--soft_mean", "True", "--visualize", "false", "--both_eattn_dattn", "0",
+                              "--save_maps", "--features_list", "6", "12", "--devices", "0", "1"])
+    assert (args.soft_mean, args.visualize, args.both_eattn_dattn, args.save_maps) == (True, False, False, True)
+    assert args.features_list == [6, 12] and args.devices == [0, 1]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--soft_mean", "maybe"])
+
+
+def test_scores_and_maps_equal_the_detector(reference, data_root, clip_file, conformance_dir):
+    det = crane.Detector.from_config(clip_weights=clip_file, checkpoint=conformance_dir / CHECKPOINT,
+                                     features_list=(6, 12, 18, 24), soft_mean=True, image_size=SIZE, batch_size=BATCH)
+    rows = _predictions(reference)
+    for cls_name, samples in _meta(data_root).items():
+        expected = det.predict([data_root / "toy" / s["img_path"] for s in samples])
+        maps = np.stack([_map(reference, s["img_path"]) for s in samples])
+        assert maps.dtype == np.float32 and maps.shape == (len(samples), SIZE, SIZE)
+        np.testing.assert_allclose(maps, expected.maps, rtol=0, atol=1e-6)
+        scores = np.array([float(rows[s["img_path"]]["score"]) for s in samples], np.float32)
+        np.testing.assert_allclose(scores, expected.scores, rtol=0, atol=1e-6)
+        for s in samples:
+            row = rows[s["img_path"]]
+            assert (row["cls_name"], row["specie_name"], int(row["anomaly"])) == (cls_name, s["specie_name"], s["anomaly"])
+
+
+def test_metrics_equal_published_definitions_on_the_saved_maps(reference, data_root):
+    result = json.loads((reference / "metrics.json").read_text())
+    for cls_name, samples in _meta(data_root).items():
+        got = result["classes"][cls_name]
+        assert set(got) == set(METRIC_NAMES)
+        labels = np.array([s["anomaly"] for s in samples])
+        scores = np.array([float(_predictions(reference)[s["img_path"]]["score"]) for s in samples], np.float32)
+        if 0 < labels.sum() < len(labels):
+            assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+            assert got["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+            assert got["image_f1"] == pytest.approx(_published_f1(labels, scores), abs=1e-6)
+        pixel = _pixel_set(samples)
+        if any(s["mask_path"] for s in samples):
+            masks = np.stack([load_mask(data_root / "toy" / s["mask_path"] if s["mask_path"] else None, SIZE).numpy()
+                              for s in pixel]).astype(np.uint8)
+            maps = np.stack([_map(reference, s["img_path"]) for s in pixel])
+            assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+            assert got["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-6)
+            assert got["pixel_f1"] == pytest.approx(_published_f1(masks, maps), abs=1e-6)
+            assert got["pixel_aupro"] == pytest.approx(_published_aupro(masks, maps), abs=1e-6)
+            assert got["pixel_aupro"] == pytest.approx(metrics.aupro(masks, maps, method="crane"), abs=1e-6)
+
+
+def test_undefined_metrics_are_null_and_left_out_of_the_mean(reference, data_root):
+    result = json.loads((reference / "metrics.json").read_text())
+    classes = result["classes"]
+    assert all(classes["allbad"][m] is None for m in METRIC_NAMES[:3])
+    assert all(classes["allbad"][m] is not None for m in METRIC_NAMES[3:])
+    assert all(classes["imgonly"][m] is None for m in METRIC_NAMES[3:])
+    assert all(classes["imgonly"][m] is not None for m in METRIC_NAMES[:3])
+    assert all(classes["mixed"][m] is not None for m in METRIC_NAMES)
+    for m in METRIC_NAMES:
+        assert result["mean"][m] == pytest.approx(np.mean([v[m] for v in classes.values() if v[m] is not None]))
+    # the anomalous image of `mixed` without a mask is left out of the pixel metrics
+    samples = _meta(data_root)["mixed"]
+    everything = np.stack([_map(reference, s["img_path"]) for s in samples])
+    zeros = np.stack([load_mask(data_root / "toy" / s["mask_path"] if s["mask_path"] else None, SIZE).numpy()
+                      for s in samples])
+    assert classes["mixed"]["pixel_auroc"] != pytest.approx(metrics.pixel_auroc(zeros, everything), abs=1e-6)
+    assert result["args"]["dataset"] == "toy" and result["args"]["soft_mean"] is True
+    table = (reference / "metrics.md").read_text()
+    assert all(name in table for name in ("allbad", "imgonly", "mixed", "mean"))
+
+
+def test_two_gloo_processes_write_the_same_files(reference, base_args, tmp_path):
+    out = tmp_path / "two"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "test.py"), *base_args, "--devices", "0", "1",
+                           "--save_path", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| mean" in proc.stdout
+    for name in ("metrics.json", "predictions.csv", "metrics.md"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    ours = sorted(p.relative_to(out) for p in (out / "maps").rglob("*.npy"))
+    assert ours == sorted(p.relative_to(reference) for p in (reference / "maps").rglob("*.npy")) and len(ours) == 16
+    for rel in ours:
+        assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_classes(reference, base_args, data_root, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "resumed"
+    args = [*base_args, "--save_path", str(out)]
+    real_metrics = evaluate.class_metrics
+    calls = []
+
+    def crash_on_second_class(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_metrics(*a, **k)
+
+    monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
+    with pytest.raises(KeyboardInterrupt), one_thread():
+        SCRIPT.main(args)
+    assert [p.name for p in (out / "classes").iterdir()] == ["allbad.json"]
+    assert not (out / "metrics.json").exists()
+    assert not list((out / "classes").glob(".*"))  # no temporary leftovers
+
+    predicted = []
+    real_predict = evaluate._predict_class
+
+    def recording(detector, dataset, indices, *a, **k):
+        predicted.append(dataset.samples[indices[0]]["cls_name"])
+        return real_predict(detector, dataset, indices, *a, **k)
+
+    monkeypatch.setattr(evaluate, "class_metrics", real_metrics)
+    monkeypatch.setattr(evaluate, "_predict_class", recording)
+    with one_thread():
+        assert SCRIPT.main(args) == 0
+    assert predicted == ["imgonly", "mixed"]
+    for name in ("metrics.json", "predictions.csv"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+    predicted.clear()
+    assert SCRIPT.main(args) == 0  # everything finished: nothing recomputed
+    assert predicted == []
+
+    predicted.clear()
+    assert SCRIPT.main([*args, "--aupro_method", "mvtec", "--visualize", "True"]) == 0  # other settings: recomputed
+    assert predicted == ["allbad", "imgonly", "mixed"]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["args"]["aupro_method"] == "mvtec"
+    root = data_root / "toy"
+    pixel = _pixel_set(_meta(data_root)["mixed"])
+    masks = np.stack([load_mask(root / s["mask_path"] if s["mask_path"] else None, SIZE).numpy() for s in pixel])
+    maps = np.stack([_map(out, s["img_path"]) for s in pixel])
+    assert result["classes"]["mixed"]["pixel_aupro"] == pytest.approx(
+        metrics.aupro(masks, maps, method="mvtec", num_thresholds=None), abs=1e-6)
+    for cls_name, class_samples in _meta(root.parent).items():  # --visualize: one panel per image
+        panels = sorted(p.name for p in (out / "visualization" / cls_name).glob("*.png"))
+        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).stem}.png" for s in class_samples)
+        with Image.open(out / "visualization" / cls_name / panels[0]) as img:
+            assert img.mode == "RGB" and img.width > img.height
+
+
+def test_missing_inputs_fail_early_with_one_line(base_args, tmp_path, capsys):
+    args = [*base_args, "--save_path", str(tmp_path / "x")]
+    assert SCRIPT.main([*args[:args.index("--checkpoint")], "--checkpoint", str(tmp_path / "none.pth"),
+                        *args[args.index("--checkpoint") + 2:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "checkpoint not found" in err and "none.pth" in err
+    assert SCRIPT.main([*args, "--dataset", "absent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "absent" in err
+    assert not (tmp_path / "x").exists()
+
+
+def _load_make_table():
+    spec = importlib.util.spec_from_file_location("crane_make_table", REPO / "scripts" / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_table_collects_metrics_into_the_table1_layout(tmp_path, capsys):
+    make_table = _load_make_table()
+    means = {"mvtec": dict(zip(METRIC_NAMES, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4))),
+             "visa": dict(zip(METRIC_NAMES, (0.5, 0.6, 0.7, 0.8, None, 1.0))),
+             "isic": dict(zip(METRIC_NAMES, (None, None, None, 0.3, 0.2, 0.1)))}
+    for method in ("crane", "cranep"):
+        for ds, mean in means.items():
+            folder = tmp_path / method / ds
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"classes": {}, "mean": mean,
+                                                             "args": {"aupro_method": "crane"}}))
+    assert make_table.main([str(tmp_path), "--paper"]) == 0
+    text = (tmp_path / "table1.md").read_text()
+    assert text in capsys.readouterr().out
+    assert "| MVTec AD" in text and "90.0 (93.8)" in text and "40.0 (43.8)" in text
+    with open(tmp_path / "table1.csv", newline="") as f:
+        rows = {row["dataset"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["MVTec AD", "VisA", "Industrial average", "ISIC", "Medical average"]
+    industrial = rows["Industrial average"]
+    assert float(industrial["crane_image_auroc"]) == pytest.approx(70.0)
+    assert float(industrial["cranep_pixel_aupro"]) == pytest.approx(50.0)  # VisA undefined: left out
+    assert industrial["paper_crane_image_auroc"] == f"{(93.8 + 85.3) / 2:.1f}"
+    assert rows["ISIC"]["crane_image_auroc"] == "" and float(rows["ISIC"]["crane_pixel_f1"]) == pytest.approx(10.0)
+    assert make_table.main([str(tmp_path / "empty")]) == 2
