@@ -379,6 +379,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from crane.models.head import smooth_maps
 
+    print(f"loading the model ({args.checkpoint}, CLIP {args.clip_weights}, D-Attn {args.dino_model}) ...",
+          file=sys.stderr)
     detector = build_detector(args)
     size, sigma = detector.config.image_size, detector.config.sigma
     outputs = _Outputs(args.out, args, thresholds)
@@ -402,8 +404,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
                     outputs.write(item, rgb, score, amap)
                     bar.update(1)
-    finally:
+    except BaseException:
         outputs.close(skipped)
+        print(f"stopped: {outputs.csv_path} holds the {outputs.rows} images done before the error", file=sys.stderr)
+        raise
+    outputs.close(skipped)
     _predict_summary(args, outputs, thresholds, skipped)
     return EXIT_SKIPPED if skipped else 0
 
@@ -416,8 +421,9 @@ def _predict_summary(args: argparse.Namespace, outputs: _Outputs, thresholds: Th
     wrote += [f"{folder} in {args.out / folder}/" for folder in ("maps", "masks") if getattr(args, f"save_{folder}")]
     print("wrote " + ", ".join(wrote))
     if thresholds.image is not None:
-        print(f"{outputs.anomalous} of {outputs.rows} images anomalous (score >= {thresholds.image:.6g}"
-              f"{', from ' + thresholds.source if thresholds.source else ''})")
+        overridden = args.threshold and parse_override(args.threshold)[0] is not None
+        origin = "--threshold" if overridden else thresholds.source
+        print(f"{outputs.anomalous} of {outputs.rows} images anomalous (score >= {thresholds.image:.6g}, from {origin})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s), listed in {args.out / 'skipped.csv'}:", file=sys.stderr)
         for item, _ in skipped:
@@ -431,9 +437,9 @@ def _run_dataset(detector, dataset, batch_size: int, workers: int):
     """Scores, labels, and the maps and masks of the images with pixel ground truth.
 
     Returns ``(scores N, labels N, maps M x S x S float32, masks M x S x S bool)``, where the M
-    images are the normal ones and the anomalous ones with a mask.
+    images are the normal ones and the anomalous ones with a mask. The maps stay in memory
+    (``5 * M * S * S`` bytes: about 1.4 GB for 1000 images at 518).
     """
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -450,10 +456,7 @@ def _run_dataset(detector, dataset, batch_size: int, workers: int):
         labels.append(label)
         maps.append(smoothed[known])
         masks.append(batch["img_mask"].numpy()[known] > 0.5)
-    size = detector.config.image_size
-    stack = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)  # noqa: E731
-    return (stack(scores, (0,), np.float32), stack(labels, (0,), bool),
-            stack(maps, (0, size, size), np.float32), stack(masks, (0, size, size), bool))
+    return np.concatenate(scores), np.concatenate(labels), np.concatenate(maps), np.concatenate(masks)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -463,12 +466,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     dataset = CraneDataset(args.datasets_root_dir / args.dataset, "test", image_size=args.image_size,
                            classes=args.classes)
-    output = args.output or default_path(args.checkpoint)
+    anomalous = sum(s["anomaly"] for s in dataset.samples)
+    if anomalous in (0, len(dataset)):
+        raise CliError(f"{args.dataset}: calibration needs normal and anomalous test images, found "
+                       f"{anomalous} anomalous of {len(dataset)}")
+    output = Path(args.output or default_path(args.checkpoint)).expanduser()
+    folder = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"cannot write {output} (no write permission in {folder}); pass --output FILE and give "
+                       "predict --thresholds FILE")
     detector = build_detector(args)
     scores, labels, maps, masks = _run_dataset(detector, dataset, args.batch_size, args.workers)
-    if labels.all() or not labels.any():
-        raise CliError(f"{args.dataset}: calibration needs normal and anomalous test images, found "
-                       f"{int(labels.sum())} anomalous of {labels.size}")
     pick = max_f1_threshold if args.image_criterion == "f1" else youden_threshold
     image_threshold, image_value = pick(labels, scores)
     image_stats = confusion(labels, scores, image_threshold)
@@ -498,11 +506,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "model": {"checkpoint": str(args.checkpoint), **model_options(args)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "crane_version": __version__})
-    try:
-        save_thresholds(thresholds, output)
-    except PermissionError:
-        raise CliError(f"cannot write {output} (permission denied); pass --output FILE and give predict "
-                       "--thresholds FILE") from None
+    save_thresholds(thresholds, output)
     print(tabulate(rows, headers=["threshold", "value", "criterion", "criterion value", "precision", "recall", "FPR",
                                   "calibrated on"]))
     print(f"wrote {output}")

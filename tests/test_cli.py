@@ -194,7 +194,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_predict_mixed_formats_skips_the_broken_file(mixed_folder, tmp_path, model_flags, official_checkpoint,
                                                      detectors, capsys):
     out = tmp_path / "out"
-    status = cli.main(["predict", str(mixed_folder), "--out", str(out), "--checkpoint", str(official_checkpoint),
+    checkpoint = tmp_path / "ckpt" / "epoch_5.pth"  # a folder without thresholds.json
+    checkpoint.parent.mkdir()
+    shutil.copy(official_checkpoint, checkpoint)
+    status = cli.main(["predict", str(mixed_folder), "--out", str(out), "--checkpoint", str(checkpoint),
                        *model_flags, "--save_maps"])
     captured = capsys.readouterr()
     assert status == cli.EXIT_SKIPPED
