@@ -98,7 +98,8 @@ def _fit(text: str, width: int, scale: float) -> str:
 
 def _colour_bar(width: int, threshold: Optional[float], scale: float) -> np.ndarray:
     """A horizontal JET bar for [0, 1] with tick labels and the threshold marked: ``h x width x 3``."""
-    bar_h, label_h = 12, int(22 * scale / 0.45)
+    label_h = int(22 * scale / 0.45)
+    bar_h = max(12, label_h // 2)
     strip = np.full((bar_h + label_h + 6, width, 3), BACKGROUND, np.uint8)
     strip[2:2 + bar_h] = heat_colors(np.linspace(0.0, 1.0, width, dtype=np.float32))[None]
     for value, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
@@ -164,10 +165,12 @@ def render_panel(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: Opti
         legend.append(("green: ground truth", GROUND_TRUTH))
     for j, (label, color) in enumerate(legend):
         y = below + text_h + j * text_h + text_h // 2
+        swatch_w, swatch_h, mid = text_h, max(6, text_h // 3), y - text_h // 3
         if color is not None:
-            cv2.rectangle(canvas, (x_over, y - text_h // 3 - 3), (x_over + 18, y - text_h // 3 + 3), EDGE, -1)
-            cv2.rectangle(canvas, (x_over + 1, y - text_h // 3 - 2), (x_over + 17, y - text_h // 3 + 2), color, -1)
-        indent = 24 if color is not None else 0
+            cv2.rectangle(canvas, (x_over, mid - swatch_h // 2), (x_over + swatch_w, mid + swatch_h // 2), EDGE, -1)
+            cv2.rectangle(canvas, (x_over + 1, mid - swatch_h // 2 + 1), (x_over + swatch_w - 1, mid + swatch_h // 2 - 1),
+                          color, -1)
+        indent = swatch_w + 6 if color is not None else 0
         _text(canvas, _fit(label, tw - indent, scale), x_over + indent, y, scale)
     return canvas
 
