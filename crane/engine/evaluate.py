@@ -23,7 +23,9 @@ Processes: ``devices`` with more than one entry spawns one process per entry
 already exist. The images of a class are cut into batches of ``batch_size`` in
 dataset order and the batches are dealt out round-robin, so every batch holds
 the same images whatever the number of processes, and the results equal a
-single-process run.
+single-process run (bit for bit when each process computes with the same number
+of CPU threads; matrix products round differently with other thread counts).
+With ``dattn_batch_mean`` the batches are formed within each class.
 """
 from __future__ import annotations
 
@@ -225,11 +227,17 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     dataset = _dataset(opts, root)
     settings = result_settings(opts)
     save = save_path(opts)
-    pending = []
+    pending, stale = [], []
     for cls_name in dataset.classes:
         img_paths = [s["img_path"] for s in dataset.samples if s["cls_name"] == cls_name]
-        if not _finished(results.read_json(_class_file(save, cls_name)), settings, img_paths, opts):
+        record = results.read_json(_class_file(save, cls_name))
+        if not _finished(record, settings, img_paths, opts):
             pending.append(cls_name)
+            if record is not None:
+                stale.append(cls_name)
+    if stale:
+        log.warning("%s holds results of %s from other settings, images or outputs: recomputing them",
+                    save, ", ".join(stale))
     if pending:
         _dataset(opts, root, pending, validate=False).validate(decode=True)
     return EvalPlan(root, checkpoint_path(opts), save, settings, dataset.classes, pending)
