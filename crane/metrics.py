@@ -257,13 +257,67 @@ def _region_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.
     """
     values, weights, n_regions = [], [], 0
     for mask, amap in zip(masks, maps):
-        regions, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        inside = regions > 0
-        areas = np.bincount(regions[inside])
+        inside, weight, n = _region_weights(mask)
         values.append(amap[inside])
-        weights.append(1.0 / areas[regions[inside]])
+        weights.append(weight)
         n_regions += n
     return np.concatenate(values), np.concatenate(weights), n_regions
+
+
+def _region_weights(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """For one ``H x W`` mask: its positive pixels, ``1 / area`` of each one's 8-connected
+    region (in the order of ``mask[inside]``), and the number of regions."""
+    regions, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    inside = regions > 0
+    labels = regions[inside]
+    return inside, 1.0 / np.bincount(labels)[labels], n
+
+
+def _crane_histograms(masks: np.ndarray, maps: np.ndarray, thresholds: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Negative-pixel counts and region-weighted positive mass per threshold bin, in one pass.
+
+    Bin ``j`` holds the pixels with exactly ``j`` thresholds below their score. Works
+    image by image, so the only temporaries are one map's size.
+    """
+    bins = thresholds.size + 1
+    negatives, mass = np.zeros(bins, np.int64), np.zeros(bins)
+    n_regions = 0
+    for mask, amap in zip(masks, maps):
+        passed = _count_below(thresholds, amap)
+        inside, weight, n = _region_weights(mask)
+        negatives += np.bincount(passed[~inside], minlength=bins)
+        if n:
+            mass += np.bincount(passed[inside], weights=weight, minlength=bins)
+        n_regions += n
+    return negatives, mass, int(negatives.sum()), n_regions
+
+
+def _count_below(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Number of ``thresholds`` (ascending, evenly spaced up to rounding) strictly below each value.
+
+    Equal to ``np.searchsorted(thresholds, values, side="left")``, but from an arithmetic
+    guess corrected by exact comparisons, which is several times faster than a binary
+    search per pixel.
+    """
+    n = thresholds.size
+    padded = np.concatenate([[-np.inf], thresholds, [np.inf]]).astype(thresholds.dtype)
+    step = (thresholds[-1] - thresholds[0]) / (n - 1) if n > 1 else 1.0
+    count = np.floor((values - thresholds[0]) / step).astype(np.int64) + 1
+    np.clip(count, 0, n, out=count)
+    for _ in range(4):  # the guess is off by at most a bin or two
+        up = padded[count + 1] < values  # thresholds[count] < value: count too small
+        down = padded[count] >= values  # thresholds[count - 1] >= value: count too large
+        if not (up.any() or down.any()):
+            return count
+        count += up
+        count -= down
+    return np.searchsorted(thresholds, values, side="left")  # a grid far from even
+
+
+def _above(hist: np.ndarray) -> np.ndarray:
+    """``out[j]`` = total of the bins above threshold ``j`` (bins ``j+1 ..``)."""
+    return np.cumsum(hist[::-1])[::-1][1:]
 
 
 def _pro_above(values: np.ndarray, weights: np.ndarray, n_regions: int,
@@ -274,9 +328,7 @@ def _pro_above(values: np.ndarray, weights: np.ndarray, n_regions: int,
     and a reverse cumulative sum.
     """
     passed = np.searchsorted(thresholds, values, side="left")  # number of thresholds < value
-    mass = np.bincount(passed, weights=weights, minlength=thresholds.size + 1)
-    above = np.cumsum(mass[::-1])[::-1][1:]  # above[j] = mass of values passing thresholds[j]
-    return above / n_regions
+    return _above(np.bincount(passed, weights=weights, minlength=thresholds.size + 1)) / n_regions
 
 
 def _floor_to_dtype(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -306,9 +358,9 @@ def _crane_aupro(masks, maps, max_fpr: float, num_thresholds: int) -> float:
     if low == high:
         return math.nan
     thresholds = _floor_to_dtype(np.arange(low, high, (high - low) / num_thresholds), maps.dtype)
-    negative = _sorted(maps, ~masks)
-    fpr = (negative.size - np.searchsorted(negative, thresholds, side="right")) / negative.size
-    pro = _pro_above(*_region_pixels(masks, maps), thresholds)
+    negatives, mass, n_negative, n_regions = _crane_histograms(masks, maps, thresholds)
+    fpr = _above(negatives) / n_negative
+    pro = _above(mass) / n_regions
     kept = fpr < max_fpr
     fpr, pro = fpr[kept], pro[kept]
     if fpr.size == 0 or fpr.max() == fpr.min():
