@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,15 +17,27 @@ from .errors import WeightsNotFoundError
 HF_HOST = "huggingface.co"
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached within 3 s."""
+def hub_offline(timeout: float = 3.0) -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached within ``timeout`` seconds.
+
+    The probe runs in a daemon thread because the socket timeout does not cover the
+    name lookup, which can hang far longer on a machine without network.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return True
-    try:
-        with socket.create_connection((HF_HOST, 443), timeout=3):
-            return False
-    except OSError:
-        return True
+    reached = threading.Event()
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((HF_HOST, 443), timeout=timeout):
+                reached.set()
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not reached.is_set()
 
 
 def find_in_hf_cache(repo_id: str, filenames: Iterable[str], cache_dir: Optional[str] = None) -> Optional[str]:
