@@ -119,10 +119,14 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn")
     sd = filter_fn(sd, model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("head")]
-    if missing or unexpected:
-        raise ValueError(f"{name} weights do not fit {spec.timm_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith("head")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{name} weights do not fit {spec.timm_name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatches {shapes[:5]}")
+    model.load_state_dict(sd, strict=False)
     return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
 
 
