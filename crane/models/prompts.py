@@ -118,15 +118,21 @@ def encode_text(clip: nn.Module, prompts: torch.Tensor, token_ids: torch.Tensor,
 
     Before text block ``i+2`` (1-indexed) token positions ``1 .. t_n_ctx`` are replaced
     by ``deep_prompts[i]``, rounded through float16 as the published code does (quirk 4).
+    The attention is causal, so only the tokens up to the last EOT position are run:
+    the rest cannot change the output (same numbers, a fraction of the work).
     """
-    x = prompts + clip.positional_embedding.to(prompts.dtype)
+    eot = token_ids.argmax(dim=-1)
+    n = int(eot.max()) + 1
+    x = prompts[:, :n] + clip.positional_embedding[:n].to(prompts.dtype)
+    attn_mask = clip.attn_mask[:n, :n]
     for i, block in enumerate(clip.transformer.resblocks):
         if 1 <= i <= len(deep_prompts):
-            deep = deep_prompts[i - 1].to(torch.float16).to(x.dtype)
-            x = torch.cat([x[:, :1], deep.expand(x.shape[0], -1, -1), x[:, 1 + deep.shape[0]:]], dim=1)
-        x = block(x, attn_mask=clip.attn_mask)
+            # Expand before the cast, as published: the gradient is rounded per prompt, then summed.
+            deep = deep_prompts[i - 1].expand(x.shape[0], -1, -1).to(torch.float16).to(x.dtype)
+            x = torch.cat([x[:, :1], deep, x[:, 1 + deep.shape[1]:]], dim=1)
+        x = block(x, attn_mask=attn_mask)
     x = clip.ln_final(x)
-    return x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)] @ clip.text_projection
+    return x[torch.arange(x.shape[0], device=x.device), eot] @ clip.text_projection
 
 
 def load_prompt_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:

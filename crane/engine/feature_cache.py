@@ -1,0 +1,161 @@
+"""Frozen image features for training: computed once per image, reused every epoch.
+
+The CLIP (and VFM) side of Crane is frozen and deterministic, so what the loss
+needs from an image — its normalised embedding and token sets — can be computed
+once. :class:`FrozenImageEncoder` splits ``CraneModel.encode_image`` into a
+per-image part (cached as an :data:`Entry`) and a per-batch part. The per-batch
+part is trivial unless D-Attn runs with the published batch-wide mean
+(``dattn_batch_mean``, quirk 3): then an image's D-Attn tokens depend on the
+other images of its batch, so the cache keeps D-Attn's inputs (the block-24
+stream ``t`` and the VFM features) and the attention is redone per batch.
+
+:class:`FeatureCache` stores entries in memory, or on disk as one file per image
+under a folder keyed by the weights and every option that changes the features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from crane.models.crane import CraneModel, ImageFeatures
+from crane.models.vfm import dattn_attention
+
+Entry = dict[str, Any]
+"""One image's cached features (CPU tensors): ``embedding`` ``E``; ``sets``, the distinct token
+sets, each ``L x E``; ``layout``, for every token set of the model the index into ``sets`` (``-1``:
+the D-Attn set, rebuilt per batch from ``dattn_t`` ``N x D`` and ``dattn_feats`` ``C x H x W``);
+``mask`` ``S x S`` bool; ``label`` int."""
+
+DATTN = -1
+
+
+class FrozenImageEncoder:
+    """``model.encode_image`` in two steps: :meth:`encode` (per image, cacheable) and :meth:`assemble` (per batch)."""
+
+    def __init__(self, model: CraneModel) -> None:
+        self.model = model
+        self.batch_mean = model.dattn_layer is not None and model.config.dattn_batch_mean
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[Entry]:
+        """``B x 3 x S x S`` CLIP-normalised images -> one entry per image (tensors on CPU)."""
+        if self.batch_mean:
+            return self._encode_dattn_inputs(images)
+        feats = self.model.encode_image(images)
+        return [_entry(feats.image_embedding[i], [s[i] for s in feats.patch_tokens]) for i in range(len(images))]
+
+    def _encode_dattn_inputs(self, images: torch.Tensor) -> list[Entry]:
+        """The arithmetic of ``CraneModel.encode_image`` up to the batch-dependent D-Attn attention."""
+        model, cfg = self.model, self.model.config
+        xo, tokens, t = model.vision.forward_features(images, cfg.features_list, model.dattn_layer)
+        embedding = F.normalize(model.vision.project(xo[:, 0]).float(), dim=-1)
+        vfm_feats = model.vfm(images)
+        projected: dict[int, torch.Tensor] = {}
+        layout: list[Optional[int]] = []
+        for layer in cfg.features_list:
+            if layer == model.dattn_layer:
+                layout.append(None)
+                if not cfg.both_eattn_dattn:
+                    continue
+            stream = tokens[layer]
+            if id(stream) not in projected:
+                projected[id(stream)] = F.normalize(model.vision.project(stream[:, 1:]).float(), dim=-1)
+            layout.append(id(stream))
+        entries = []
+        for i in range(len(images)):
+            sets = [None if key is None else projected[key][i] for key in layout]
+            entry = _entry(embedding[i], sets)
+            entry["dattn_t"] = t[i].detach().cpu().clone()
+            entry["dattn_feats"] = vfm_feats[i].detach().cpu().clone()
+            entries.append(entry)
+        return entries
+
+    def assemble(self, entries: Sequence[Entry], device: Union[str, torch.device]) -> ImageFeatures:
+        """Stack entries into the :class:`ImageFeatures` of one batch on ``device``."""
+        embedding = torch.stack([e["embedding"] for e in entries]).to(device)
+        layout = entries[0]["layout"]
+        distinct = [torch.stack([e["sets"][j] for e in entries]).to(device) for j in range(len(entries[0]["sets"]))]
+        dattn = self._dattn_tokens(entries, device) if DATTN in layout else None
+        return ImageFeatures(embedding, [dattn if j == DATTN else distinct[j] for j in layout])
+
+    @torch.no_grad()
+    def _dattn_tokens(self, entries: Sequence[Entry], device: Union[str, torch.device]) -> torch.Tensor:
+        """D-Attn token set ``B x L x E`` with the mean of ``Sim`` over this batch (quirk 3)."""
+        model, layer = self.model, self.model.dattn_layer
+        t = torch.stack([e["dattn_t"] for e in entries]).to(device)
+        feats = torch.stack([e["dattn_feats"] for e in entries]).to(device)
+        attn = dattn_attention(feats, model.vfm.beta, model.config.dattn_gamma, batch_mean=True)
+        tokens = model.vision.dattn_tokens(t, layer, attn, tuple(feats.shape[-2:]))
+        return F.normalize(model.vision.project(tokens).float(), dim=-1)
+
+
+def _entry(embedding: torch.Tensor, sets: Sequence[Optional[torch.Tensor]]) -> Entry:
+    """Keep each distinct token set once (quirk 1 makes the E-Attn sets of Crane identical); ``None``: D-Attn."""
+    distinct: list[torch.Tensor] = []
+    layout: list[int] = []
+    for s in sets:
+        if s is None:
+            layout.append(DATTN)
+            continue
+        match = next((j for j, d in enumerate(distinct) if d.shape == s.shape and torch.equal(d, s.cpu())), None)
+        if match is None:
+            distinct.append(s.detach().cpu().clone())
+            match = len(distinct) - 1
+        layout.append(match)
+    return {"embedding": embedding.detach().cpu().clone(), "sets": distinct, "layout": layout}
+
+
+def file_identity(path: Union[str, os.PathLike, None]) -> Optional[str]:
+    """``realpath:size:mtime_ns`` of a file, or the value itself for tags (``openai``, ``synthetic``) and ``None``."""
+    if path is None:
+        return None
+    p = Path(os.fspath(path)).expanduser()
+    if not p.is_file():
+        return str(path)
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def options_key(settings: Mapping[str, Any]) -> str:
+    """A short stable hash of the settings that determine the features."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Entries by key, in memory (``folder=None``) or as ``folder/KEY.pt`` files written atomically."""
+
+    def __init__(self, folder: Optional[Union[str, os.PathLike]] = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self._memory: dict[str, Entry] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory if self.folder is None else self._file(key).is_file()
+
+    def get(self, key: str) -> Entry:
+        if self.folder is None:
+            return self._memory[key]
+        return torch.load(self._file(key), map_location="cpu", weights_only=True)
+
+    def put(self, key: str, entry: Entry) -> None:
+        if self.folder is None:
+            self._memory[key] = entry
+            return
+        path = self._file(key)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(entry, tmp)
+        os.replace(tmp, path)
+
+    def update(self, entries: Mapping[str, Entry]) -> None:
+        for key, entry in entries.items():
+            self.put(key, entry)
