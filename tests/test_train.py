@@ -22,6 +22,7 @@ from crane.engine import train as engine
 from crane.engine.augment import mosaic
 from crane.engine.distributed import DistContext
 from crane.engine.feature_cache import FeatureCache, FrozenImageEncoder
+from crane.losses import crane_loss
 from crane.models.prompts import load_prompt_checkpoint
 from datasets.synthetic import make_synthetic_dataset
 from tests.conftest import REPO
@@ -139,6 +140,18 @@ def test_mismatched_init_checkpoint_and_missing_dataset_stop_with_clear_messages
     assert not list(tmp_path.iterdir())  # nothing written before the checks
 
 
+def test_non_finite_loss_stops_before_writing_a_checkpoint(data_root, clip_file, tmp_path, monkeypatch):
+    def nan_loss(*args, **kwargs):
+        terms = crane_loss(*args, **kwargs)
+        return terms._replace(total=terms.total * float("nan"))
+
+    monkeypatch.setattr(engine, "crane_loss", nan_loss)
+    opts = _opts(data_root, clip_file, tmp_path, epoch=1)
+    with pytest.raises(engine.TrainError, match="non-finite training loss; the image features are finite"):
+        engine.train(opts)
+    assert not (engine.run_dir(opts) / "epoch_1.pth").exists()
+
+
 def test_first_step_from_official_checkpoint_follows_published_gradient(synth_weights, conformance_dir, tmp_path):
     """Adam's first step is ``-lr * g / (|g| + eps)``: ``-lr * sign(g)`` wherever ``g`` is not tiny."""
     case = next(c for c in json.loads((conformance_dir / "cases.json").read_text())["cases"]
@@ -250,5 +263,10 @@ def test_two_process_gloo_run_matches_single_process(reference, tmp_path):
     for name in ("epoch_1.pth", "epoch_2.pth"):
         got, want = _state(run / name), _state(ref_run / name)
         assert set(got) == set(want)
-        for k in want:  # 2 processes x batch 1 take the steps of 1 process x batch 2
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
+        # 2 processes x batch 1 take the steps of 1 process x batch 2, up to float rounding: the text
+        # encoder runs other batch shapes, and the deep prompts' gradients are rounded to float16 (quirk 4),
+        # which Adam's later steps turn into differences of ~1e-5 (steps are 1e-3; a process that trained
+        # on its own images only would be off by ~1e-3).
+        for k in want:
+            atol = 1e-4 if k.startswith("compound_prompts_text") else 5e-6
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=f"{name} {k}")

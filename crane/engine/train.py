@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 from crane.data.dataset import CraneDataset, DatasetError
 from crane.data.image import load_mask, preprocess
+from crane.detector import build_model
 from crane.engine.augment import mosaic
 from crane.engine.distributed import DistContext, barrier, broadcast_from_main, init_distributed, launch
+from crane.engine.evaluate import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
 from crane.losses import crane_loss
 from crane.models.crane import CraneConfig, CraneModel
@@ -51,9 +53,6 @@ from crane.models.prompts import save_prompt_checkpoint
 
 log = logging.getLogger(__name__)
 
-DINO_MODELS = ("none", "dinov2", "dino", "sam")
-ATTN_TYPES = ("vv", "kk", "qq", "qq+kk", "qq+kk+vv", "(q+k+v)^2")
-IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "pad_suffix")
 INTERPOLATIONS = ("nearest", "bilinear")
 FEATURE_CACHES = ("memory", "disk", "off")
 ADAM_BETAS = (0.6, 0.999)
@@ -66,11 +65,6 @@ class TrainError(ValueError):
 
 
 USER_ERRORS = (TrainError, DatasetError, CheckpointMismatchError, WeightsNotFoundError)
-
-
-def default_datasets_root() -> str:
-    """``$CRANE_DATASETS``, else ``./datasets/data``."""
-    return os.environ.get("CRANE_DATASETS", os.path.join(".", "datasets", "data"))
 
 
 @dataclass
@@ -262,8 +256,6 @@ class PromptTextEncoder(nn.Module):
 
 def build_training_model(opts: TrainOptions) -> CraneModel:
     """Frozen CLIP (+ VFM) with a prompt learner initialised from ``seed`` or ``init_checkpoint``."""
-    from crane.detector import build_model
-
     config = CraneConfig(features_list=tuple(int(f) for f in opts.features_list), dino_model=opts.dino_model,
                          image_size=opts.image_size, attn_type=opts.attn_type, both_eattn_dattn=opts.both_eattn_dattn,
                          use_scorebase_pooling=opts.use_scorebase_pooling, dattn_batch_mean=opts.dattn_batch_mean,
@@ -345,7 +337,7 @@ class Trainer:
         text = PromptTextEncoder(self.model, opts.train_with_img_cls_type)
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            text = DistributedDataParallel(text, device_ids=ids, broadcast_buffers=False)
+            text = DistributedDataParallel(text, device_ids=ids)
         self.text = text
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=opts.learning_rate, betas=ADAM_BETAS)
         self.encoder = FrozenImageEncoder(self.model)
@@ -456,10 +448,25 @@ class Trainer:
         terms = crane_loss(feats.patch_tokens, logits, feats.image_embedding, text, masks,
                            torch.tensor(labels, device=device), self.opts.interpolation,
                            self.opts.use_scorebase_pooling)
+        self._check_finite(terms.total, feats.patch_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
         return torch.stack([t.detach() for t in (terms.total, terms.focal, terms.dice, terms.ce)]).cpu()
+
+    def _check_finite(self, loss: torch.Tensor, token_sets: Sequence[torch.Tensor]) -> None:
+        """Stop (on every rank) before a non-finite loss reaches the prompts."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.ctx.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            return
+        bad = [i for i, t in enumerate(token_sets) if not torch.isfinite(t).all()]
+        hint = (f"token set(s) {bad} of the image features hold NaN/inf"
+                + ("; with D-Attn this happens when the VFM's patch features are nearly identical (mean "
+                   "similarity above 1/1.2, so every attention entry is masked): check --dino_weights"
+                   if self.model.dattn_layer is not None else "")) if bad else "the image features are finite"
+        raise TrainError(f"non-finite training loss; {hint}. No checkpoint was written for this epoch.")
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch; return the mean loss terms over all steps of all ranks."""
@@ -558,5 +565,8 @@ def train(opts: TrainOptions) -> Path:
     if opts.init_checkpoint is not None:
         _check_init_checkpoint(opts)
     nprocs = len(opts.devices) if "WORLD_SIZE" not in os.environ else 1
-    launch(_worker, nprocs, opts)
+    try:
+        launch(_worker, nprocs, opts)
+    except torch.multiprocessing.ProcessRaisedException as e:  # a spawned process stopped: keep its message
+        raise TrainError(f"a training process stopped: {str(e).strip().splitlines()[-1]}") from None
     return run_dir(opts)
