@@ -239,6 +239,7 @@ class Dinov2Features:
 def text_features(sd: StateDict, prompt_sd: StateDict) -> torch.Tensor:
     """Normalised [normal, anomalous] text features ``1 x 2 x E`` from a 16-key prompt-learner state dict."""
     deep = [prompt_sd[f"compound_prompts_text.{i}"] for i in range(len([k for k in prompt_sd if k.startswith("compound")]))]
+    layers = len([k for k in sd if k.startswith("transformer.resblocks.") and k.endswith("attn.in_proj_weight")])
     feats = []
     for state in ("pos", "neg"):
         x = torch.cat([prompt_sd[f"token_prefix_{state}"][0], prompt_sd[f"ctx_{state}"][0],
@@ -247,7 +248,6 @@ def text_features(sd: StateDict, prompt_sd: StateDict) -> torch.Tensor:
         x = (x + sd["positional_embedding"]).permute(1, 0, 2)  # 77 x 1 x W
         n = x.shape[0]
         mask = torch.full((n, n), float("-inf")).triu_(1)
-        layers = len([k for k in sd if k.startswith("transformer.resblocks.") and k.endswith("attn.in_proj_weight")])
         for i in range(layers):
             if 1 <= i <= len(deep):
                 ctx = deep[i - 1].expand(x.shape[1], -1, -1).permute(1, 0, 2).half()

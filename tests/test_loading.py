@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import crane
+from crane.data.image import OPENAI_MEAN, OPENAI_STD
 from crane.models import hub
 from crane.models.clip_loader import build_clip_from_state_dict, load_clip, read_state_dict
 from crane.models.errors import WeightsNotFoundError
 from crane.models.vfm import IMAGENET_MEAN, IMAGENET_STD, VFMS, VisionFoundationModel, load_vfm
-from crane.data.image import OPENAI_MEAN, OPENAI_STD
 from tests.test_model_units import tiny_clip_state_dict
 
 OFFLINE_LIMIT_S = 5.0  # the requirement for a missing-weights failure
@@ -55,6 +55,11 @@ def _outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     tokens[:, 10] = 49407
     with torch.no_grad():
         return model.encode_image(images), model.encode_text(tokens)
+
+
+def _outputs_at(model, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model.encode_image(torch.randn(2, 3, size, size)), model.encode_text(torch.randint(1, 49408, (2, 77)))
 
 
 def test_clip_sources_give_identical_outputs(tmp_path, fp16_sd):
@@ -101,11 +106,6 @@ def test_architecture_inferred_from_tensors(vision_width, vision_layers, patch, 
     image, text = _outputs_at(model, image_size)
     assert image.shape == (2, embed_dim) and text.shape == (2, embed_dim)
     assert torch.isfinite(image).all() and torch.isfinite(text).all()
-
-
-def _outputs_at(model, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return model.encode_image(torch.randn(2, 3, size, size)), model.encode_text(torch.randint(1, 49408, (2, 77)))
 
 
 def test_non_clip_files_give_clear_errors(tmp_path):
