@@ -119,7 +119,7 @@ class Detector:
                 progress: bool = False) -> Prediction:
         """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list)."""
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
-                isinstance(images, np.ndarray) and images.ndim == 3):
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
         images = list(images)
         bs = batch_size or self.batch_size

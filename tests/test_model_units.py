@@ -527,6 +527,39 @@ def test_predict_input_types(tmp_path, tiny_sd):
         np.testing.assert_array_equal(out.maps[0], base.maps[1])
     empty = det.predict([])
     assert empty.scores.shape == (0,) and empty.maps.shape == (0, 64, 64)
+    gray = arrays[0].mean(axis=2).astype(np.uint8)  # one H x W grayscale array is one image
+    np.testing.assert_array_equal(det.predict(gray).maps, det.predict(np.repeat(gray[:, :, None], 3, axis=2)).maps)
+
+
+def test_score_based_pooling_resamples_sets_on_other_grids():
+    """D-Attn with DINO v1 / SAM yields a finer grid than CLIP's: pooling resamples to the coarsest."""
+    torch.manual_seed(0)
+    coarse = F.normalize(torch.randn(2, 16, 8), dim=-1)
+    fine = F.normalize(torch.randn(2, 64, 8), dim=-1)
+    fine_logits, coarse_logits = torch.randn(2, 64, 2), torch.randn(2, 16, 2)
+    emb, text = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(1, 2, 8), dim=-1)
+
+    def down(x: torch.Tensor) -> torch.Tensor:
+        grid = x.transpose(1, 2).reshape(2, -1, 8, 8)
+        return F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+    ours = image_scores([fine, coarse], [fine_logits, coarse_logits], emb, text)
+    expected = image_scores([down(fine), coarse], [down(fine_logits), coarse_logits], emb, text)
+    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+    assert not ours.isnan().any()
+
+
+def test_dattn_rows_with_every_entry_masked_fall_back_to_plain_softmax():
+    """Identical features: every M entry is negative; the published code would give NaN rows."""
+    features = torch.ones(1, 4, 3, 3)
+    attn = dattn_attention(features)
+    torch.testing.assert_close(attn, torch.full((1, 9, 9), 1 / 9))
+    varied = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    f = F.normalize(varied.flatten(2), dim=1)
+    sim = f.transpose(1, 2) @ f
+    m = (sim - 1.2 * sim.mean(dim=(1, 2), keepdim=True)) * 3
+    expected = m.masked_fill(m < 0, float("-inf")).softmax(-1)  # the published masking where it is defined
+    torch.testing.assert_close(dattn_attention(varied), expected)
 
 
 # --- the reference itself ----------------------------------------------------------------------------

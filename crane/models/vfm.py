@@ -141,5 +141,9 @@ def dattn_attention(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.
     sim = torch.bmm(f.transpose(1, 2), f)
     mean = sim.mean() if batch_mean else sim.mean(dim=(1, 2), keepdim=True)
     m = (sim - beta * mean) * gamma
-    m = m.masked_fill(m < 0, float("-inf"))
+    negative = m < 0
+    # A row with every entry negative (an image whose mean similarity exceeds 1 / beta) would be
+    # all -inf and give NaN, as in the published code; such rows keep their plain softmax instead.
+    # Rows the published code handles are unchanged.
+    m = m.masked_fill(negative & ~negative.all(dim=-1, keepdim=True), float("-inf"))
     return m.softmax(dim=-1)
