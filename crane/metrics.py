@@ -79,6 +79,8 @@ def _pair(truth, scores, ndim: int | None = None) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"shape mismatch: truth {truth.shape} vs scores {scores.shape}")
     if ndim is not None and truth.ndim != ndim:
         raise ValueError(f"expected {ndim}-D inputs (N x H x W), got shape {truth.shape}")
+    if scores.size and not (np.isfinite(scores.min()) and np.isfinite(scores.max())):
+        raise ValueError("scores/maps contain NaN or infinite values; metrics are undefined for them")
     return truth, scores
 
 

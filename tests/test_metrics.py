@@ -240,3 +240,16 @@ def test_rejects_bad_arguments():
         aupro(masks, maps, max_fpr=0.0)
     with pytest.raises(ValueError):
         aupro(masks, maps, method="crane", num_thresholds=None)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_scores_are_rejected(bad):
+    masks = np.zeros((2, 4, 4), np.uint8)
+    masks[1, 1:3, 1:3] = 1
+    maps = np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)
+    maps[0, 0, 0] = bad
+    for fn in (metrics.pixel_auroc, metrics.pixel_ap, metrics.pixel_f1_max, metrics.aupro):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            fn(masks, maps)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.image_auroc(np.array([0, 1]), np.array([0.2, bad]))
