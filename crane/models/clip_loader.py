@@ -15,6 +15,7 @@ from the tensors, so narrow synthetic towers build as well as ViT-L/14.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -39,6 +40,14 @@ OPENAI_HINT = (
 )
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder (OpenAI's ``ViT-L-14-336px.pt``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict.
 
@@ -52,13 +61,13 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dict(load_file(str(path), device="cpu"))
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
+    if _is_torchscript(path):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
         try:
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as jit_error:
-            raise ValueError(f"{path} is neither a state dict nor a TorchScript archive: {jit_error}") from None
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is neither a state dict nor a TorchScript archive: {e}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
