@@ -16,18 +16,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.engine.evaluate import (AUPRO_METHODS, ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, USER_ERRORS,
-                                   EvalOptions, default_datasets_root, evaluate)
-
-
-def str2bool(value: str) -> bool:
-    """``True``/``False`` in the spellings the original scripts accepted (true, 1, yes, ...)."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "t", "yes", "y", "1"):
-        return True
-    if lowered in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+from crane.cli_args import AUPRO_METHODS, add_bool_flag, add_data_flags, add_model_flags, add_weight_flags
+from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,41 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("test.py", description="Evaluate Crane / Crane+ zero-shot anomaly detection.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def flag(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
-        group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="True|False", help=help)
-
     d = EvalOptions()
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help="dataset key: the folder DATASETS_ROOT_DIR/DATASET with meta.json")
-    g.add_argument("--datasets_root_dir", default=default_datasets_root(),
-                   help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
-    g.add_argument("--k_shot", type=int, default=d.k_shot, help="keep K images per class (0: all)")
-    g.add_argument("--portion", type=float, default=d.portion, help="keep this fraction of each class")
+    add_data_flags(g, d)
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the k_shot / portion selection")
     g = p.add_argument_group("weights")
     g.add_argument("--model_name", default=d.model_name, help="checkpoints/MODEL_NAME/epoch_N.pth and results/MODEL_NAME/")
     g.add_argument("--epoch", type=int, default=d.epoch, help="checkpoint epoch")
     g.add_argument("--checkpoint", default=None, help="prompt-learner checkpoint file (overrides --model_name/--epoch)")
-    g.add_argument("--clip_weights", default=d.clip_weights,
-                   help="'openai' (cached download), a ViT-L-14-336px.pt file, or 'synthetic' (random, pipeline demo)")
-    g.add_argument("--dino_weights", default=None, help="VFM weights file for --dino_model (default: hub/HF cache)")
+    add_weight_flags(g, d.clip_weights)
     g = p.add_argument_group("model")
-    g.add_argument("--features_list", type=int, nargs="+", default=list(d.features_list), help="vision layers")
-    g.add_argument("--dino_model", choices=DINO_MODELS, default=d.dino_model, help="VFM of D-Attn (Crane+: dinov2)")
-    flag(g, "--soft_mean", d.soft_mean, "average softmaxed maps over layers (else softmax of averaged logits)")
-    g.add_argument("--image_size", type=int, default=d.image_size, help="input side S (maps are S x S)")
-    g.add_argument("--sigma", type=float, default=d.sigma, help="Gaussian smoothing of the maps")
-    g.add_argument("--attn_type", choices=ATTN_TYPES, default=d.attn_type, help="E-Attn self-correlation")
-    flag(g, "--both_eattn_dattn", d.both_eattn_dattn, "layer 24 gives both D-Attn and E-Attn tokens")
-    flag(g, "--use_scorebase_pooling", d.use_scorebase_pooling, "score-based pooling for the image score")
-    flag(g, "--dattn_batch_mean", d.dattn_batch_mean, "published D-Attn mean over the whole batch (quirk 3)")
-    g.add_argument("--train_with_img_cls_prob", type=float, default=d.train_with_img_cls_prob,
-                   help="1: condition the prompts on each image at test (0: published evaluation)")
-    g.add_argument("--train_with_img_cls_type", choices=IMAGE_TOKEN_TYPES, default=d.train_with_img_cls_type,
-                   help="where the image token goes when conditioning")
-    g.add_argument("--n_ctx", type=int, default=d.n_ctx, help="learnable context length")
-    g.add_argument("--depth", type=int, default=d.depth, help="deep text prompt depth")
-    g.add_argument("--t_n_ctx", type=int, default=d.t_n_ctx, help="deep text prompt length")
+    add_model_flags(g, d)
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to compute")
@@ -83,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crane: published 200-threshold AUPRO; mvtec: MVTec AD official")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET)")
-    flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
-    flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
+    add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
+    add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
     return p
 
 

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from crane import __version__
+from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_weight_flags, default_datasets_root
 from crane.thresholds import (IMAGE_CRITERIA, Thresholds, confusion, default_path, load_thresholds, max_f1_threshold,
                               parse_override, save_thresholds, youden_threshold)
 
@@ -43,40 +44,22 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------ arguments
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+# Defaults of the model flags: the published Crane+ evaluation settings (as test.py).
+MODEL_DEFAULTS = argparse.Namespace(features_list=[24], dino_model="dinov2", soft_mean=False, image_size=518,
+                                    sigma=4.0, attn_type="qq+kk+vv", both_eattn_dattn=True,
+                                    use_scorebase_pooling=True, dattn_batch_mean=False)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The model flags of ``test.py``."""
+    """The model flags of ``test.py`` (the prompt-learner ones come from the checkpoint)."""
     g = parser.add_argument_group("model (as test.py)")
     g.add_argument("--checkpoint", metavar="FILE",
                    help="prompt-learner checkpoint file (default: checkpoints/MODEL_NAME/epoch_EPOCH.pth)")
     g.add_argument("--model_name", default="trained_on_mvtec_cranep",
                    help="checkpoint folder under checkpoints/ (default: trained_on_mvtec_cranep)")
     g.add_argument("--epoch", type=int, default=5, help="checkpoint epoch (default: 5)")
-    g.add_argument("--clip_weights", default="openai", metavar="W",
-                   help="'openai' (HF cache / ~/.cache/clip), a weights file, or 'synthetic' (random weights: "
-                        "meaningless numbers, for pipeline tests) (default: openai)")
-    g.add_argument("--dino_model", default="dinov2", choices=("none", "dinov2", "dino", "sam"),
-                   help="vision foundation model for D-Attn: none = Crane, dinov2 = Crane+ (default: dinov2)")
-    g.add_argument("--dino_weights", default=None, metavar="FILE", help="weights file of --dino_model")
-    g.add_argument("--features_list", type=int, nargs="+", default=[24], metavar="L",
-                   help="CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24) (default: 24)")
-    g.add_argument("--soft_mean", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                   help="average probabilities instead of logits over layers (Crane: true) (default: false)")
-    g.add_argument("--image_size", type=int, default=518, help="model input side (default: 518)")
-    g.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the maps (default: 4)")
-    g.add_argument("--attn_type", default="qq+kk+vv", help="E-Attn attention type (default: qq+kk+vv)")
-    g.add_argument("--both_eattn_dattn", type=_bool, default=True, metavar="BOOL", help="(default: true)")
-    g.add_argument("--use_scorebase_pooling", type=_bool, default=True, metavar="BOOL", help="(default: true)")
-    g.add_argument("--dattn_batch_mean", type=_bool, default=False, metavar="BOOL",
-                   help="published D-Attn batch mean; makes results depend on the batch (default: false)")
+    add_weight_flags(g, "openai", defaults_in_help=True)
+    add_model_flags(g, MODEL_DEFAULTS, skip=PROMPT_FLAGS, defaults_in_help=True)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available) (default: auto)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default: fp32)")
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
@@ -551,8 +534,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in ("predict", "calibrate") and args.checkpoint is None:
         args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
     if args.command == "calibrate" and args.datasets_root_dir is None:
-        from crane.engine.evaluate import default_datasets_root
-
         args.datasets_root_dir = Path(default_datasets_root())
     try:
         return COMMANDS[args.command](args)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crane import metrics
+from crane.cli_args import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
 from crane.data.dataset import CraneDataset, DatasetError
 from crane.data.image import load_rgb
 from crane.engine import results
@@ -53,11 +54,6 @@ from crane.models.head import smooth_maps
 
 log = logging.getLogger(__name__)
 
-DINO_MODELS = ("none", "dinov2", "dino", "sam")
-ATTN_TYPES = ("vv", "kk", "qq", "qq+kk", "qq+kk+vv", "(q+k+v)^2")
-IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "pad_suffix")
-AUPRO_METHODS = ("crane", "mvtec")
-
 
 class EvalError(ValueError):
     """A setting of the evaluation is unusable (missing checkpoint or weights, bad option)."""
@@ -65,11 +61,6 @@ class EvalError(ValueError):
 
 USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError)
 """Errors caused by the input (reported as one message, exit code 2 in ``test.py``)."""
-
-
-def default_datasets_root() -> str:
-    """``$CRANE_DATASETS``, else ``./datasets/data``."""
-    return os.environ.get("CRANE_DATASETS", os.path.join(".", "datasets", "data"))
 
 
 @dataclass

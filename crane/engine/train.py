@@ -39,12 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
 from crane.data.dataset import CraneDataset, DatasetError
 from crane.data.image import load_mask, preprocess
 from crane.detector import build_model
 from crane.engine.augment import mosaic
 from crane.engine.distributed import DistContext, barrier, broadcast_from_main, init_distributed, launch
-from crane.engine.evaluate import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
 from crane.losses import crane_loss
 from crane.models.crane import CraneConfig, CraneModel

@@ -1,0 +1,108 @@
+"""Command-line flags shared by ``test.py``, ``train.py`` and ``python -m crane``.
+
+Each script adds the groups it offers with the helpers below and passes its own
+defaults (an object with one attribute per flag, such as ``EvalOptions()``), so
+the flag names, types, choices and help stay the same everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Collection
+
+from crane.models.vision import ATTN_TYPES
+
+DINO_MODELS = ("none", "dinov2", "dino", "sam")
+IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "pad_suffix")
+AUPRO_METHODS = ("crane", "mvtec")
+__all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PROMPT_FLAGS",
+           "add_bool_flag", "add_data_flags", "add_model_flags", "add_weight_flags", "default_datasets_root",
+           "str2bool"]
+
+MAP_FLAGS = ("soft_mean", "sigma")
+"""Model flags that only shape the test-time maps (``train.py`` has none of them)."""
+PROMPT_FLAGS = ("train_with_img_cls_prob", "train_with_img_cls_type", "n_ctx", "depth", "t_n_ctx")
+"""Model flags of the prompt learner (``python -m crane`` reads them from the checkpoint)."""
+
+_TRUE = ("true", "t", "yes", "y", "1", "on")
+_FALSE = ("false", "f", "no", "n", "0", "off")
+
+
+def str2bool(value: str) -> bool:
+    """``True``/``False`` in the spellings the original scripts accepted (True, false, 1, 0, yes, no, ...)."""
+    lowered = str(value).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def default_datasets_root() -> str:
+    """``$CRANE_DATASETS``, else ``./datasets/data``."""
+    return os.environ.get("CRANE_DATASETS", os.path.join(".", "datasets", "data"))
+
+
+def _help(text: str, defaults_in_help: bool) -> str:
+    """``text``, followed by the default when the parser's formatter does not print it itself."""
+    return f"{text} (default: %(default)s)" if defaults_in_help else text
+
+
+def add_bool_flag(group: argparse._ArgumentGroup, name: str, default: bool, help: str,
+                  defaults_in_help: bool = False) -> None:
+    """A boolean flag taking ``True``/``False`` (see :func:`str2bool`); alone it means ``True``."""
+    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="True|False",
+                       help=_help(help, defaults_in_help))
+
+
+def add_model_flags(group: argparse._ArgumentGroup, defaults: Any, *, skip: Collection[str] = (),
+                    defaults_in_help: bool = False) -> None:
+    """The model flags, with defaults read from the attribute of the same name of ``defaults``.
+
+    ``skip`` leaves flags out (e.g. :data:`MAP_FLAGS` in ``train.py``); ``defaults_in_help``
+    appends the default to each help text, for parsers without ``ArgumentDefaultsHelpFormatter``.
+    """
+    def add(name: str, help: str, **kwargs: Any) -> None:
+        if name not in skip:
+            default = getattr(defaults, name)
+            default = list(default) if isinstance(default, tuple) else default  # as parsed nargs="+" values
+            group.add_argument(f"--{name}", default=default, help=_help(help, defaults_in_help), **kwargs)
+
+    def flag(name: str, help: str) -> None:
+        if name not in skip:
+            add_bool_flag(group, f"--{name}", getattr(defaults, name), help, defaults_in_help)
+
+    add("features_list", "CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24)", type=int,
+        nargs="+", metavar="L")
+    add("dino_model", "vision foundation model of D-Attn: none = Crane, dinov2 = Crane+", choices=DINO_MODELS)
+    flag("soft_mean", "average softmaxed maps over layers (Crane: True), else softmax of averaged logits")
+    add("image_size", "model input side S (maps are S x S)", type=int)
+    add("sigma", "Gaussian smoothing of the maps", type=float)
+    add("attn_type", "E-Attn self-correlation", choices=ATTN_TYPES)
+    flag("both_eattn_dattn", "layer 24 gives both D-Attn and E-Attn tokens")
+    flag("use_scorebase_pooling", "score-based pooling for the image score / logits")
+    flag("dattn_batch_mean", "published D-Attn mean over the whole batch (quirk 3); makes results depend on "
+                             "the batch")
+    add("train_with_img_cls_prob", "probability of image-conditioned prompts: per step in training; at test 1 "
+                                   "conditions them on each image, 0 is the published evaluation", type=float)
+    add("train_with_img_cls_type", "where the image token goes when conditioning", choices=IMAGE_TOKEN_TYPES)
+    add("n_ctx", "learnable context length", type=int)
+    add("depth", "deep text prompt depth", type=int)
+    add("t_n_ctx", "deep text prompt length", type=int)
+
+
+def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults_in_help: bool = False) -> None:
+    """``--clip_weights`` (default ``clip_weights``) and ``--dino_weights``."""
+    group.add_argument("--clip_weights", default=clip_weights, metavar="W",
+                       help=_help("'openai' (HF cache / ~/.cache/clip), a ViT-L-14-336px.pt file, or 'synthetic' "
+                                  "(random weights: meaningless numbers, for pipeline demos)", defaults_in_help))
+    group.add_argument("--dino_weights", default=None, metavar="FILE",
+                       help="VFM weights file for --dino_model (default: hub/HF cache)")
+
+
+def add_data_flags(group: argparse._ArgumentGroup, defaults: Any) -> None:
+    """``--datasets_root_dir``, ``--k_shot`` and ``--portion`` (``k_shot``, ``portion`` from ``defaults``)."""
+    group.add_argument("--datasets_root_dir", default=default_datasets_root(),
+                       help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
+    group.add_argument("--k_shot", type=int, default=defaults.k_shot, help="keep K images per class (0: all)")
+    group.add_argument("--portion", type=float, default=defaults.portion, help="keep this fraction of each class")
