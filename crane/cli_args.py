@@ -10,11 +10,8 @@ import argparse
 import os
 from typing import Any, Collection
 
-from crane.models.vision import ATTN_TYPES
+from crane.choices import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES
 
-DINO_MODELS = ("none", "dinov2", "dino", "sam")
-IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "pad_suffix")
-AUPRO_METHODS = ("crane", "mvtec")
 __all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PROMPT_FLAGS",
            "add_bool_flag", "add_data_flags", "add_model_flags", "add_weight_flags", "default_datasets_root",
            "str2bool"]

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_TYPES = ("qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2")
+from ..choices import ATTN_TYPES
+
 _TERMS = {"qq+kk+vv": "vkq", "qq+kk": "kq", "qq": "q", "kk": "k", "vv": "v"}
 
 
