@@ -287,33 +287,48 @@ def _crane_histograms(masks: np.ndarray, maps: np.ndarray, thresholds: np.ndarra
     n_regions = 0
     for mask, amap in zip(masks, maps):
         passed = _count_below(thresholds, amap)
-        inside, weight, n = _region_weights(mask)
-        negatives += np.bincount(passed[~inside], minlength=bins)
-        if n:
-            mass += np.bincount(passed[inside], weights=weight, minlength=bins)
-        n_regions += n
+        negatives += np.bincount(passed, minlength=bins)
+        if mask.any():
+            inside, weight, n = _region_weights(mask)
+            in_region = passed[inside.ravel()]
+            negatives -= np.bincount(in_region, minlength=bins)
+            mass += np.bincount(in_region, weights=weight, minlength=bins)
+            n_regions += n
     return negatives, mass, int(negatives.sum()), n_regions
 
 
 def _count_below(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Number of ``thresholds`` (ascending, evenly spaced up to rounding) strictly below each value.
 
-    Equal to ``np.searchsorted(thresholds, values, side="left")``, but from an arithmetic
-    guess corrected by exact comparisons, which is several times faster than a binary
-    search per pixel.
+    Equal to ``np.searchsorted(thresholds, values, side="left")``, but computed
+    arithmetically (``floor((v - t0) / step) + 1``); only values within a small margin of
+    a grid point are settled by exact comparisons, which is several times faster than a
+    binary search per pixel. Returns a flat int64 array.
     """
+    values = values.ravel()
     n = thresholds.size
-    padded = np.concatenate([[-np.inf], thresholds, [np.inf]]).astype(thresholds.dtype)
-    step = (thresholds[-1] - thresholds[0]) / (n - 1) if n > 1 else 1.0
-    count = np.floor((values - thresholds[0]) / step).astype(np.int64) + 1
+    step = float(thresholds[-1] - thresholds[0]) / (n - 1) if n > 1 else 0.0
+    magnitude = max(abs(float(thresholds[0])), abs(float(thresholds[-1]))) + step
+    if step <= 0 or 8 * np.finfo(values.dtype).eps * magnitude / step > 1e-3:  # grid too fine for arithmetic
+        return np.searchsorted(thresholds, values, side="left")
+    position = (values - thresholds[0]) / values.dtype.type(step)
+    count = np.floor(position).astype(np.int64) + 1
     np.clip(count, 0, n, out=count)
-    for _ in range(4):  # the guess is off by at most a bin or two
+    near = np.abs(position - np.rint(position)) < 1e-2  # rounding may put these in the wrong bin
+    if near.any():
+        count[near] = _settle(thresholds, values[near], count[near])
+    return count
+
+
+def _settle(thresholds: np.ndarray, values: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Correct guessed counts that are off by a bin or two with exact comparisons."""
+    padded = np.concatenate([[-np.inf], thresholds, [np.inf]]).astype(thresholds.dtype)
+    for _ in range(4):
         up = padded[count + 1] < values  # thresholds[count] < value: count too small
         down = padded[count] >= values  # thresholds[count - 1] >= value: count too large
         if not (up.any() or down.any()):
             return count
-        count += up
-        count -= down
+        count = count + up - down
     return np.searchsorted(thresholds, values, side="left")  # a grid far from even
 
 

@@ -253,3 +253,22 @@ def test_non_finite_scores_are_rejected(bad):
             fn(masks, maps)
     with pytest.raises(ValueError, match="NaN or infinite"):
         metrics.image_auroc(np.array([0, 1]), np.array([0.2, bad]))
+
+
+@pytest.mark.parametrize("base,width", [(0.0, 1.0), (1000.0, 1e-2), (-50.0, 1e-4), (0.3, 5.0)])
+def test_threshold_binning_equals_searchsorted(base, width):
+    """The arithmetic binning behind the crane AUPRO is exact, ties and neighbours included."""
+    from crane.metrics import _count_below
+
+    rng = np.random.default_rng(int(width * 1e4) + int(base))
+    for dtype in (np.float32, np.float64):
+        low = dtype(base + rng.normal())
+        high = dtype(low + width)
+        thresholds = np.arange(low, high, (high - low) / 200).astype(dtype)
+        values = rng.uniform(low - width / 3, high + width / 3, 6000).astype(dtype)
+        n = thresholds.size
+        values[:n] = thresholds
+        values[n:2 * n] = np.nextafter(thresholds, dtype(np.inf))
+        values[2 * n:3 * n] = np.nextafter(thresholds, dtype(-np.inf))
+        np.testing.assert_array_equal(_count_below(thresholds, values.reshape(60, 100)),
+                                      np.searchsorted(thresholds, values, side="left"))
