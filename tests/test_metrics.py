@@ -260,7 +260,7 @@ def test_threshold_binning_equals_searchsorted(base, width):
     """The arithmetic binning behind the crane AUPRO is exact, ties and neighbours included."""
     from crane.metrics import _count_below
 
-    rng = np.random.default_rng(int(width * 1e4) + int(base))
+    rng = np.random.default_rng(abs(int(width * 1e4) + int(base)))
     for dtype in (np.float32, np.float64):
         low = dtype(base + rng.normal())
         high = dtype(low + width)
