@@ -1,0 +1,1 @@
+"""The Crane / Crane+ model: CLIP loading, E-Attn / D-Attn vision path, prompts, head."""
