@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import threading
 import time
 
 import numpy as np
@@ -182,25 +181,9 @@ def test_missing_weights_fail_fast_with_hf_hub_offline(empty_caches, monkeypatch
     _assert_vfm_hints(empty_caches)
 
 
-def _network_reachable(timeout: float = 2.0) -> bool:
-    reached = threading.Event()
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((hub.HF_HOST, 443), timeout=timeout):
-                reached.set()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return reached.is_set()
-
-
 def test_missing_weights_fail_fast_without_network(empty_caches, monkeypatch):
     """No HF_HUB_OFFLINE, but the hub is unreachable: still a quick, instructive failure."""
-    if _network_reachable():
+    if hub.hub_reachable(timeout=2.0):
         pytest.skip("huggingface.co is reachable here; this test checks the unreachable case")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     elapsed, message = _timed_failure(load_clip, "openai")

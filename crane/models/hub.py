@@ -17,14 +17,12 @@ from .errors import WeightsNotFoundError
 HF_HOST = "huggingface.co"
 
 
-def hub_offline(timeout: float = 3.0) -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached within ``timeout`` seconds.
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the hub opens within ``timeout`` seconds.
 
     The probe runs in a daemon thread because the socket timeout does not cover the
     name lookup, which can hang far longer on a machine without network.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return True
     reached = threading.Event()
 
     def probe() -> None:
@@ -37,7 +35,14 @@ def hub_offline(timeout: float = 3.0) -> bool:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return not reached.is_set()
+    return reached.is_set()
+
+
+def hub_offline(timeout: float = 3.0) -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    return not hub_reachable(timeout)
 
 
 def find_in_hf_cache(repo_id: str, filenames: Iterable[str], cache_dir: Optional[str] = None) -> Optional[str]:
