@@ -140,15 +140,11 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_detector(args: argparse.Namespace):
     """A :class:`crane.Detector` from the model flags."""
-    from crane.detector import Detector
+    from crane.detector import Detector, build_model
+    from crane.models.crane import CraneConfig
 
-    return Detector.from_config(
-        clip_weights=args.clip_weights, checkpoint=args.checkpoint, dino_model=args.dino_model,
-        dino_weights=args.dino_weights, features_list=args.features_list, soft_mean=args.soft_mean,
-        image_size=args.image_size, attn_type=args.attn_type, sigma=args.sigma,
-        dattn_batch_mean=args.dattn_batch_mean, device=_device(args.device), precision=args.precision,
-        batch_size=args.batch_size, both_eattn_dattn=args.both_eattn_dattn,
-        use_scorebase_pooling=args.use_scorebase_pooling)
+    model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
+    return Detector(model, _device(args.device), args.precision, args.batch_size)
 
 
 # ------------------------------------------------------------------------------ inputs

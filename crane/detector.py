@@ -108,12 +108,19 @@ class Detector:
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     @torch.no_grad()
-    def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, unsmoothed maps ``B x S x S``), on CPU, float32."""
+    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, unsmoothed maps ``B x S x S``), on CPU, float32.
+
+        ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
+        embedding (``--train_with_img_cls_prob 1``); ``None`` uses the cached text pair.
+        """
         with self._autocast():
             features = self.model.encode_image(images.to(self.device))
-        logits = self.model.patch_logits(features, self.text_features)
-        return self.model.scores(features, logits, self.text_features).cpu(), self.model.maps(logits).cpu()
+        text = self.text_features if image_token_type is None else \
+            self.model.text_features(features.image_embedding, image_token_type)
+        logits = self.model.patch_logits(features, text)
+        return self.model.scores(features, logits, text).float().cpu(), self.model.maps(logits).float().cpu()
 
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
                 progress: bool = False) -> Prediction:

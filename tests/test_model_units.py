@@ -583,3 +583,23 @@ def test_reference_matches_conformance(synth, conformance_dir):
         for key in ("image_features", "anomaly_map_raw", "anomaly_map", "score"):
             np.testing.assert_allclose(out[key], expected[key][i:i + 1], atol=1e-6, rtol=0, equal_nan=False, err_msg=key)
         np.testing.assert_allclose(out["patch_probs"], expected["patch_probs"][:, i:i + 1], atol=1e-6, rtol=0, equal_nan=False)
+
+
+def test_predict_tensor_with_image_conditioned_prompts():
+    """``--train_with_img_cls_prob 1`` at test: each image scored against its own text pair.
+
+    The image embedding becomes a prompt token, so the joint width equals the text width (as in ViT-L/14).
+    """
+    det = _detector(tiny_clip_state_dict(embed_dim=128, seed=4), features_list=(8,), image_size=64)
+    batch = torch.stack([preprocess(a, 64) for a in _images(2, 50, seed=3)])
+    scores, maps = det.predict_tensor(batch, image_token_type="pad_suffix")
+    with torch.no_grad():
+        feats = det.model.encode_image(batch)
+        text = det.model.text_features(feats.image_embedding, "pad_suffix")
+        logits = det.model.patch_logits(feats, text)
+        expected_scores, expected_maps = det.model.scores(feats, logits, text), det.model.maps(logits)
+    assert text.shape[0] == 2 and not torch.allclose(text[0], text[1])
+    torch.testing.assert_close(scores, expected_scores, atol=0, rtol=0)
+    torch.testing.assert_close(maps, expected_maps, atol=0, rtol=0)
+    plain_scores, _ = det.predict_tensor(batch)
+    assert not torch.allclose(scores, plain_scores)

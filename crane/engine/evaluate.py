@@ -49,6 +49,7 @@ from crane.data.image import load_rgb
 from crane.engine import results
 from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_to_main, init_distributed,
                                       launch)
+from crane.models.crane import CraneConfig
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
 from crane.models.head import smooth_maps
 
@@ -239,34 +240,20 @@ def prepare(opts: EvalOptions) -> EvalPlan:
 
 def build_detector(opts: EvalOptions, checkpoint: Path, device: torch.device):
     """The :class:`crane.Detector` for these options on ``device``."""
-    from crane import Detector
+    from crane.detector import Detector, build_model
 
-    return Detector.from_config(
-        clip_weights=opts.clip_weights, checkpoint=str(checkpoint), dino_model=opts.dino_model,
-        dino_weights=opts.dino_weights, features_list=tuple(opts.features_list), soft_mean=opts.soft_mean,
-        image_size=opts.image_size, attn_type=opts.attn_type, sigma=opts.sigma,
-        dattn_batch_mean=opts.dattn_batch_mean, device=str(device), batch_size=opts.batch_size,
-        both_eattn_dattn=opts.both_eattn_dattn, use_scorebase_pooling=opts.use_scorebase_pooling,
-        n_ctx=opts.n_ctx, t_n_ctx=opts.t_n_ctx, depth=opts.depth)
+    model = build_model(opts.clip_weights, str(checkpoint), opts.dino_weights, CraneConfig.from_options(opts))
+    return Detector(model, device, batch_size=opts.batch_size)
 
 
-@torch.no_grad()
 def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed ``B x 3 x S x S`` -> (scores ``B``, smoothed maps ``B x S x S``), float32 numpy.
 
-    ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
-    embedding (``--train_with_img_cls_prob 1``); ``None`` uses the detector's one text pair.
+    ``image_token_type``: see :meth:`crane.Detector.predict_tensor`.
     """
-    if image_token_type is None:
-        scores, raw = detector.predict_tensor(images)
-    else:
-        model = detector.model
-        features = model.encode_image(images.to(detector.device))
-        text = model.text_features(features.image_embedding, image_token_type)
-        logits = model.patch_logits(features, text)
-        scores, raw = model.scores(features, logits, text).cpu(), model.maps(logits).cpu()
-    return scores.float().numpy(), smooth_maps(raw.float().numpy(), detector.config.sigma)
+    scores, raw = detector.predict_tensor(images, image_token_type)
+    return scores.numpy(), smooth_maps(raw.numpy(), detector.config.sigma)
 
 
 def _round_robin_batches(indices: list[int], batch_size: int, ctx: DistContext) -> tuple[list[list[int]], int]:

@@ -256,10 +256,7 @@ class PromptTextEncoder(nn.Module):
 
 def build_training_model(opts: TrainOptions) -> CraneModel:
     """Frozen CLIP (+ VFM) with a prompt learner initialised from ``seed`` or ``init_checkpoint``."""
-    config = CraneConfig(features_list=tuple(int(f) for f in opts.features_list), dino_model=opts.dino_model,
-                         image_size=opts.image_size, attn_type=opts.attn_type, both_eattn_dattn=opts.both_eattn_dattn,
-                         use_scorebase_pooling=opts.use_scorebase_pooling, dattn_batch_mean=opts.dattn_batch_mean,
-                         n_ctx=opts.n_ctx, t_n_ctx=opts.t_n_ctx, depth=opts.depth)
+    config = CraneConfig.from_options(opts)
     torch.manual_seed(opts.seed)
     quiet = logging.getLogger("crane.detector")  # its "prompts are untrained" warning is the point of training
     level = quiet.level

@@ -1,8 +1,8 @@
 """The Crane / Crane+ model: frozen CLIP (+ VFM) with E-Attn, D-Attn and learnable prompts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,15 @@ class CraneConfig:
     t_n_ctx: int = 4
     depth: int = 9
     dattn_gamma: float = 3.0
+
+    @classmethod
+    def from_options(cls, options: Any) -> "CraneConfig":
+        """The config of any object whose attributes are named as the flags (parsed arguments,
+        ``EvalOptions``, ``TrainOptions``); fields it lacks keep their defaults."""
+        values = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        if "features_list" in values:
+            values["features_list"] = tuple(int(i) for i in values["features_list"])
+        return cls(**values)
 
 
 @dataclass
