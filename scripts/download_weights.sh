@@ -13,15 +13,10 @@ CLIP_REPO=timm/vit_large_patch14_clip_336.openai
 CLIP_FILES=(open_clip_model.safetensors open_clip_pytorch_model.bin)
 DINOV2_URL=https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
 SAM_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
-CRANE_NAMES=(trained_on_mvtec_crane trained_on_mvtec_cranep trained_on_visa_crane trained_on_visa_cranep)
-# SHA-256 of the official checkpoints we hold reference copies of (the others are checked for loading only).
-declare -A CRANE_SHA=(
-    [trained_on_mvtec_crane/epoch_5.pth]=dc9bf1584c8abd8744f39e9607fdea8a04c8d30aa147de595d22bf444488e4c8
-    [trained_on_mvtec_cranep/epoch_1.pth]=233cc4e623716f1aa26ebe374dd11aa7d77205266a52902837857c5a0fdc9e21
-    [trained_on_mvtec_cranep/epoch_5.pth]=9163f13a9c0a75ac63de16239b850cf70d366b5591b083bea2c0c41e76beed53
-    [trained_on_visa_crane/epoch_5.pth]=66d070e3b72b61704495bdadd0f8c4979b62a23ca7211cfe08bd08ec7c0ab831
-    [trained_on_visa_cranep/epoch_5.pth]=732c7d1b76745950c56b0f9846f46f297619dcbb1db69a61e7b8fa5609ac10ab
-)
+# The 20 official checkpoints ship in checkpoints/ (SHA256SUMS there lists them); "crane" restores a
+# missing or damaged one from the official repository itself.
+CRANE_SUMS=checkpoints/SHA256SUMS
+CRANE_RAW=https://github.com/AlirezaSalehy/Crane/raw/main/checkpoints
 
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}
 TORCH_CKPT_DIR="${TORCH_HOME:-$CACHE/torch}/hub/checkpoints"   # torch.hub.get_dir()/checkpoints
@@ -40,17 +35,16 @@ Fetches the pretrained weights (default: all four) and verifies them:
   dinov2  Meta's DINOv2 ViT-B/14 with registers (Crane+), dinov2_vitb14_reg4_pretrain.pth,
           into $TORCH_CKPT_DIR/
   sam     Meta's SAM ViT-B image encoder, sam_vit_b_01ec64.pth, into the same folder
-  crane   the official prompt-learner checkpoints into
-          CHECKPOINTS_DIR/trained_on_{mvtec,visa}_{crane,cranep}/epoch_{1..5}.pth. They are
-          shared on Google Drive (link in the original Crane README, github.com/AlirezaSalehy/Crane):
-          pass that link with --crane-url URL (needs 'pip install gdown'), or place them by hand.
+  crane   the 20 official prompt-learner checkpoints,
+          CHECKPOINTS_DIR/trained_on_{mvtec,visa}_{crane,cranep}/epoch_{1..5}.pth. They ship
+          with this repository; any that is missing or fails its sum (checkpoints/SHA256SUMS)
+          is fetched again from the official repository ($CRANE_RAW).
 
 Options:
   --dry-run              print what would be fetched from where to where; touch nothing
   --verify               only check the files already in place (no network)
   --manual               print how to place every file by hand (offline machines) and exit
   --clip-source hf|openai  where CLIP comes from (default: hf)
-  --crane-url URL        Google Drive folder (or zip) link of the Crane checkpoints
   --checkpoints-dir DIR  where the Crane checkpoints go (default: checkpoints)
   -h, --help             this text
 
@@ -80,16 +74,14 @@ Placing the weights by hand (download on any machine with internet, then copy):
     $SAM_URL
     -> $TORCH_CKPT_DIR/sam_vit_b_01ec64.pth   (or pass --dino_weights FILE)
 
-  Crane checkpoints: from the Google Drive link in the original Crane README
-  (github.com/AlirezaSalehy/Crane), keep the folder names:
-    -> $CKPT_DIR/trained_on_mvtec_crane/epoch_5.pth    (Crane, trained on MVTec AD: tests on the other sets)
-    -> $CKPT_DIR/trained_on_visa_crane/epoch_5.pth     (Crane, trained on VisA: tests on MVTec AD)
-    -> $CKPT_DIR/trained_on_mvtec_cranep/epoch_{1,5}.pth, $CKPT_DIR/trained_on_visa_cranep/epoch_5.pth (Crane+)
+  Crane checkpoints: shipped in $CKPT_DIR/ (a fresh clone has all 20). A lost one comes from
+    $CRANE_RAW/NAME/epoch_N.pth
+    -> $CKPT_DIR/NAME/epoch_N.pth   (NAME: trained_on_{mvtec,visa}_{crane,cranep}; sums in $CRANE_SUMS)
   Then check with: bash scripts/download_weights.sh --verify
 EOF
 }
 
-DRY=0; VERIFY=0; SHOW_MANUAL=0; CLIP_SOURCE=hf; CRANE_URL=""; CKPT_DIR=checkpoints; WHAT=()
+DRY=0; VERIFY=0; SHOW_MANUAL=0; CLIP_SOURCE=hf; CKPT_DIR=checkpoints; WHAT=()
 die_usage() { echo "download_weights.sh: $*; see --help" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
@@ -98,7 +90,6 @@ while [ $# -gt 0 ]; do
         --verify) VERIFY=1 ;;
         --manual) SHOW_MANUAL=1 ;;
         --clip-source) [ $# -ge 2 ] || die_usage "--clip-source needs hf or openai"; CLIP_SOURCE=$2; shift ;;
-        --crane-url) [ $# -ge 2 ] || die_usage "--crane-url needs a URL"; CRANE_URL=$2; shift ;;
         --checkpoints-dir) [ $# -ge 2 ] || die_usage "--checkpoints-dir needs a folder"; CKPT_DIR=$2; shift ;;
         clip|dinov2|sam|crane) WHAT+=("$1") ;;
         *) die_usage "unknown argument '$1' (items: clip dinov2 sam crane)" ;;
@@ -208,35 +199,20 @@ get_meta() {  # get_meta ITEM URL FILE
     fetch "$2" "$TORCH_CKPT_DIR/$3" || { say "  download failed: $2"; FAILED=1; }
 }
 
+crane_sums() {  # "SUM REL" lines of the official checkpoints
+    grep -E '^[0-9a-f]{64}  ' "$CRANE_SUMS"
+}
+
 get_crane() {
-    say "[crane] official checkpoints -> $CKPT_DIR/"
-    if [ -z "$CRANE_URL" ]; then
-        say "  the checkpoints are on Google Drive (link in the original Crane README, github.com/AlirezaSalehy/Crane);"
-        say "  pass it as --crane-url URL (needs 'pip install gdown'), or place the files by hand (--manual)"
-        return
-    fi
-    if [ "$DRY" = 1 ]; then say "  would fetch $CRANE_URL with gdown and copy trained_on_*/epoch_*.pth into $CKPT_DIR/"; return; fi
-    if ! "$PY" -c "import gdown" 2>/dev/null; then
-        say "  gdown is not installed: '$PY -m pip install gdown', then run again"; FAILED=1; return
-    fi
-    need_host drive.google.com crane || return 0
-    local tmp; tmp=$(mktemp -d)
-    if [[ $CRANE_URL == */folders/* ]]; then
-        "$PY" -m gdown --folder "$CRANE_URL" -O "$tmp" || { FAILED=1; rm -rf "$tmp"; return; }
-    else
-        "$PY" -m gdown --fuzzy "$CRANE_URL" -O "$tmp/crane_download" || { FAILED=1; rm -rf "$tmp"; return; }
-        "$PY" -m zipfile -e "$tmp/crane_download" "$tmp/unzipped" 2>/dev/null || true
-    fi
-    local found=0 f name
-    while IFS= read -r f; do
-        name=$(basename "$(dirname "$f")")
-        mkdir -p "$CKPT_DIR/$name"
-        cp "$f" "$CKPT_DIR/$name/$(basename "$f")"
-        found=$((found + 1))
-    done < <(find "$tmp" -type f -path '*trained_on_*/epoch_*.pth')
-    rm -rf "$tmp"
-    say "  copied $found checkpoint file(s)"
-    [ "$found" -gt 0 ] || { say "  no trained_on_*/epoch_*.pth in the download: is it the right link?"; FAILED=1; }
+    say "[crane] official checkpoints in $CKPT_DIR/"
+    local sum rel bad=0
+    while read -r sum rel; do
+        if [ -s "$CKPT_DIR/$rel" ] && [ "$(sha256_of "$CKPT_DIR/$rel")" = "$sum" ]; then continue; fi
+        bad=$((bad + 1))
+        need_host github.com crane || return 0
+        fetch "$CRANE_RAW/$rel" "$CKPT_DIR/$rel" || { say "  download failed: $CRANE_RAW/$rel"; FAILED=1; }
+    done < <(crane_sums)
+    [ "$bad" -gt 0 ] || say "  all 20 in place"
 }
 
 if [ "$VERIFY" = 0 ]; then
@@ -262,14 +238,9 @@ fi
 wants dinov2 && { check_file dinov2 "$TORCH_CKPT_DIR/dinov2_vitb14_reg4_pretrain.pth" || true; }
 wants sam && { check_file sam "$TORCH_CKPT_DIR/sam_vit_b_01ec64.pth" || true; }
 if wants crane; then
-    for name in "${CRANE_NAMES[@]}"; do
-        for epoch in 1 2 3 4 5; do
-            rel="$name/epoch_$epoch.pth"
-            if [ -s "$CKPT_DIR/$rel" ] || [ -n "${CRANE_SHA[$rel]:-}" ]; then
-                check_file "crane $rel" "$CKPT_DIR/$rel" "${CRANE_SHA[$rel]:-}" || true
-            fi
-        done
-    done
+    while read -r sum rel; do
+        check_file "crane $rel" "$CKPT_DIR/$rel" "$sum" || true
+    done < <(crane_sums)
 fi
 if [ "$FAILED" = 1 ]; then
     say ""
