@@ -158,11 +158,12 @@ class CraneDataset(Dataset):
             if not listing[cls_name]:
                 raise DatasetError(f"{self.meta_path}: class {cls_name!r} has no samples in the '{self.split}' "
                                    f"split; check its folder and {_regenerate_hint(self.root)}")
-        return sorted(set(requested))
+        wanted = set(requested)
+        return [c for c in listing if c in wanted]  # meta.json order, as the published loader keeps it
 
     @property
     def classes(self) -> list[str]:
-        """The classes of this dataset, sorted."""
+        """The classes of this dataset, in ``meta.json`` order."""
         return list(self._classes)
 
     def validate(self, decode: bool = False) -> None:
@@ -199,7 +200,8 @@ class CraneDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        mask_path = sample["mask_path"]
+        # As published, a normal sample's mask is empty whatever meta.json lists for it.
+        mask_path = sample["mask_path"] if sample["anomaly"] else ""
         return {
             "img": preprocess(self.root / sample["img_path"], self.image_size),
             "img_mask": load_mask(self.root / mask_path if mask_path else None, self.image_size),

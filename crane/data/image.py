@@ -110,9 +110,10 @@ def preprocess(image: ImageInput, size: int) -> torch.Tensor:
 def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
     """Ground-truth mask as a ``size x size`` float32 tensor of {0, 1}.
 
-    Any non-zero pixel is anomalous; the binary mask is resized with PIL bilinear
-    (antialiased) and thresholded at 0.5, as in the published code. ``None`` or
-    ``""`` gives an all-zero mask.
+    Binarised as published: ``convert("L") > 0`` (so an RGBA or LA mask is judged by its
+    colour, never its alpha, and a colour mask by its luminance); the binary mask is
+    resized with PIL bilinear (antialiased) and thresholded at 0.5. ``None`` or ``""``
+    gives an all-zero mask. Arrays are taken as the pixel values of an image of that shape.
     """
     if mask is None or (isinstance(mask, str) and mask == ""):
         return torch.zeros(size, size)
@@ -123,16 +124,14 @@ def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
         try:
             with Image.open(path) as img:
                 img.load()
-                arr = np.asarray(img)
+                binary = np.asarray(img.convert("L")) > 0
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read mask {path}: {e} (is the file truncated or corrupt?)") from None
     elif isinstance(mask, Image.Image):
-        arr = np.asarray(mask)
+        binary = np.asarray(mask.convert("L")) > 0
     else:
         arr = np.asarray(mask)
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    binary = Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy((np.asarray(binary).astype(np.float32) / 255.0 > 0.5).astype(np.float32))
-
-
+        binary = np.asarray(Image.fromarray(arr).convert("L")) > 0 if arr.dtype == np.uint8 else \
+            (arr.max(axis=2) if arr.ndim == 3 else arr) > 0
+    resized = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy((np.asarray(resized).astype(np.float32) / 255.0 > 0.5).astype(np.float32))
