@@ -201,12 +201,17 @@ def _check_options(opts: EvalOptions) -> None:
     if opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file():
         raise EvalError(f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached "
                         f"download), a ViT-L-14-336px.pt file, or synthetic")
-    if opts.dino_model != "none" and opts.dino_weights and not Path(opts.dino_weights).expanduser().is_file():
+    if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
+            not Path(opts.dino_weights).expanduser().is_file():
         raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
     if opts.clip_weights == "openai":
         from crane.models.clip_loader import resolve_openai_weights
 
         resolve_openai_weights()  # raises WeightsNotFoundError (what to fetch, where) before any process starts
+    if opts.dino_model != "none" and opts.dino_weights is None:
+        from crane.models.vfm import resolve_vfm_weights
+
+        resolve_vfm_weights(opts.dino_model)
 
 
 def published_batching(opts: EvalOptions) -> bool:
