@@ -12,11 +12,11 @@ again with the same flags, skips the classes it finished. Several GPUs:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import AUPRO_METHODS, add_bool_flag, add_data_flags, add_model_flags, add_weight_flags
+from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, add_bool_flag, add_data_flags, add_model_flags,
+                            add_weight_flags, explicit_flags, setup_logging)
 from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
 
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", type=int, default=d.epoch, help="checkpoint epoch")
     g.add_argument("--checkpoint", default=None, help="prompt-learner checkpoint file (overrides --model_name/--epoch)")
     add_weight_flags(g, d.clip_weights)
-    g = p.add_argument_group("model")
-    add_model_flags(g, d)
+    g = p.add_argument_group("model (settings the checkpoint records are taken from it unless given)")
+    add_model_flags(g, d, from_checkpoint=True)
+    add_bool_flag(g, "--force", d.force, "run with model flags that contradict the checkpoint's settings")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to compute")
@@ -77,16 +78,20 @@ def notes(argv: Sequence[str], args: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the evaluation; return the exit code (2 for unusable input)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     for line in notes(argv, args):
         print(line, file=sys.stderr)
     try:
-        evaluate(EvalOptions(**vars(args)))
+        evaluate(EvalOptions(**vars(args), explicit=explicit_flags(args)))
     except USER_ERRORS as e:
         print(f"test.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("test.py: interrupted; run the same command again to resume (finished classes are kept)",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
