@@ -102,6 +102,7 @@ class CraneDataset(Dataset):
             generator seeded with ``(seed, class name)``, so a class keeps the same samples
             whatever other classes are requested.
         validate: check that every listed image and mask file exists (see ``validate``).
+        preprocessing: ``crane`` or ``published`` (:data:`crane.data.image.PREPROCESSING`).
 
     Items are dicts: ``img`` (``3 x S x S`` float32, CLIP-normalised), ``img_mask``
     (``S x S`` float32 of {0, 1}), ``cls_name``, ``specie_name``, ``anomaly`` (int),
@@ -118,6 +119,7 @@ class CraneDataset(Dataset):
         classes: str | Sequence[str] | None = None,
         seed: int = 111,
         validate: bool = True,
+        preprocessing: str = "crane",
     ) -> None:
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -126,6 +128,7 @@ class CraneDataset(Dataset):
         if not 0.0 < portion <= 1.0:
             raise DatasetError(f"portion must be in (0, 1], got {portion}")
         self.root = Path(root)
+        self.preprocessing = preprocessing
         self.split = split
         self.image_size = image_size
         self.meta_path = self.root / "meta.json"
@@ -204,7 +207,7 @@ class CraneDataset(Dataset):
         # As published, a normal sample's mask is empty whatever meta.json lists for it.
         mask_path = sample["mask_path"] if sample["anomaly"] else ""
         return {
-            "img": preprocess(self.root / sample["img_path"], self.image_size),
+            "img": preprocess(self.root / sample["img_path"], self.image_size, self.preprocessing),
             "img_mask": load_mask(self.root / mask_path if mask_path else None, self.image_size),
             "cls_name": sample["cls_name"],
             "specie_name": sample["specie_name"],

@@ -94,17 +94,41 @@ def load_rgb(image: ImageInput) -> np.ndarray:
     raise TypeError(f"expected a path, PIL.Image or numpy array, got {type(image).__name__}")
 
 
-def preprocess(image: ImageInput, size: int) -> torch.Tensor:
+PREPROCESSING = ("crane", "published")
+"""``crane``: convert to 8-bit RGB (16-bit scaled, alpha dropped), then resize. ``published``: resize in the
+file's own mode, then convert to RGB, as the published transform does (16-bit values saturate, palette
+images are resized with nearest, RGBA with alpha-weighted resampling)."""
+
+
+def preprocess(image: ImageInput, size: int, mode: str = "crane") -> torch.Tensor:
     """CLIP input of the published code: ``3 x size x size`` float32.
 
     PIL bicubic (antialiased) resize to ``size x size`` with no crop, ``ToTensor``,
-    then normalisation with the OpenAI mean/std.
+    then normalisation with the OpenAI mean/std. ``mode`` (:data:`PREPROCESSING`) decides
+    whether other image modes become RGB before the resize (``crane``) or after it
+    (``published``, for files and PIL images; the same for 8-bit RGB and grayscale).
     """
-    rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
+    if mode == "published" and not isinstance(image, np.ndarray):
+        rgb = _published_resize(image, size)
+    else:
+        rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def _published_resize(image: ImageInput, size: int) -> Image.Image:
+    """The published transform's order: PIL resize (bicubic) in the image's own mode, then ``convert("RGB")``."""
+    if isinstance(image, Image.Image):
+        return image.resize((size, size), Image.BICUBIC).convert("RGB")
+    path = os.fspath(image)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.resize((size, size), Image.BICUBIC).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from None
 
 
 def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:

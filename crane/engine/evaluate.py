@@ -55,7 +55,7 @@ from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, r
 from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
                             setup_logging)
 from crane.data.dataset import CraneDataset, DatasetError
-from crane.data.image import load_rgb
+from crane.data.image import PREPROCESSING, load_rgb
 from crane.engine import results
 from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_to_main, init_distributed,
                                       launch)
@@ -114,6 +114,8 @@ class EvalOptions:
     type: str = "test"
     aug_rate: float = 0.0
     force: bool = False
+    preprocessing: str = "crane"
+    metrics_as_published: bool = False
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
@@ -211,6 +213,8 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
         "portion": float(opts.portion),
         "seed": int(opts.seed),
         "aupro_method": opts.aupro_method,
+        "preprocessing": opts.preprocessing,
+        "metrics_as_published": bool(opts.metrics_as_published),
     }
     if published_batching(opts):
         settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
@@ -249,7 +253,7 @@ def _check_model_options(opts: EvalOptions) -> None:
 
 
 def _check_options(opts: EvalOptions) -> None:
-    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda")}
+    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda"), "preprocessing": PREPROCESSING}
     for name, allowed in choices.items():
         if getattr(opts, name) not in allowed:
             raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
@@ -331,7 +335,7 @@ def _finished(record: Optional[dict], settings: dict, img_paths: list[str], inpu
 
 def _dataset(opts: EvalOptions, root: Path, classes: Optional[list[str]] = None, validate: bool = True) -> CraneDataset:
     return CraneDataset(root, split="test", image_size=opts.image_size, k_shot=opts.k_shot, portion=opts.portion,
-                        classes=classes, seed=opts.seed, validate=validate)
+                        classes=classes, seed=opts.seed, validate=validate, preprocessing=opts.preprocessing)
 
 
 def prepare(opts: EvalOptions) -> EvalPlan:
@@ -480,14 +484,17 @@ class _ClassCollector:
     the pixel metrics need, and (optionally) every map for saving or panels."""
 
     def __init__(self, samples: list[dict], indices: list[int], size: int, maps_dir: Optional[Path],
-                 keep_all_maps: bool) -> None:
-        self.samples, self.maps_dir = samples, maps_dir
+                 keep_all_maps: bool, as_published: bool = False) -> None:
+        self.samples, self.maps_dir, self.as_published = samples, maps_dir, as_published
         self.position = {index: i for i, index in enumerate(indices)}
         n = len(samples)
         has_mask = np.array([bool(s["mask_path"]) for s in samples])
         labels = np.array([int(s["anomaly"]) for s in samples])
         self.labels = labels
-        self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
+        if as_published:  # every image, an anomalous one without a mask file counting as all normal pixels
+            self.pixel = np.ones(n, bool)
+        else:
+            self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
         self.slot = np.cumsum(self.pixel) - 1  # position among the pixel-metric images
         self.scores = np.zeros(n, np.float32)
         self.masks = np.zeros((int(self.pixel.sum()), size, size), np.uint8)
@@ -510,9 +517,11 @@ class _ClassCollector:
                 results.save_npy(self.maps_dir / f"{self.samples[i]['img_path']}.npy", part["map"][j])
 
     def metrics(self, aupro_method: str, desc: str) -> dict[str, Optional[float]]:
+        """The class's metrics; undefined ones are ``None``, or 0 as the published test.py reports them."""
         with_pixels = bool(self.pixel.any())
-        return class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
-                             self.pixel_maps if with_pixels else None, aupro_method, desc)
+        values = class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
+                               self.pixel_maps if with_pixels else None, aupro_method, desc)
+        return {k: (0.0 if v is None else v) for k, v in values.items()} if self.as_published else values
 
     def predictions(self) -> list[dict[str, Any]]:
         return [{"img_path": s["img_path"], "cls_name": s["cls_name"], "specie_name": s["specie_name"],
@@ -573,7 +582,8 @@ def _process_class(cls_name: str, position: str, detector, dataset: CraneDataset
     if ctx.is_main:
         samples = [dataset.samples[i] for i in indices]
         collector = _ClassCollector(samples, indices, opts.image_size,
-                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize)
+                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize,
+                                    opts.metrics_as_published)
         for part in kept:
             collector.add(part)
 
