@@ -1,0 +1,125 @@
+"""Folders that come with their own ``meta.json`` (the preprocessed sets the AdaCLIP repository distributes).
+
+Such a ``meta.json`` is accepted as it is, in its own class names and order,
+and not rewritten, after checking: its structure (``train``/``test`` ->
+class -> samples with the five keys), relative paths, no sample listed twice,
+every test class non-empty, every anomalous sample of a set with masks paired
+with a mask of its own name (image stem + the set's suffix), and every image
+in the class folders' ``test/`` and ``train/`` sub-folders listed (a
+``meta.json`` that misses files is stale). The generator then decodes every
+listed file, as for a generated ``meta.json``. When the folder sits one level
+below the dataset folder, the dataset folder gets a copy with the paths
+prefixed by that sub-folder.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from crane.data.dataset import SAMPLE_KEYS, DatasetError
+from datasets.common import Layout, Listing, Meta, Request, Tree, child, has_dirs, image_files, subdirs
+
+SPLITS = ("train", "test")
+
+
+def accepted_layout(name: str, classes: Sequence[str], has_masks: bool, suffixes: Sequence[str]) -> Layout:
+    """A folder holding ``meta.json`` beside the class folder(s) ``classes`` (recognised by ``CLASS/test/``)."""
+    def detect(base: Path) -> bool:
+        return (base / "meta.json").is_file() and any(has_dirs(base, f"{c}/test") for c in classes)
+
+    def listing(tree: Tree, request: Request) -> Listing:
+        if request.classes is not None:
+            raise DatasetError(f"--classes does not apply to {tree.rel(tree.base / 'meta.json')}, which is "
+                               "accepted as distributed; use the classes option of test.py instead")
+        return validate(tree, has_masks, suffixes)
+
+    return Layout(name, detect, listing)
+
+
+def validate(tree: Tree, has_masks: bool, suffixes: Sequence[str]) -> Listing:
+    """Check ``tree.base/meta.json`` as described above; return it (re-rooted to ``tree.root``)."""
+    path = tree.base / "meta.json"
+    shown = tree.rel(path)
+    fix = f"delete {shown} to list the folders afresh"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {shown}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{shown}: malformed JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(split), dict) for split in SPLITS):
+        raise DatasetError(f"{shown}: expected an object with keys 'train' and 'test' mapping class names to "
+                           f"sample lists; {fix}")
+    for split in SPLITS:
+        seen: set[str] = set()
+        for cls_name, samples in meta[split].items():
+            if not isinstance(samples, list):
+                raise DatasetError(f"{shown}: {split}/{cls_name} is not a list of samples; {fix}")
+            for i, sample in enumerate(samples):
+                where = f"{shown}: {split}/{cls_name}[{i}]"
+                _check_sample(sample, where, cls_name, fix)
+                if sample["img_path"] in seen:
+                    raise DatasetError(f"{where} lists {sample['img_path']} a second time; {fix}")
+                seen.add(sample["img_path"])
+                if sample["anomaly"] and has_masks:
+                    _check_pairing(sample, where, suffixes, fix)
+    if not meta["test"] or any(not samples for samples in meta["test"].values()):
+        empty = next((c for c, s in meta["test"].items() if not s), None)
+        raise DatasetError(f"{shown}: " + (f"test class {empty!r} has no samples" if empty else "no test classes")
+                           + f"; {fix}")
+    _check_complete(tree, meta, shown, fix)
+    notes = [f"accepted {shown} as distributed ({sum(map(len, meta['test'].values()))} test samples, its own "
+             "class names and order)" + ("; not rewritten" if tree.base == tree.root else "")]
+    if tree.base != tree.root:
+        meta = _prefixed(meta, PurePosixPath(tree.rel(tree.base)))
+        notes.append(f"wrote a copy with paths prefixed by {tree.rel(tree.base)}/ as the dataset folder's meta.json")
+    return Listing(meta, notes, accepted=tree.base == tree.root)
+
+
+def _check_sample(sample: object, where: str, cls_name: str, fix: str) -> None:
+    if not isinstance(sample, dict):
+        raise DatasetError(f"{where} is not an object; {fix}")
+    for key, kind in SAMPLE_KEYS.items():
+        if key not in sample:
+            raise DatasetError(f"{where} lacks the key '{key}'; {fix}")
+        if not isinstance(sample[key], kind) or isinstance(sample[key], bool):
+            raise DatasetError(f"{where}['{key}'] should be a {kind.__name__}, got {sample[key]!r}; {fix}")
+    if sample["anomaly"] not in (0, 1):
+        raise DatasetError(f"{where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {fix}")
+    if sample["cls_name"] != cls_name:
+        raise DatasetError(f"{where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {fix}")
+    for key in ("img_path", "mask_path"):
+        rel = PurePosixPath(sample[key])
+        if rel.is_absolute() or ".." in rel.parts or "\\" in sample[key] or (key == "img_path" and not sample[key]):
+            raise DatasetError(f"{where}['{key}'] must be a path relative to the dataset folder, got "
+                               f"{sample[key]!r}; {fix}")
+
+
+def _check_pairing(sample: dict, where: str, suffixes: Sequence[str], fix: str) -> None:
+    image, mask = PurePosixPath(sample["img_path"]), sample["mask_path"]
+    if not mask:
+        raise DatasetError(f"{where}: anomalous image {image} has no mask; {fix}")
+    if PurePosixPath(mask).stem.lower() not in {(image.stem + s).lower() for s in suffixes}:
+        raise DatasetError(f"{where} pairs {image} with the mask {mask}, which is named for another image; {fix}")
+
+
+def _check_complete(tree: Tree, meta: Meta, shown: str, fix: str) -> None:
+    for split in SPLITS:
+        listed = {s["img_path"] for samples in meta[split].values() for s in samples}
+        for cls_name in meta[split]:
+            for folder in subdirs(child(child(tree.base, cls_name), split)):
+                for image in image_files(folder):
+                    rel = image.relative_to(tree.base).as_posix()
+                    if rel not in listed:
+                        raise DatasetError(f"{tree.rel(image)} is not in {shown} ({split} split): the meta.json "
+                                           f"does not match the folders; restore the missing files or {fix}")
+
+
+def _prefixed(meta: Meta, prefix: PurePosixPath) -> Meta:
+    def move(path: str) -> str:
+        return (prefix / path).as_posix() if path else ""
+
+    return {split: {cls_name: [{**s, "img_path": move(s["img_path"]), "mask_path": move(s["mask_path"])}
+                               for s in samples] for cls_name, samples in classes.items()}
+            for split, classes in meta.items() if split in SPLITS}
