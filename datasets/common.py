@@ -279,7 +279,7 @@ def check_files(root: Path, meta: Meta, progress: bool = True) -> list[str]:
                             desc="decoding images and masks", unit="file", disable=None if progress else True,
                             leave=False))
     sizes: dict[tuple[str, str], tuple[int, int]] = {}
-    for job, result in zip(order, results):
+    for job, result in zip(order, results, strict=True):
         if isinstance(result, DatasetError):
             raise result
         sizes[job] = result

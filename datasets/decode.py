@@ -155,6 +155,6 @@ def _check_tiff(data: bytes, order: str) -> None:
                 values[tag] = list(struct.unpack_from(f"{order}{n}{TIFF_INTEGER_CODES[kind]}", data, where))
         for offsets_tag, counts_tag in TIFF_DATA_TAGS.items():
             starts, lengths = values.get(offsets_tag, []), values.get(counts_tag, [])
-            if any(s + n > size for s, n in zip(starts, lengths)):
+            if any(s + n > size for s, n in zip(starts, lengths, strict=False)):
                 raise Damaged("truncated: TIFF image data runs past the end of the file")
         offset = struct.unpack_from(order + "I", data, end)[0]

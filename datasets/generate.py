@@ -40,15 +40,15 @@ class Dataset:
     key: str
     classes: tuple[str, ...]
     layouts: tuple[Layout, ...]
-    has_masks: bool = True
-    mask_suffixes: tuple[str, ...] = ("_mask", "")
+    masks_required: bool = True
+    """Every anomalous image has a pixel mask (checked by ``--check``)."""
 
 
-def _adaclip(key: str, folder: str, style: Style, suffixes: tuple[str, ...] = ("_mask", "")) -> tuple[Layout, Layout]:
+def _adaclip(key: str, folder: str, style: Style) -> tuple[Layout, Layout]:
     """AdaCLIP's preprocessed folder: accepted with its ``meta.json``, else listed as an MVTec-style tree."""
     tree = f"{folder}/{{train,test,ground_truth}}/"
-    return (accepted_layout(f"AdaCLIP preprocessed folder with meta.json: {tree}", (folder,), bool(style.mask_suffixes),
-                            suffixes),
+    return (accepted_layout(f"AdaCLIP preprocessed folder with meta.json: {tree}", (folder,),
+                            bool(style.mask_suffixes)),
             fixed_layout(f"AdaCLIP preprocessed folder without meta.json: {tree}", key, (folder,), style))
 
 
@@ -66,7 +66,8 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
     Dataset("mvtec", MVTEC_CLASSES,
             (fixed_layout(f"MVTec AD archive: {MVTEC_TREE}", "mvtec", MVTEC_CLASSES, mvtec_like.MVTEC),)),
     Dataset("visa", visa.CLASSES, visa.LAYOUTS),
-    Dataset("mpdd", MPDD_CLASSES, (fixed_layout(f"MPDD archive: {MVTEC_TREE}", "mpdd", MPDD_CLASSES, mvtec_like.MVTEC),)),
+    Dataset("mpdd", MPDD_CLASSES,
+            (fixed_layout(f"MPDD archive: {MVTEC_TREE}", "mpdd", MPDD_CLASSES, mvtec_like.MVTEC),)),
     Dataset("btad", BTAD_CLASSES, (fixed_layout(
         "BTAD archive (BTech_Dataset_transformed): CLASS/{train/ok,test/{ok,ko},ground_truth/ko/NAME.png|.bmp}",
         "btad", BTAD_CLASSES, mvtec_like.BTAD),)),
@@ -79,32 +80,31 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
                                               mvtec_like.DTD),)),
     Dataset("dagm", dagm.CLASSES, (
         accepted_layout("AdaCLIP preprocessed folder with meta.json: ClassK/{train,test,ground_truth}/", dagm.CLASSES,
-                        True, ("_label", "_mask", "")),
+                        True),
         fixed_layout("AdaCLIP preprocessed folder without meta.json: ClassK/{train,test,ground_truth}/", "dagm",
                      dagm.CLASSES, Style(mask_suffixes=("_label", "_mask", "")), marks=("ground_truth",)),
-        dagm.LAYOUT), mask_suffixes=("_label", "_mask", "")),
+        dagm.LAYOUT)),
     Dataset("headct", ("brain",), (
         *_adaclip("headct", "headct", IMAGE_ONLY),
         fixed_layout("MVTec-style tree: brain/test/{good,DEFECT}/", "headct", ("brain",), IMAGE_ONLY),
-        headct_labels_layout("brain")), has_masks=False),
+        headct_labels_layout("brain")), masks_required=False),
     Dataset("brainmri", ("brain",), (
         *_adaclip("brainmri", "brain_mri", IMAGE_ONLY),
         no_yes_layout("Kaggle archive: brain_tumor_dataset/{no,yes}/", "brain_tumor_dataset", "brain"),
-        no_yes_layout("no/, yes/ at the top", None, "brain")), has_masks=False),
+        no_yes_layout("no/, yes/ at the top", None, "brain")), masks_required=False),
     Dataset("br35h", ("brain",), (
         *_adaclip("br35h", "br35h", IMAGE_ONLY),
         no_yes_layout("brain/{no,yes}/ (the published generator's tree)", "brain", "brain"),
-        no_yes_layout("Kaggle archive: no/, yes/, pred/ at the top", None, "brain")), has_masks=False),
+        no_yes_layout("Kaggle archive: no/, yes/, pred/ at the top", None, "brain")), masks_required=False),
     Dataset("isic", ("skin",), (
-        *_adaclip("isic", "isic", ALL_ANOMALOUS, ("_Segmentation", "_mask", "")),
+        *_adaclip("isic", "isic", Style(needs_normal=False, mask_suffixes=ISIC_STYLE.mask_suffixes)),
         fixed_layout("MVTec-style tree: skin/test/DEFECT/ with skin/ground_truth/NAME_Segmentation.png", "isic",
                      ("skin",), ISIC_STYLE, marks=("ground_truth",)),
         fixed_layout(f"AnomalyCLIP's tree: skin/test/DEFECT/ with skin/{ISIC_TRUTH}/", "isic", ("skin",),
                      Style(needs_normal=False, mask_suffixes=ISIC_STYLE.mask_suffixes, masks=ISIC_TRUTH,
                            flat_masks=True), marks=(ISIC_TRUTH,)),
         image_mask_layout(f"ISIC 2016 test archives: {ISIC_DATA}/ and {ISIC_TRUTH}/NAME_Segmentation.png",
-                          ISIC_DATA, ISIC_TRUTH, "skin", ".png", ("_Segmentation",))),
-        mask_suffixes=("_Segmentation", "_mask", "")),
+                          ISIC_DATA, ISIC_TRUTH, "skin", ".png", ("_Segmentation",)))),
     Dataset("tn3k", ("thyroid",), (
         *_adaclip("tn3k", "tn3k", ALL_ANOMALOUS),
         image_mask_layout("TN3K as distributed: test-image/NNNN.jpg with test-mask/NNNN.jpg", "test-image",
@@ -120,7 +120,7 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
                           ".png"),
         image_mask_layout("CVC-ClinicDB as distributed: Original/N.tif with 'Ground Truth'/N.tif", "Original",
                           "Ground Truth", "colon", ".tif"))),
-    Dataset("custom", (), (custom.LAYOUT,), mask_suffixes=("_mask",)),
+    Dataset("custom", (), (custom.LAYOUT,), masks_required=False),
 )}
 
 
@@ -178,7 +178,7 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
             if not (root / "meta.json").is_file():
                 raise DatasetError(f"--check: {root / 'meta.json'} not found; run without --check to write it")
             layout_name = "existing meta.json (--check)"
-            listing = validate(Tree(root, root), dataset.has_masks, dataset.mask_suffixes)
+            listing = validate(Tree(root, root), dataset.masks_required)
             listing.accepted = True
         else:
             layout, tree = find_layout(dataset, root)

@@ -4,7 +4,8 @@ Such a ``meta.json`` is accepted as it is, in its own class names and order,
 and not rewritten, after checking: its structure (``train``/``test`` ->
 class -> samples with the five keys), relative paths, no sample listed twice,
 every test class non-empty, every anomalous sample of a set with masks paired
-with a mask of its own name (image stem + the set's suffix), and every image
+with a mask of its own name (image stem, or stem + ``_mask``, ``_label`` or
+``_Segmentation``), and every image
 in the class folders' ``test/`` and ``train/`` sub-folders listed (a
 ``meta.json`` that misses files is stale). The generator then decodes every
 listed file, as for a generated ``meta.json``. When the folder sits one level
@@ -21,9 +22,11 @@ from crane.data.dataset import SAMPLE_KEYS, DatasetError
 from datasets.common import Layout, Listing, Meta, Request, Tree, child, has_dirs, image_files, subdirs
 
 SPLITS = ("train", "test")
+MASK_SUFFIXES = ("", "_mask", "_label", "_segmentation")
+"""Mask stem = image stem + one of these (any case): the namings of every set this project reads."""
 
 
-def accepted_layout(name: str, classes: Sequence[str], has_masks: bool, suffixes: Sequence[str]) -> Layout:
+def accepted_layout(name: str, classes: Sequence[str], masks_required: bool) -> Layout:
     """A folder holding ``meta.json`` beside the class folder(s) ``classes`` (recognised by ``CLASS/test/``)."""
     def detect(base: Path) -> bool:
         return (base / "meta.json").is_file() and any(has_dirs(base, f"{c}/test") for c in classes)
@@ -32,13 +35,16 @@ def accepted_layout(name: str, classes: Sequence[str], has_masks: bool, suffixes
         if request.classes is not None:
             raise DatasetError(f"--classes does not apply to {tree.rel(tree.base / 'meta.json')}, which is "
                                "accepted as distributed; use the classes option of test.py instead")
-        return validate(tree, has_masks, suffixes)
+        return validate(tree, masks_required)
 
     return Layout(name, detect, listing)
 
 
-def validate(tree: Tree, has_masks: bool, suffixes: Sequence[str]) -> Listing:
-    """Check ``tree.base/meta.json`` as described above; return it (re-rooted to ``tree.root``)."""
+def validate(tree: Tree, masks_required: bool) -> Listing:
+    """Check ``tree.base/meta.json`` as described above; return it (re-rooted to ``tree.root``).
+
+    ``masks_required``: every anomalous sample must list a mask (a set with pixel ground truth).
+    """
     path = tree.base / "meta.json"
     shown = tree.rel(path)
     fix = f"delete {shown} to list the folders afresh"
@@ -62,8 +68,10 @@ def validate(tree: Tree, has_masks: bool, suffixes: Sequence[str]) -> Listing:
                 if sample["img_path"] in seen:
                     raise DatasetError(f"{where} lists {sample['img_path']} a second time; {fix}")
                 seen.add(sample["img_path"])
-                if sample["anomaly"] and has_masks:
-                    _check_pairing(sample, where, suffixes, fix)
+                if sample["anomaly"] and masks_required and not sample["mask_path"]:
+                    raise DatasetError(f"{where}: anomalous image {sample['img_path']} has no mask; {fix}")
+                if sample["anomaly"] and sample["mask_path"]:
+                    _check_pairing(sample, where, fix)
     if not meta["test"] or any(not samples for samples in meta["test"].values()):
         empty = next((c for c, s in meta["test"].items() if not s), None)
         raise DatasetError(f"{shown}: " + (f"test class {empty!r} has no samples" if empty else "no test classes")
@@ -96,11 +104,9 @@ def _check_sample(sample: object, where: str, cls_name: str, fix: str) -> None:
                                f"{sample[key]!r}; {fix}")
 
 
-def _check_pairing(sample: dict, where: str, suffixes: Sequence[str], fix: str) -> None:
+def _check_pairing(sample: dict, where: str, fix: str) -> None:
     image, mask = PurePosixPath(sample["img_path"]), sample["mask_path"]
-    if not mask:
-        raise DatasetError(f"{where}: anomalous image {image} has no mask; {fix}")
-    if PurePosixPath(mask).stem.lower() not in {(image.stem + s).lower() for s in suffixes}:
+    if PurePosixPath(mask).stem.lower() not in {(image.stem + s).lower() for s in MASK_SUFFIXES}:
         raise DatasetError(f"{where} pairs {image} with the mask {mask}, which is named for another image; {fix}")
 
 
