@@ -116,15 +116,16 @@ def child(folder: Path, name: str) -> Path:
     return matches[0] if len(matches) == 1 else exact
 
 
+def locate(folder: Path, name: str) -> Path:
+    """``folder/name`` for a relative ``name`` that may contain ``/``, each part's case matched loosely."""
+    for part in name.split("/"):
+        folder = child(folder, part)
+    return folder
+
+
 def has_dirs(folder: Path, *names: str) -> bool:
     """Whether every ``folder/name`` is a folder (names may contain ``/``; case matched loosely)."""
-    for name in names:
-        path = folder
-        for part in name.split("/"):
-            path = child(path, part)
-        if not path.is_dir():
-            return False
-    return True
+    return all(locate(folder, name).is_dir() for name in names)
 
 
 def require_dir(folder: Path, tree: Tree, what: str) -> Path:

@@ -52,6 +52,12 @@ def _adaclip(key: str, folder: str, style: Style) -> tuple[Layout, Layout]:
             fixed_layout(f"AdaCLIP preprocessed folder without meta.json: {tree}", key, (folder,), style))
 
 
+def _pranet(name: str) -> Layout:
+    """PraNet's polyp test sets (``Polyp DataSet.zip`` on figshare, as AnomalyCLIP links it)."""
+    return image_mask_layout(f"PraNet's polyp test sets: TestDataset/{name}/{{images,masks}}/",
+                             f"TestDataset/{name}/images", f"TestDataset/{name}/masks", "colon", ".png")
+
+
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
                  "tile", "toothbrush", "transistor", "wood", "zipper")
 MPDD_CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
@@ -112,12 +118,14 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
     Dataset("cvc-colondb", ("colon",), (
         *_adaclip("cvc-colondb", "ColonDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names", "images", "masks", "colon", ".png"),
+        _pranet("CVC-ColonDB"),
         image_mask_layout("Original/ with 'Ground Truth'/ of the same names", "Original", "Ground Truth", "colon",
                           ".tif"))),
     Dataset("cvc-clinicdb", ("colon",), (
         *_adaclip("cvc-clinicdb", "ClinicDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names (PNG conversion)", "images", "masks", "colon",
                           ".png"),
+        _pranet("CVC-ClinicDB"),
         image_mask_layout("CVC-ClinicDB as distributed: Original/N.tif with 'Ground Truth'/N.tif", "Original",
                           "Ground Truth", "colon", ".tif"))),
     Dataset("custom", (), (custom.LAYOUT,), masks_required=False),

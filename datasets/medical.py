@@ -37,6 +37,7 @@ from datasets.common import (
     child,
     has_dirs,
     image_files,
+    locate,
     mask_extension,
     nonempty_images,
     subdirs,
@@ -72,16 +73,21 @@ def no_yes_layout(name: str, folder: str | None, cls_name: str) -> Layout:
 
 def image_mask_layout(name: str, images: str, masks: str, cls_name: str, mask_ext: str,
                       suffixes: Sequence[str] = ("",)) -> Layout:
-    """All-anomalous set: every image in ``images/`` has its mask in ``masks/`` (same stem + suffix)."""
+    """All-anomalous set: every image in ``images/`` has its mask in ``masks/`` (same stem + suffix).
+
+    ``images`` and ``masks`` are folder paths relative to the layout's folder (``a/b`` allowed).
+    """
     def listing(tree: Tree, request: Request) -> Listing:
-        image_dir, mask_dir = child(tree.base, images), child(tree.base, masks)
+        image_dir, mask_dir = locate(tree.base, images), locate(tree.base, masks)
         ext = mask_extension(image_files(mask_dir), mask_ext)
         pairer = Pairer(tree, suffixes,
                         lambda image: f"{tree.rel(mask_dir)}/{image.stem}{suffixes[0]}{ext} (any image extension)")
         test = [tree.sample(p, pairer.mask(p, [mask_dir]), cls_name, "anomaly", 1)
                 for p in nonempty_images(image_dir, tree, "images")]
-        pairer.check_all_used([mask_dir], f"the mask of {images}/NAME.EXT is {masks}/NAME{suffixes[0]}{ext}")
-        return Listing(build_meta(tree, [], test, [cls_name]), _ignored(tree, tree.base, (images, masks)))
+        pairer.check_all_used([mask_dir], f"the mask of {image_dir.name}/NAME.EXT is {mask_dir.name}/NAME"
+                                          f"{suffixes[0]}{ext}")
+        notes = _ignored(tree, image_dir.parent, (image_dir.name, mask_dir.name))
+        return Listing(build_meta(tree, [], test, [cls_name]), notes)
 
     return Layout(name, lambda base: has_dirs(base, images, masks), listing)
 

@@ -398,6 +398,18 @@ def build_clinicdb_wrapped(r: Path) -> list[Row]:
                   key=lambda row: row[2])
 
 
+def pranet(name: str) -> Callable[[Path], list[Row]]:
+    """PraNet's ``Polyp DataSet.zip``: every polyp test set in TestDataset/, and a TrainDataset/."""
+    def build(r: Path) -> list[Row]:
+        base = r / "TestDataset" / name
+        out = _image_mask(base, "images", "masks", NUMBERED, ".png", ".png", "colon")
+        img(r / "TestDataset/Kvasir/images/cju0qkwl35piu0993l0dewei2.png")
+        img(r / "TrainDataset/image/1.png")
+        return sorted([(s, c, f"TestDataset/{name}/{i}", f"TestDataset/{name}/{m}", a) for s, c, i, m, a in out],
+                      key=lambda row: row[2])
+    return build
+
+
 def build_clinicdb_png(r: Path) -> list[Row]:
     return sorted(_image_mask(r, "images", "masks", NUMBERED, ".png", ".png", "colon"), key=lambda row: row[2])
 
@@ -513,6 +525,8 @@ CASES: dict[str, tuple[str, Callable[[Path], list[Row]], dict, str]] = {
     "tn3k": ("tn3k", build_tn3k, {}, "TN3K as distributed"),
     "tn3k-adaclip": ("tn3k", adaclip("tn3k", True, normal=False), {}, "AdaCLIP preprocessed folder with meta.json"),
     "colondb": ("cvc-colondb", build_colondb, {}, "images/ with masks/"),
+    "colondb-pranet": ("cvc-colondb", pranet("CVC-ColonDB"), {}, "PraNet's polyp test sets"),
+    "clinicdb-pranet": ("cvc-clinicdb", pranet("CVC-ClinicDB"), {}, "PraNet's polyp test sets"),
     "colondb-adaclip": ("cvc-colondb", adaclip("ColonDB", True, normal=False), {},
                         "AdaCLIP preprocessed folder with meta.json"),
     "clinicdb-distributed": ("cvc-clinicdb", build_clinicdb_distributed, {}, "CVC-ClinicDB as distributed"),
