@@ -148,8 +148,11 @@ def find_layout(dataset: Dataset, root: Path) -> tuple[Layout, Tree]:
     for layout in dataset.layouts:
         if layout.detect(root):
             return layout, Tree(root, root)
-    hits = [(layout, sub) for sub in subdirs(root)
-            for layout in [next((lay for lay in dataset.layouts if lay.detect(sub)), None)] if layout]
+    hits: list[tuple[Layout, Path]] = []
+    for sub in subdirs(root):
+        found = next((layout for layout in dataset.layouts if layout.detect(sub)), None)
+        if found is not None:
+            hits.append((found, sub))
     if len(hits) == 1:
         layout, sub = hits[0]
         return layout, Tree(root, sub)
@@ -182,16 +185,16 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
                           Path(split_csv) if split_csv is not None else None)
         if request.split_csv is not None and not request.split_csv.is_file():
             raise DatasetError(f"--split-csv: file not found: {request.split_csv}")
+        listing: Listing
         if check:
             if not (root / "meta.json").is_file():
                 raise DatasetError(f"--check: {root / 'meta.json'} not found; run without --check to write it")
             layout_name = "existing meta.json (--check)"
-            listing = validate(Tree(root, root), dataset.masks_required)
-            listing.accepted = True
+            listing = validate(Tree(root, root), dataset.masks_required, "as it is")
         else:
             layout, tree = find_layout(dataset, root)
             layout_name = layout.name + (f" (in {tree.rel(tree.base)}/)" if tree.base != root else "")
-            listing: Listing = layout.list(tree, request)
+            listing = layout.list(tree, request)
         notes = listing.notes + check_files(root, listing.meta, progress=progress)
         if not listing.accepted:
             write_meta(root, listing.meta)

@@ -45,8 +45,9 @@ from datasets.common import (
 
 
 def _ignored(tree: Tree, folder: Path, used: Sequence[str]) -> list[str]:
+    """A note naming the sub-folders of ``folder`` other than ``used``."""
     lower = {u.lower() for u in used}
-    others = [d.name + "/" for d in subdirs(folder) if d.name.lower() not in lower]
+    others = [tree.rel(d) + "/" for d in subdirs(folder) if d.name.lower() not in lower]
     return [f"ignored folders: {', '.join(others)}"] if others else []
 
 
@@ -66,6 +67,8 @@ def no_yes_layout(name: str, folder: str | None, cls_name: str) -> Layout:
         if pred.is_dir():
             notes.append(f"skipped {tree.rel(pred)}/ ({len(image_files(pred))} unlabelled images, no ground truth)")
         notes += _ignored(tree, top, ("no", "yes", "pred"))
+        if folder:
+            notes += _ignored(tree, tree.base, (folder,))
         return Listing(build_meta(tree, [], test, [cls_name]), notes)
 
     return Layout(name, lambda base: has_dirs(where(base), "no", "yes"), listing)

@@ -40,10 +40,11 @@ def accepted_layout(name: str, classes: Sequence[str], masks_required: bool) -> 
     return Layout(name, detect, listing)
 
 
-def validate(tree: Tree, masks_required: bool) -> Listing:
+def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -> Listing:
     """Check ``tree.base/meta.json`` as described above; return it (re-rooted to ``tree.root``).
 
-    ``masks_required``: every anomalous sample must list a mask (a set with pixel ground truth).
+    ``masks_required``: every anomalous sample must list a mask (a set with pixel ground
+    truth); ``origin`` words the report's note.
     """
     path = tree.base / "meta.json"
     shown = tree.rel(path)
@@ -77,7 +78,7 @@ def validate(tree: Tree, masks_required: bool) -> Listing:
         raise DatasetError(f"{shown}: " + (f"test class {empty!r} has no samples" if empty else "no test classes")
                            + f"; {fix}")
     _check_complete(tree, meta, shown, fix)
-    notes = [f"accepted {shown} as distributed ({sum(map(len, meta['test'].values()))} test samples, its own "
+    notes = [f"accepted {shown} {origin} ({sum(map(len, meta['test'].values()))} test samples, its own "
              "class names and order)" + ("; not rewritten" if tree.base == tree.root else "")]
     if tree.base != tree.root:
         meta = _prefixed(meta, PurePosixPath(tree.rel(tree.base)))

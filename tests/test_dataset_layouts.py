@@ -551,8 +551,9 @@ def test_layout_gives_the_true_samples(case: str, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".meta.*"))  # no temporary file left behind
     if before is not None and "without meta.json" not in layout:
         assert (tmp_path / "meta.json").read_bytes() == before and not outcome.written  # accepted as it is
-    for s in (s for samples in written["test"].values() for s in samples):
-        assert (s["specie_name"] == "good") == (s["anomaly"] == 0) or key in ("visa",) or s["specie_name"] == ""
+    if outcome.written and "with meta.json" not in layout:  # a generated listing names normal samples "good"
+        assert all((s["specie_name"] == "good") == (s["anomaly"] == 0)
+                   for samples in written["test"].values() for s in samples)
 
 
 def test_every_dataset_has_a_case() -> None:
@@ -565,6 +566,8 @@ def test_reports_name_what_was_skipped(tmp_path: Path) -> None:
     assert any("skipped pred/" in n and "2 unlabelled" in n for n in notes)
     build_tn3k(tmp_path / "tn3k")
     assert any("trainval-image/" in n for n in generate("tn3k", tmp_path / "tn3k").notes)
+    build_brainmri(tmp_path / "brainmri")
+    assert "ignored folders: no/, yes/" in generate("brainmri", tmp_path / "brainmri").notes
     build_visa_pytorch(tmp_path / "visa")
     assert any("--split-csv" in n for n in generate("visa", tmp_path / "visa").notes)
     build_mvtec(tmp_path / "mvtec")
@@ -606,3 +609,10 @@ def test_all_formats_and_modes_pass(tmp_path: Path) -> None:
     (tmp_path / "images/16bit.png").write_bytes(b.getvalue())
     mask(tmp_path / "masks/16bit.png")
     assert len(generate("cvc-colondb", tmp_path).meta["test"]["colon"]) == 9
+
+
+def test_mask_of_another_size_is_noted(tmp_path: Path) -> None:
+    build_colondb(tmp_path)
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "masks/2.png")
+    notes = generate("cvc-colondb", tmp_path).notes
+    assert any("1 mask(s) differ in size" in n and "images/2.png is 8x8" in n and "16x16" in n for n in notes)
