@@ -22,7 +22,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from crane.data.dataset import DatasetError
-from datasets.decode import Damaged, check_image, check_mask
+from datasets.decode import Damaged, check_image, check_mask, quiet
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 CLUTTER_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
@@ -275,7 +275,7 @@ def check_files(root: Path, meta: Meta, progress: bool = True) -> list[str]:
                     jobs[("mask", s["mask_path"])] = None
                     pairs.append((s["img_path"], s["mask_path"]))
     order = list(jobs)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with quiet(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(tqdm(pool.map(lambda job: _check_one(root, *job), order), total=len(order),
                             desc="decoding images and masks", unit="file", disable=None if progress else True,
                             leave=False))

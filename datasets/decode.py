@@ -16,6 +16,8 @@ import io
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -34,40 +36,48 @@ class Damaged(ValueError):
     """A file that does not decode completely; the message says why, in a few words."""
 
 
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the warnings Pillow emits on damaged files, which would break the one-line report.
+
+    The warning filters are process-wide: enter this once around all checks (worker
+    threads included), not in each thread.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def check_image(path: Path) -> tuple[int, int]:
     """Decode image ``path`` completely as the data loader will; return its ``(width, height)``."""
     data = _read(path)
     _check_container(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's own warnings would break the one-line report
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                size = img.size
-                load_rgb(img)
-            return size
-        except (OSError, SyntaxError, ValueError, ImageReadError) as pil_error:
-            if not data.startswith((b"II*\x00", b"MM\x00*")) or _is_truncation(pil_error):
-                raise Damaged(_reason(pil_error)) from None
-            try:  # a TIFF variant Pillow cannot decode: the loader falls back to OpenCV, so do we
-                return _opencv_size(path)
-            except ImageReadError:
-                raise Damaged(f"{_reason(pil_error)}; OpenCV cannot read it either") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            size = img.size
+            load_rgb(img)
+        return size
+    except (OSError, SyntaxError, ValueError, ImageReadError) as pil_error:
+        if not data.startswith((b"II*\x00", b"MM\x00*")) or _is_truncation(pil_error):
+            raise Damaged(_reason(pil_error)) from None
+        try:  # a TIFF variant Pillow cannot decode: the loader falls back to OpenCV, so do we
+            return _opencv_size(path)
+        except ImageReadError:
+            raise Damaged(f"{_reason(pil_error)}; OpenCV cannot read it either") from None
 
 
 def check_mask(path: Path) -> tuple[int, int]:
     """Decode mask ``path`` completely as ``load_mask`` will (Pillow, ``convert("L")``); return its size."""
     data = _read(path)
     _check_container(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                img.convert("L")
-                return img.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise Damaged(_reason(e)) from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img.convert("L")
+            return img.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Damaged(_reason(e)) from None
 
 
 def _read(path: Path) -> bytes:

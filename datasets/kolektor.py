@@ -29,7 +29,7 @@ from datasets.common import (
     stem_index,
     subdirs,
 )
-from datasets.decode import Damaged, check_mask
+from datasets.decode import Damaged, check_mask, quiet
 
 CLASS = "electrical commutators"
 SUFFIX = "_label"
@@ -40,13 +40,14 @@ def _item_dirs(base: Path) -> list[Path]:
 
 
 def _defective(tree: Tree, label: Path) -> bool:
-    try:
-        check_mask(label)
-    except Damaged as e:
-        raise DatasetError(f"unreadable mask {tree.rel(label)} ({e}); replace it with an intact copy from the "
-                           "dataset archive") from None
-    with Image.open(label) as img:
-        return bool((np.asarray(img.convert("L")) > 0).any())
+    with quiet():
+        try:
+            check_mask(label)
+        except Damaged as e:
+            raise DatasetError(f"unreadable mask {tree.rel(label)} ({e}); replace it with an intact copy from the "
+                               "dataset archive") from None
+        with Image.open(label) as img:
+            return bool((np.asarray(img.convert("L")) > 0).any())
 
 
 def listing(tree: Tree, request: Request) -> Listing:
