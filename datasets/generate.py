@@ -86,7 +86,7 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
                                               mvtec_like.DTD),)),
     Dataset("dagm", dagm.CLASSES, (
         accepted_layout("AdaCLIP preprocessed folder with meta.json: ClassK/{train,test,ground_truth}/", dagm.CLASSES,
-                        True),
+                        True, marks=("ground_truth",)),
         fixed_layout("AdaCLIP preprocessed folder without meta.json: ClassK/{train,test,ground_truth}/", "dagm",
                      dagm.CLASSES, Style(mask_suffixes=("_label", "_mask", "")), marks=("ground_truth",)),
         dagm.LAYOUT)),

@@ -26,10 +26,14 @@ MASK_SUFFIXES = ("", "_mask", "_label", "_segmentation")
 """Mask stem = image stem + one of these (any case): the namings of every set this project reads."""
 
 
-def accepted_layout(name: str, classes: Sequence[str], masks_required: bool) -> Layout:
-    """A folder holding ``meta.json`` beside the class folder(s) ``classes`` (recognised by ``CLASS/test/``)."""
+def accepted_layout(name: str, classes: Sequence[str], masks_required: bool, marks: Sequence[str] = ()) -> Layout:
+    """A folder holding ``meta.json`` beside the class folder(s) ``classes``.
+
+    Recognised by ``CLASS/test/`` and the sub-folders ``marks`` of a class folder.
+    """
     def detect(base: Path) -> bool:
-        return (base / "meta.json").is_file() and any(has_dirs(base, f"{c}/test") for c in classes)
+        return (base / "meta.json").is_file() and any(has_dirs(base, f"{c}/test", *(f"{c}/{m}" for m in marks))
+                                                      for c in classes)
 
     def listing(tree: Tree, request: Request) -> Listing:
         if request.classes is not None:

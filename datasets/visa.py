@@ -7,7 +7,8 @@ folder, e.g. ``candle/Data/Images/Anomaly/000.JPG`` and
 ``candle/Data/Masks/Anomaly/000.png``). The CSV pairs each anomalous image
 with its mask; that pairing is checked by name (same stem). Samples keep the
 CSV's row order within each class and split, as the published generator does
-(the CSV is not sorted). Normal samples get ``specie_name`` ``good``,
+(the CSV is not sorted). ``--split-csv FILE`` names the CSV when it is not in
+``split_csv/`` (it is also in github.com/amazon-science/spot-diff). Normal samples get ``specie_name`` ``good``,
 anomalous ones ``anomaly``.
 
 ``VisA_pytorch`` (``prepare_data.py --split-type 1cls``):
@@ -70,9 +71,17 @@ def read_split_csv(path: Path, shown: str) -> list[dict[str, str]]:
     return rows
 
 
+def _shown(tree: Tree, path: Path) -> str:
+    return tree.rel(path) if path.is_relative_to(tree.root) else str(path)
+
+
 def _csv_listing(tree: Tree, request: Request) -> Listing:
-    shown = tree.rel(tree.base / CSV)
-    rows = read_split_csv(tree.base / CSV, shown)
+    csv_path = request.split_csv or tree.base / CSV
+    if not csv_path.is_file():
+        raise DatasetError(f"VisA's split file {tree.rel(tree.base / CSV)} is missing: restore it from the VisA "
+                           "archive or pass --split-csv FILE (also in github.com/amazon-science/spot-diff)")
+    shown = _shown(tree, csv_path)
+    rows = read_split_csv(csv_path, shown)
     wanted = wanted_classes(KEY, CLASSES, request)
     prefix = PurePosixPath(tree.rel(tree.base)) if tree.base != tree.root else PurePosixPath()
     splits: dict[str, list[Sample]] = {"train": [], "test": []}
@@ -120,9 +129,9 @@ def _pytorch_listing(tree: Tree, request: Request) -> Listing:
         listing.notes.append("VisA_pytorch keeps no order of its own: listed in name order; pass --split-csv "
                              "split_csv/1cls.csv (from the VisA archive) for the published order")
         return listing
-    rows = read_split_csv(csv_path, str(csv_path))
-    listing.meta = _csv_order(listing.meta, rows, str(csv_path))
-    listing.notes.append(f"samples in the row order of {csv_path}")
+    shown = _shown(tree, csv_path)
+    listing.meta = _csv_order(listing.meta, read_split_csv(csv_path, shown), shown)
+    listing.notes.append(f"samples in the row order of {shown}")
     return listing
 
 
@@ -153,5 +162,5 @@ LAYOUTS = (  # the converted form first: a split_csv/ folder may sit beside it
     Layout("VisA_pytorch (prepare_data.py 1cls): CLASS/{train/good,test/good,test/bad,ground_truth/bad}",
            _PYTORCH.detect, _pytorch_listing),
     Layout("VisA as shipped: CLASS/Data/{Images,Masks}/ with split_csv/1cls.csv",
-           lambda base: (base / CSV).is_file() and any(has_dirs(base, f"{c}/Data") for c in CLASSES), _csv_listing),
+           lambda base: any(has_dirs(base, f"{c}/Data/Images") for c in CLASSES), _csv_listing),
 )

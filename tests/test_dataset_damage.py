@@ -253,6 +253,8 @@ def test_visa_csv_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     fails(capsys, "visa", tmp_path, "does not match image candle/Data/Images/Anomaly/010.JPG by name")
     csv_path.write_text("object,split,image\n")
     fails(capsys, "visa", tmp_path, "lacks the column(s) label, mask")
+    csv_path.unlink()
+    fails(capsys, "visa", tmp_path, "split file split_csv/1cls.csv is missing", "--split-csv")
 
 
 def test_visa_pytorch_and_csv_must_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

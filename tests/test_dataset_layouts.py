@@ -551,6 +551,9 @@ def test_layout_gives_the_true_samples(case: str, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".meta.*"))  # no temporary file left behind
     if before is not None and "without meta.json" not in layout:
         assert (tmp_path / "meta.json").read_bytes() == before and not outcome.written  # accepted as it is
+    again = generate(key, tmp_path, **kwargs)  # a second run finds the same layout beside its own meta.json
+    assert rows(again.meta) == expected and again.layout.split(":")[0] in (outcome.layout.split(":")[0],
+                                                                             "AdaCLIP preprocessed folder with meta.json")
     if outcome.written and "with meta.json" not in layout:  # a generated listing names normal samples "good"
         assert all((s["specie_name"] == "good") == (s["anomaly"] == 0)
                    for samples in written["test"].values() for s in samples)
@@ -589,6 +592,14 @@ def test_visa_pytorch_with_an_explicit_split_csv(tmp_path: Path) -> None:
     csv_path.parent.mkdir()
     (tmp_path / "data/split_csv/1cls.csv").rename(csv_path)
     assert rows(generate("visa", tmp_path / "data", split_csv=csv_path).meta) == expected
+
+
+def test_visa_as_shipped_with_the_csv_elsewhere(tmp_path: Path) -> None:
+    expected = build_visa_csv(tmp_path / "data")
+    csv_path = tmp_path / "1cls.csv"
+    (tmp_path / "data/split_csv/1cls.csv").rename(csv_path)
+    outcome = generate("visa", tmp_path / "data", split_csv=csv_path)
+    assert "VisA as shipped" in outcome.layout and rows(outcome.meta) == expected
 
 
 def test_check_keeps_a_valid_meta(tmp_path: Path) -> None:
