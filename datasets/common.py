@@ -82,7 +82,8 @@ class Layout:
     """For the report and for errors, e.g. ``"Kaggle archive: no/, yes/ (and pred/) at the top"``."""
     detect: Callable[[Path], bool]
     """Is this layout at the given folder? Cheap: looks at folder names only."""
-    list: Callable[[Tree, Request], Listing]
+    read: Callable[[Tree, Request], Listing]
+    """List the layout found in ``Tree.base``: pair, order and check it; raises ``DatasetError``."""
 
 
 # ---- listing ----------------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def subdirs(folder: Path) -> list[Path]:
     """Visible sub-folders of ``folder`` sorted by name (none when it does not exist)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_clutter(p))
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not is_clutter(p)), key=lambda p: p.name)
 
 
 def image_files(folder: Path) -> list[Path]:

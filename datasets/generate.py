@@ -194,7 +194,7 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
         else:
             layout, tree = find_layout(dataset, root)
             layout_name = layout.name + (f" (in {tree.rel(tree.base)}/)" if tree.base != root else "")
-            listing = layout.list(tree, request)
+            listing = layout.read(tree, request)
         notes = listing.notes + check_files(root, listing.meta, progress=progress)
         if not listing.accepted:
             write_meta(root, listing.meta)

@@ -123,7 +123,7 @@ _PYTORCH = fixed_layout("", KEY, CLASSES, PYTORCH, marks=("ground_truth",))
 
 
 def _pytorch_listing(tree: Tree, request: Request) -> Listing:
-    listing = _PYTORCH.list(tree, request)
+    listing = _PYTORCH.read(tree, request)
     csv_path = request.split_csv or (tree.root / CSV if (tree.root / CSV).is_file() else None)
     if csv_path is None:
         listing.notes.append("VisA_pytorch keeps no order of its own: listed in name order; pass --split-csv "
