@@ -25,6 +25,9 @@ from crane.data.dataset import DatasetError
 from datasets.decode import Damaged, check_image, check_mask, quiet
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+MARKER = "generated_by"
+"""Top-level ``meta.json`` key naming this generator (loaders read only ``train`` and ``test``): a
+``meta.json`` without it came from elsewhere (a preprocessed download) and is kept as it is."""
 CLUTTER_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 RESTORE = "restore it from the dataset archive"
 
@@ -40,6 +43,8 @@ class Request:
     """``--classes``: generate only these classes of a set with a fixed class list."""
     split_csv: Path | None = None
     """``--split-csv``: VisA's ``1cls.csv``, to order the ``VisA_pytorch`` form as published."""
+    rewrite: bool = False
+    """``--rewrite``: list the folders even when a ``meta.json`` from elsewhere is present."""
 
 
 @dataclass
@@ -307,8 +312,17 @@ def _check_one(root: Path, kind: str, rel_path: str) -> tuple[int, int] | Datase
 
 # ---- output -----------------------------------------------------------------------------------------------------
 
-def write_meta(root: Path, meta: Meta) -> Path:
-    """Write ``root/meta.json`` atomically (temporary file, then ``os.replace``)."""
+def generated_here(path: Path) -> bool:
+    """Whether the ``meta.json`` at ``path`` was written by this generator (it carries ``MARKER``)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and str(meta.get(MARKER, "")).startswith("python -m datasets.generate")
+
+
+def write_meta(root: Path, meta: Meta, key: str) -> Path:
+    """Write ``root/meta.json`` atomically (temporary file, then ``os.replace``), marked as generated for ``key``."""
     target = root / "meta.json"
     try:
         fd, tmp = tempfile.mkstemp(prefix=".meta.", suffix=".json.tmp", dir=root)
@@ -316,7 +330,7 @@ def write_meta(root: Path, meta: Meta) -> Path:
         raise DatasetError(f"cannot write {target}: {e.strerror}; make {root} writable") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+            json.dump({**meta, MARKER: f"python -m datasets.generate {key}"}, f, indent=2)
             f.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m datasets.generate NAME ROOT [--classes C ...] [--split-csv FILE] [--check]
+    python -m datasets.generate NAME ROOT [--classes C ...] [--split-csv FILE] [--check] [--rewrite]
 
 NAME is a dataset key (mvtec visa mpdd btad sdd dtd dagm headct brainmri br35h
 isic tn3k cvc-colondb cvc-clinicdb) or ``custom``; ROOT is the folder the
@@ -11,8 +11,8 @@ The layout is recognised by itself and named in the report; the layouts of
 every dataset are in ``datasets/README.md``. Every defect image is paired with
 its mask by name, every image and mask is decoded completely, then
 ``ROOT/meta.json`` is written atomically (classes and samples in the published
-order) and a per-class count table printed. A preprocessed folder that comes
-with its own ``meta.json`` (AdaCLIP's) is checked and kept as it is. On a
+order) and a per-class count table printed. A ``meta.json`` that came with the
+download (AdaCLIP's preprocessed folders) is checked and kept as it is. On a
 problem it prints one line naming the file and the fix and exits with status 2,
 leaving ``meta.json`` as it was.
 """
@@ -27,10 +27,21 @@ from pathlib import Path
 
 from crane.data.dataset import DatasetError
 from datasets import custom, dagm, kolektor, mvtec_like, visa
-from datasets.common import Layout, Listing, Meta, Request, Tree, check_files, count_table, subdirs, write_meta
+from datasets.common import (
+    Layout,
+    Listing,
+    Meta,
+    Request,
+    Tree,
+    check_files,
+    count_table,
+    generated_here,
+    subdirs,
+    write_meta,
+)
 from datasets.medical import headct_labels_layout, image_mask_layout, no_yes_layout
 from datasets.mvtec_like import ALL_ANOMALOUS, IMAGE_ONLY, Style, fixed_layout
-from datasets.preprocessed import accepted_layout, validate
+from datasets.preprocessed import validate
 
 
 @dataclass(frozen=True)
@@ -44,12 +55,9 @@ class Dataset:
     """Every anomalous image has a pixel mask (checked by ``--check``)."""
 
 
-def _adaclip(key: str, folder: str, style: Style) -> tuple[Layout, Layout]:
-    """AdaCLIP's preprocessed folder: accepted with its ``meta.json``, else listed as an MVTec-style tree."""
-    tree = f"{folder}/{{train,test,ground_truth}}/"
-    return (accepted_layout(f"AdaCLIP preprocessed folder with meta.json: {tree}", (folder,),
-                            bool(style.mask_suffixes)),
-            fixed_layout(f"AdaCLIP preprocessed folder without meta.json: {tree}", key, (folder,), style))
+def _adaclip(key: str, folder: str, style: Style) -> Layout:
+    """AdaCLIP's preprocessed folder (its ``meta.json``, when present, is kept: see ``datasets.preprocessed``)."""
+    return fixed_layout(f"AdaCLIP preprocessed folder: {folder}/{{train,test,ground_truth}}/", key, (folder,), style)
 
 
 def _pranet(name: str) -> Layout:
@@ -78,32 +86,30 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
         "BTAD archive (BTech_Dataset_transformed): CLASS/{train/ok,test/{ok,ko},ground_truth/ko/NAME.png|.bmp}",
         "btad", BTAD_CLASSES, mvtec_like.BTAD),)),
     Dataset("sdd", (kolektor.CLASS,), (
-        *_adaclip("sdd", "SDD", mvtec_like.SDD),
+        _adaclip("sdd", "SDD", mvtec_like.SDD),
         fixed_layout("KolektorSDD converted to the MVTec layout: electrical commutators/{train,test,ground_truth}/",
                      "sdd", (kolektor.CLASS,), mvtec_like.SDD, folders={kolektor.CLASS: ("electrical_commutators",)}),
         kolektor.LAYOUT)),
     Dataset("dtd", DTD_CLASSES, (fixed_layout(f"DTD-Synthetic archive: {MVTEC_TREE}", "dtd", DTD_CLASSES,
                                               mvtec_like.DTD),)),
     Dataset("dagm", dagm.CLASSES, (
-        accepted_layout("AdaCLIP preprocessed folder with meta.json: ClassK/{train,test,ground_truth}/", dagm.CLASSES,
-                        True, marks=("ground_truth",)),
-        fixed_layout("AdaCLIP preprocessed folder without meta.json: ClassK/{train,test,ground_truth}/", "dagm",
-                     dagm.CLASSES, Style(mask_suffixes=("_label", "_mask", "")), marks=("ground_truth",)),
+        fixed_layout("AdaCLIP preprocessed folder: ClassK/{train,test,ground_truth}/", "dagm", dagm.CLASSES,
+                     Style(mask_suffixes=("_label", "_mask", "")), marks=("ground_truth",)),
         dagm.LAYOUT)),
     Dataset("headct", ("brain",), (
-        *_adaclip("headct", "headct", IMAGE_ONLY),
+        _adaclip("headct", "headct", IMAGE_ONLY),
         fixed_layout("MVTec-style tree: brain/test/{good,DEFECT}/", "headct", ("brain",), IMAGE_ONLY),
         headct_labels_layout("brain")), masks_required=False),
     Dataset("brainmri", ("brain",), (
-        *_adaclip("brainmri", "brain_mri", IMAGE_ONLY),
+        _adaclip("brainmri", "brain_mri", IMAGE_ONLY),
         no_yes_layout("Kaggle archive: brain_tumor_dataset/{no,yes}/", "brain_tumor_dataset", "brain"),
         no_yes_layout("no/, yes/ at the top", None, "brain")), masks_required=False),
     Dataset("br35h", ("brain",), (
-        *_adaclip("br35h", "br35h", IMAGE_ONLY),
+        _adaclip("br35h", "br35h", IMAGE_ONLY),
         no_yes_layout("brain/{no,yes}/ (the published generator's tree)", "brain", "brain"),
         no_yes_layout("Kaggle archive: no/, yes/, pred/ at the top", None, "brain")), masks_required=False),
     Dataset("isic", ("skin",), (
-        *_adaclip("isic", "isic", Style(needs_normal=False, mask_suffixes=ISIC_STYLE.mask_suffixes)),
+        _adaclip("isic", "isic", Style(needs_normal=False, mask_suffixes=ISIC_STYLE.mask_suffixes)),
         fixed_layout("MVTec-style tree: skin/test/DEFECT/ with skin/ground_truth/NAME_Segmentation.png", "isic",
                      ("skin",), ISIC_STYLE, marks=("ground_truth",)),
         fixed_layout(f"AnomalyCLIP's tree: skin/test/DEFECT/ with skin/{ISIC_TRUTH}/", "isic", ("skin",),
@@ -112,17 +118,17 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
         image_mask_layout(f"ISIC 2016 test archives: {ISIC_DATA}/ and {ISIC_TRUTH}/NAME_Segmentation.png",
                           ISIC_DATA, ISIC_TRUTH, "skin", ".png", ("_Segmentation",)))),
     Dataset("tn3k", ("thyroid",), (
-        *_adaclip("tn3k", "tn3k", ALL_ANOMALOUS),
+        _adaclip("tn3k", "tn3k", ALL_ANOMALOUS),
         image_mask_layout("TN3K as distributed: test-image/NNNN.jpg with test-mask/NNNN.jpg", "test-image",
                           "test-mask", "thyroid", ".jpg"))),
     Dataset("cvc-colondb", ("colon",), (
-        *_adaclip("cvc-colondb", "ColonDB", ALL_ANOMALOUS),
+        _adaclip("cvc-colondb", "ColonDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names", "images", "masks", "colon", ".png"),
         _pranet("CVC-ColonDB"),
         image_mask_layout("Original/ with 'Ground Truth'/ of the same names", "Original", "Ground Truth", "colon",
                           ".tif"))),
     Dataset("cvc-clinicdb", ("colon",), (
-        *_adaclip("cvc-clinicdb", "ClinicDB", ALL_ANOMALOUS),
+        _adaclip("cvc-clinicdb", "ClinicDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names (PNG conversion)", "images", "masks", "colon",
                           ".png"),
         _pranet("CVC-ClinicDB"),
@@ -165,14 +171,16 @@ def find_layout(dataset: Dataset, root: Path) -> tuple[Layout, Tree]:
 
 
 def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | None = None,
-             split_csv: str | os.PathLike[str] | None = None, check: bool = False,
+             split_csv: str | os.PathLike[str] | None = None, check: bool = False, rewrite: bool = False,
              progress: bool = False) -> Outcome:
     """List, pair and decode dataset ``name`` in ``root`` and write ``root/meta.json``.
 
     ``classes`` generates a subset of a fixed class list; ``split_csv`` is VisA's
-    ``1cls.csv`` for the ``VisA_pytorch`` form; ``check`` validates an existing
-    ``root/meta.json`` as it is instead. Raises ``DatasetError`` (one line naming the
-    file and the fix) on any problem; ``meta.json`` is then left as it was.
+    ``1cls.csv`` for the ``VisA_pytorch`` form. A ``meta.json`` found beside the tree
+    that this generator did not write is validated and kept as it is, unless
+    ``rewrite``; ``check`` validates ``root/meta.json`` whoever wrote it. Raises
+    ``DatasetError`` (one line naming the file and the fix) on any problem;
+    ``meta.json`` is then left as it was.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
@@ -182,25 +190,39 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
         raise DatasetError(f"dataset folder not found: {root}; pass the folder the {name} archive unpacked to")
     try:
         request = Request(tuple(classes) if classes is not None else None,
-                          Path(split_csv) if split_csv is not None else None)
+                          Path(split_csv) if split_csv is not None else None, rewrite)
         if request.split_csv is not None and not request.split_csv.is_file():
             raise DatasetError(f"--split-csv: file not found: {request.split_csv}")
-        listing: Listing
-        if check:
-            if not (root / "meta.json").is_file():
-                raise DatasetError(f"--check: {root / 'meta.json'} not found; run without --check to write it")
-            layout_name = "existing meta.json (--check)"
-            listing = validate(Tree(root, root), dataset.masks_required, "as it is")
-        else:
-            layout, tree = find_layout(dataset, root)
-            layout_name = layout.name + (f" (in {tree.rel(tree.base)}/)" if tree.base != root else "")
-            listing = layout.read(tree, request)
+        layout_name, listing = _listing(dataset, root, request, check)
         notes = listing.notes + check_files(root, listing.meta, progress=progress)
         if not listing.accepted:
-            write_meta(root, listing.meta)
+            write_meta(root, listing.meta, name)
     except DatasetError as e:
         raise DatasetError(f"{name} dataset in {root}: {e}") from None
     return Outcome(listing.meta, layout_name, notes, not listing.accepted)
+
+
+def _listing(dataset: Dataset, root: Path, request: Request, check: bool) -> tuple[str, Listing]:
+    """The layout's name and its listing: the folders listed, or a ``meta.json`` from elsewhere kept."""
+    if check:
+        if not (root / "meta.json").is_file():
+            raise DatasetError(f"--check: {root / 'meta.json'} not found; run without --check to write it")
+        return "existing meta.json (--check)", validate(Tree(root, root), dataset.masks_required, "as it is")
+    try:
+        layout, tree = find_layout(dataset, root)
+    except DatasetError:
+        if (root / "meta.json").is_file() and not request.rewrite and not generated_here(root / "meta.json"):
+            return "no known tree, but a meta.json that came with the download", validate(
+                Tree(root, root), dataset.masks_required)
+        raise
+    name = layout.name + (f" (in {tree.rel(tree.base)}/)" if tree.base != root else "")
+    found = tree.base / "meta.json"
+    if found.is_file() and not request.rewrite and not generated_here(found):
+        if request.classes is not None:
+            raise DatasetError(f"--classes does not apply to {tree.rel(found)}, which came with the download and is "
+                               "kept as it is; pass --rewrite too to list the folders instead")
+        return name, validate(tree, dataset.masks_required)
+    return name, layout.read(tree, request)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,9 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="VisA's split_csv/1cls.csv, to list the VisA_pytorch form in the published order")
     parser.add_argument("--check", action="store_true",
                         help="validate the existing ROOT/meta.json as it is (paths, pairing, files) and keep it")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="list the folders even when a meta.json that came with the download is present")
     args = parser.parse_args(argv)
     try:
-        outcome = generate(args.name, args.root, args.classes, args.split_csv, args.check, progress=True)
+        outcome = generate(args.name, args.root, args.classes, args.split_csv, args.check, args.rewrite,
+                           progress=True)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,47 +1,29 @@
-"""Folders that come with their own ``meta.json`` (the preprocessed sets the AdaCLIP repository distributes).
+"""A ``meta.json`` that came with the download (the preprocessed sets the AdaCLIP repository distributes).
 
-Such a ``meta.json`` is accepted as it is, in its own class names and order,
-and not rewritten, after checking: its structure (``train``/``test`` ->
+A ``meta.json`` beside a recognised tree that this generator did not write
+(it lacks ``common.MARKER``) is accepted as it is, in its own class names and
+order, and not rewritten, after checking: its structure (``train``/``test`` ->
 class -> samples with the five keys), relative paths, no sample listed twice,
 every test class non-empty, every anomalous sample of a set with masks paired
 with a mask of its own name (image stem, or stem + ``_mask``, ``_label`` or
-``_Segmentation``), and every image
-in the class folders' ``test/`` and ``train/`` sub-folders listed (a
-``meta.json`` that misses files is stale). The generator then decodes every
-listed file, as for a generated ``meta.json``. When the folder sits one level
-below the dataset folder, the dataset folder gets a copy with the paths
-prefixed by that sub-folder.
+``_Segmentation``), and every image in the class folders' ``test/`` and
+``train/`` sub-folders listed (a ``meta.json`` that misses files is stale).
+The generator then decodes every listed file, as for a generated
+``meta.json``. When the folder sits one level below the dataset folder, the
+dataset folder gets a copy with the paths prefixed by that sub-folder.
+``--rewrite`` lists the folders instead.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from crane.data.dataset import SAMPLE_KEYS, DatasetError
-from datasets.common import Layout, Listing, Meta, Request, Tree, child, has_dirs, image_files, subdirs
+from datasets.common import Listing, Meta, Tree, child, image_files, subdirs
 
 SPLITS = ("train", "test")
 MASK_SUFFIXES = ("", "_mask", "_label", "_segmentation")
 """Mask stem = image stem + one of these (any case): the namings of every set this project reads."""
-
-
-def accepted_layout(name: str, classes: Sequence[str], masks_required: bool, marks: Sequence[str] = ()) -> Layout:
-    """A folder holding ``meta.json`` beside the class folder(s) ``classes``.
-
-    Recognised by ``CLASS/test/`` and the sub-folders ``marks`` of a class folder.
-    """
-    def detect(base: Path) -> bool:
-        return (base / "meta.json").is_file() and any(has_dirs(base, f"{c}/test", *(f"{c}/{m}" for m in marks))
-                                                      for c in classes)
-
-    def listing(tree: Tree, request: Request) -> Listing:
-        if request.classes is not None:
-            raise DatasetError(f"--classes does not apply to {tree.rel(tree.base / 'meta.json')}, which is "
-                               "accepted as distributed; use the classes option of test.py instead")
-        return validate(tree, masks_required)
-
-    return Layout(name, detect, listing)
 
 
 def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -> Listing:
@@ -52,7 +34,7 @@ def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -
     """
     path = tree.base / "meta.json"
     shown = tree.rel(path)
-    fix = f"delete {shown} to list the folders afresh"
+    fix = "pass --rewrite to list the folders afresh instead"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -62,6 +44,7 @@ def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -
     if not isinstance(meta, dict) or any(not isinstance(meta.get(split), dict) for split in SPLITS):
         raise DatasetError(f"{shown}: expected an object with keys 'train' and 'test' mapping class names to "
                            f"sample lists; {fix}")
+    meta = {split: meta[split] for split in SPLITS}  # other keys (e.g. common.MARKER) are not samples
     for split in SPLITS:
         seen: set[str] = set()
         for cls_name, samples in meta[split].items():

@@ -269,14 +269,17 @@ def test_accepted_meta_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
     meta.write_text(meta.read_text().replace("defect/a_mask.png", "defect/TMP").replace("defect/b_mask.png",
                     "defect/a_mask.png").replace("defect/TMP", "defect/b_mask.png"))
     fails(capsys, "tn3k", tmp_path / "swapped", "pairs tn3k/test/defect/b.png with the mask",
-          "delete meta.json to list the folders afresh")
+          "pass --rewrite to list the folders afresh")
+    assert main(["tn3k", str(tmp_path / "swapped"), "--rewrite"]) == 0
+    assert "wrote" in capsys.readouterr().out
     adaclip("headct", False)(tmp_path / "stale")
     img(tmp_path / "stale/headct/test/defect/c.png")
     fails(capsys, "headct", tmp_path / "stale", "headct/test/defect/c.png is not in meta.json")
     adaclip("headct", False)(tmp_path / "lost")
     (tmp_path / "lost/headct/test/good/a.png").unlink()
     fails(capsys, "headct", tmp_path / "lost", "image file not found: headct/test/good/a.png")
-    fails(capsys, "headct", tmp_path / "lost", "--classes does not apply", args=("--classes", "headct"))
+    fails(capsys, "headct", tmp_path / "lost", "--classes does not apply to meta.json, which came with the download",
+          "--rewrite", args=("--classes", "headct"))
 
 
 def test_sdd_raw_label_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

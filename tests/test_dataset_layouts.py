@@ -462,6 +462,24 @@ def adaclip_wrapped(folder: str, cls_name: str, masks: bool) -> Callable[[Path],
     return build
 
 
+def with_foreign_meta(build: Callable[[Path], list[Row]]) -> Callable[[Path], list[Row]]:
+    """A tree as the original archive, with a meta.json from elsewhere (AdaCLIP ships MVTec AD so):
+    kept in its own order, here normal test images first as ``os.listdir`` may give them."""
+    def with_meta(r: Path) -> list[Row]:
+        listed = build(r)
+        ordered = [row for row in listed if row[0] == "train"]
+        for cls_name in dict.fromkeys(row[1] for row in listed if row[0] == "test"):
+            test = [row for row in listed if row[0] == "test" and row[1] == cls_name]
+            ordered += [row for row in test if not row[4]] + [row for row in test if row[4]]
+        meta: dict = {"train": {}, "test": {}}
+        for split, cls_name, image, mask_path, anomaly in ordered:
+            meta[split].setdefault(cls_name, []).append({"img_path": image, "mask_path": mask_path,
+                                                         "cls_name": cls_name, "specie_name": "", "anomaly": anomaly})
+        (r / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
+        return ordered
+    return with_meta
+
+
 def adaclip_without_meta(cls_name: str, masks: bool) -> Callable[[Path], list[Row]]:
     """AdaCLIP's tree whose meta.json was lost: listed afresh (defect before good, names sorted)."""
     def build(r: Path) -> list[Row]:
@@ -498,42 +516,44 @@ CASES: dict[str, tuple[str, Callable[[Path], list[Row]], dict, str]] = {
     "sdd-converted": ("sdd", build_sdd_converted, {}, "converted to the MVTec layout"),
     "sdd-underscore": ("sdd", build_sdd_underscore, {}, "converted to the MVTec layout"),
     "sdd-raw": ("sdd", build_sdd_raw, {}, "KolektorSDD as distributed"),
-    "sdd-adaclip": ("sdd", adaclip("SDD", True), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "sdd-adaclip": ("sdd", adaclip("SDD", True), {}, "AdaCLIP preprocessed folder"),
     "visa-csv": ("visa", build_visa_csv, {}, "VisA as shipped"),
     "visa-pytorch": ("visa", build_visa_pytorch, {}, "VisA_pytorch"),
     "visa-pytorch-csv": ("visa", build_visa_pytorch_csv, {}, "VisA_pytorch"),
     "dagm": ("dagm", build_dagm, {}, "DAGM 2007 as distributed"),
     "dagm-nested": ("dagm", build_dagm_nested, {}, "DAGM 2007 as distributed"),
-    "dagm-adaclip": ("dagm", build_adaclip_dagm, {}, "AdaCLIP preprocessed folder with meta.json"),
+    "dagm-adaclip": ("dagm", build_adaclip_dagm, {}, "AdaCLIP preprocessed folder"),
     "headct-tree": ("headct", build_headct_tree, {}, "MVTec-style tree"),
     "headct-distributed": ("headct", build_headct_distributed, {}, "HeadCT as distributed"),
     "headct-kaggle": ("headct", build_headct_kaggle, {}, "HeadCT as distributed"),
-    "headct-adaclip": ("headct", adaclip("headct", False), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "headct-adaclip": ("headct", adaclip("headct", False), {}, "AdaCLIP preprocessed folder"),
     "headct-adaclip-wrapped": ("headct", adaclip_wrapped("HeadCT_anomaly_detection", "headct", False), {},
-                               "AdaCLIP preprocessed folder with meta.json"),
-    "headct-adaclip-no-meta": ("headct", adaclip_without_meta("headct", False), {}, "without meta.json"),
+                               "AdaCLIP preprocessed folder"),
+    "headct-adaclip-no-meta": ("headct", adaclip_without_meta("headct", False), {}, "AdaCLIP preprocessed folder"),
+    "mvtec-with-meta": ("mvtec", with_foreign_meta(build_mvtec), {}, "MVTec AD archive"),
+    "visa-with-meta": ("visa", with_foreign_meta(build_visa_csv), {}, "VisA as shipped"),
     "brainmri": ("brainmri", build_brainmri, {}, "Kaggle archive: brain_tumor_dataset"),
     "brainmri-top": ("brainmri", build_brainmri_top, {}, "no/, yes/ at the top"),
-    "brainmri-adaclip": ("brainmri", adaclip("brain_mri", False), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "brainmri-adaclip": ("brainmri", adaclip("brain_mri", False), {}, "AdaCLIP preprocessed folder"),
     "br35h-kaggle": ("br35h", build_br35h_kaggle, {}, "Kaggle archive: no/, yes/, pred/"),
     "br35h-tree": ("br35h", build_br35h_tree, {}, "brain/{no,yes}/"),
-    "br35h-adaclip": ("br35h", adaclip("br35h", False), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "br35h-adaclip": ("br35h", adaclip("br35h", False), {}, "AdaCLIP preprocessed folder"),
     "isic-distributed": ("isic", build_isic_distributed, {}, "ISIC 2016 test archives"),
     "isic-tree": ("isic", build_isic_tree, {}, "skin/ground_truth/"),
     "isic-anomalyclip": ("isic", build_isic_anomalyclip, {}, "AnomalyCLIP's tree"),
-    "isic-adaclip": ("isic", adaclip("isic", True, normal=False), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "isic-adaclip": ("isic", adaclip("isic", True, normal=False), {}, "AdaCLIP preprocessed folder"),
     "tn3k": ("tn3k", build_tn3k, {}, "TN3K as distributed"),
-    "tn3k-adaclip": ("tn3k", adaclip("tn3k", True, normal=False), {}, "AdaCLIP preprocessed folder with meta.json"),
+    "tn3k-adaclip": ("tn3k", adaclip("tn3k", True, normal=False), {}, "AdaCLIP preprocessed folder"),
     "colondb": ("cvc-colondb", build_colondb, {}, "images/ with masks/"),
     "colondb-pranet": ("cvc-colondb", pranet("CVC-ColonDB"), {}, "PraNet's polyp test sets"),
     "clinicdb-pranet": ("cvc-clinicdb", pranet("CVC-ClinicDB"), {}, "PraNet's polyp test sets"),
     "colondb-adaclip": ("cvc-colondb", adaclip("ColonDB", True, normal=False), {},
-                        "AdaCLIP preprocessed folder with meta.json"),
+                        "AdaCLIP preprocessed folder"),
     "clinicdb-distributed": ("cvc-clinicdb", build_clinicdb_distributed, {}, "CVC-ClinicDB as distributed"),
     "clinicdb-wrapped": ("cvc-clinicdb", build_clinicdb_wrapped, {}, "CVC-ClinicDB as distributed"),
     "clinicdb-png": ("cvc-clinicdb", build_clinicdb_png, {}, "images/ with masks/"),
     "clinicdb-adaclip": ("cvc-clinicdb", adaclip("ClinicDB", True, normal=False), {},
-                         "AdaCLIP preprocessed folder with meta.json"),
+                         "AdaCLIP preprocessed folder"),
     "custom": ("custom", build_custom, {}, "custom"),
 }
 
@@ -547,14 +567,15 @@ def test_layout_gives_the_true_samples(case: str, tmp_path: Path) -> None:
     assert layout in outcome.layout
     assert rows(outcome.meta) == expected  # sample by sample: path, mask, label, class, and the order
     written = json.loads((tmp_path / "meta.json").read_text())
-    assert written == outcome.meta
+    assert {k: v for k, v in written.items() if k != "generated_by"} == outcome.meta
     assert not list(tmp_path.glob(".meta.*"))  # no temporary file left behind
-    if before is not None and "without meta.json" not in layout:
-        assert (tmp_path / "meta.json").read_bytes() == before and not outcome.written  # accepted as it is
+    if before is not None:  # a meta.json that came with the download: accepted as it is
+        assert (tmp_path / "meta.json").read_bytes() == before and not outcome.written
+    else:
+        assert written["generated_by"] == f"python -m datasets.generate {key}"
     again = generate(key, tmp_path, **kwargs)  # a second run finds the same layout beside its own meta.json
-    same = "AdaCLIP preprocessed folder with meta.json" if "without meta.json" in layout else layout
-    assert rows(again.meta) == expected and same in again.layout
-    if outcome.written and "with meta.json" not in layout:  # a generated listing names normal samples "good"
+    assert rows(again.meta) == expected and again.layout == outcome.layout
+    if before is None:  # a generated listing names normal samples "good"
         assert all((s["specie_name"] == "good") == (s["anomaly"] == 0)
                    for samples in written["test"].values() for s in samples)
 
