@@ -46,10 +46,9 @@ from datasets.preprocessed import validate
 
 @dataclass(frozen=True)
 class Dataset:
-    """One dataset key: its published class list and the layouts its archives unpack to (tried in order)."""
+    """One dataset key and the layouts its archives unpack to (tried in order; each knows its class list)."""
 
     key: str
-    classes: tuple[str, ...]
     layouts: tuple[Layout, ...]
     masks_required: bool = True
     """Every anomalous image has a pixel mask (checked by ``--check``)."""
@@ -77,38 +76,37 @@ ISIC_DATA, ISIC_TRUTH = "ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Te
 ISIC_STYLE = Style(needs_normal=False, mask_suffixes=("_Segmentation", "_mask", ""), flat_masks=True)
 
 DATASETS: dict[str, Dataset] = {d.key: d for d in (
-    Dataset("mvtec", MVTEC_CLASSES,
+    Dataset("mvtec",
             (fixed_layout(f"MVTec AD archive: {MVTEC_TREE}", "mvtec", MVTEC_CLASSES, mvtec_like.MVTEC),)),
-    Dataset("visa", visa.CLASSES, visa.LAYOUTS),
-    Dataset("mpdd", MPDD_CLASSES,
+    Dataset("visa", visa.LAYOUTS),
+    Dataset("mpdd",
             (fixed_layout(f"MPDD archive: {MVTEC_TREE}", "mpdd", MPDD_CLASSES, mvtec_like.MVTEC),)),
-    Dataset("btad", BTAD_CLASSES, (fixed_layout(
+    Dataset("btad", (fixed_layout(
         "BTAD archive (BTech_Dataset_transformed): CLASS/{train/ok,test/{ok,ko},ground_truth/ko/NAME.png|.bmp}",
         "btad", BTAD_CLASSES, mvtec_like.BTAD),)),
-    Dataset("sdd", (kolektor.CLASS,), (
+    Dataset("sdd", (
         _adaclip("sdd", "SDD", mvtec_like.SDD),
         fixed_layout("KolektorSDD converted to the MVTec layout: electrical commutators/{train,test,ground_truth}/",
                      "sdd", (kolektor.CLASS,), mvtec_like.SDD, folders={kolektor.CLASS: ("electrical_commutators",)}),
         kolektor.LAYOUT)),
-    Dataset("dtd", DTD_CLASSES, (fixed_layout(f"DTD-Synthetic archive: {MVTEC_TREE}", "dtd", DTD_CLASSES,
-                                              mvtec_like.DTD),)),
-    Dataset("dagm", dagm.CLASSES, (
+    Dataset("dtd", (fixed_layout(f"DTD-Synthetic archive: {MVTEC_TREE}", "dtd", DTD_CLASSES, mvtec_like.DTD),)),
+    Dataset("dagm", (
         fixed_layout("AdaCLIP preprocessed folder: ClassK/{train,test,ground_truth}/", "dagm", dagm.CLASSES,
                      Style(mask_suffixes=("_label", "_mask", "")), marks=("ground_truth",)),
         dagm.LAYOUT)),
-    Dataset("headct", ("brain",), (
+    Dataset("headct", (
         _adaclip("headct", "headct", IMAGE_ONLY),
         fixed_layout("MVTec-style tree: brain/test/{good,DEFECT}/", "headct", ("brain",), IMAGE_ONLY),
         headct_labels_layout("brain")), masks_required=False),
-    Dataset("brainmri", ("brain",), (
+    Dataset("brainmri", (
         _adaclip("brainmri", "brain_mri", IMAGE_ONLY),
         no_yes_layout("Kaggle archive: brain_tumor_dataset/{no,yes}/", "brain_tumor_dataset", "brain"),
         no_yes_layout("no/, yes/ at the top", None, "brain")), masks_required=False),
-    Dataset("br35h", ("brain",), (
+    Dataset("br35h", (
         _adaclip("br35h", "br35h", IMAGE_ONLY),
         no_yes_layout("brain/{no,yes}/ (the published generator's tree)", "brain", "brain"),
         no_yes_layout("Kaggle archive: no/, yes/, pred/ at the top", None, "brain")), masks_required=False),
-    Dataset("isic", ("skin",), (
+    Dataset("isic", (
         _adaclip("isic", "isic", Style(needs_normal=False, mask_suffixes=ISIC_STYLE.mask_suffixes)),
         fixed_layout("MVTec-style tree: skin/test/DEFECT/ with skin/ground_truth/NAME_Segmentation.png", "isic",
                      ("skin",), ISIC_STYLE, marks=("ground_truth",)),
@@ -117,24 +115,24 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in (
                            flat_masks=True), marks=(ISIC_TRUTH,)),
         image_mask_layout(f"ISIC 2016 test archives: {ISIC_DATA}/ and {ISIC_TRUTH}/NAME_Segmentation.png",
                           ISIC_DATA, ISIC_TRUTH, "skin", ".png", ("_Segmentation",)))),
-    Dataset("tn3k", ("thyroid",), (
+    Dataset("tn3k", (
         _adaclip("tn3k", "tn3k", ALL_ANOMALOUS),
         image_mask_layout("TN3K as distributed: test-image/NNNN.jpg with test-mask/NNNN.jpg", "test-image",
                           "test-mask", "thyroid", ".jpg"))),
-    Dataset("cvc-colondb", ("colon",), (
+    Dataset("cvc-colondb", (
         _adaclip("cvc-colondb", "ColonDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names", "images", "masks", "colon", ".png"),
         _pranet("CVC-ColonDB"),
         image_mask_layout("Original/ with 'Ground Truth'/ of the same names", "Original", "Ground Truth", "colon",
                           ".tif"))),
-    Dataset("cvc-clinicdb", ("colon",), (
+    Dataset("cvc-clinicdb", (
         _adaclip("cvc-clinicdb", "ClinicDB", ALL_ANOMALOUS),
         image_mask_layout("images/ with masks/ of the same names (PNG conversion)", "images", "masks", "colon",
                           ".png"),
         _pranet("CVC-ClinicDB"),
         image_mask_layout("CVC-ClinicDB as distributed: Original/N.tif with 'Ground Truth'/N.tif", "Original",
                           "Ground Truth", "colon", ".tif"))),
-    Dataset("custom", (), (custom.LAYOUT,), masks_required=False),
+    Dataset("custom", (custom.LAYOUT,), masks_required=False),
 )}
 
 
