@@ -181,7 +181,7 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
     ``meta.json`` is then left as it was.
     """
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown dataset {name!r}; use one of {' '.join(DATASETS)}")
     dataset = DATASETS[name]
     root = Path(root)
     if not root.is_dir():
@@ -226,7 +226,7 @@ def _listing(dataset: Dataset, root: Path, request: Request, check: bool) -> tup
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 on a dataset problem)."""
     parser = argparse.ArgumentParser(prog="python -m datasets.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=list(DATASETS), metavar="NAME", help=f"dataset key: {' '.join(DATASETS)}")
+    parser.add_argument("name", metavar="NAME", help=f"dataset key: {' '.join(DATASETS)}")
     parser.add_argument("root", type=Path, metavar="ROOT", help="the dataset folder (where the archive unpacked)")
     parser.add_argument("--classes", nargs="+", metavar="CLASS",
                         help="generate only these classes (on purpose: a missing class is otherwise an error)")

@@ -74,8 +74,9 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert table[:4] == ["Woven_001", "Woven_127", "Woven_104", "Stratified_154"]  # published order
     assert main(["dtd", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
-    with pytest.raises(DatasetError, match="unknown dataset"):
-        generate("imagenet", tmp_path)
+    assert main(["imagenet", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unknown dataset 'imagenet'; use one of mvtec visa" in err
 
 
 def test_cli_one_line_error_exit_2_and_old_meta_kept(tmp_path: Path) -> None:
