@@ -55,6 +55,8 @@ class Listing:
     notes: list[str] = field(default_factory=list)
     accepted: bool = False
     """True when an existing ``meta.json`` was validated and is kept as it is."""
+    repair: str = ""
+    """For a ``meta.json`` read rather than listed: the other fix, added to errors about its files."""
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,10 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
         if request.split_csv is not None and not request.split_csv.is_file():
             raise DatasetError(f"--split-csv: file not found: {request.split_csv}")
         layout_name, listing = _listing(dataset, root, request, check)
-        notes = listing.notes + check_files(root, listing.meta, progress=progress)
+        try:
+            notes = listing.notes + check_files(root, listing.meta, progress=progress)
+        except DatasetError as e:
+            raise DatasetError(f"{e}; or {listing.repair}" if listing.repair else str(e)) from None
         if not listing.accepted:
             write_meta(root, listing.meta, name)
     except DatasetError as e:
@@ -205,7 +208,8 @@ def _listing(dataset: Dataset, root: Path, request: Request, check: bool) -> tup
     if check:
         if not (root / "meta.json").is_file():
             raise DatasetError(f"--check: {root / 'meta.json'} not found; run without --check to write it")
-        return "existing meta.json (--check)", validate(Tree(root, root), dataset.masks_required, "as it is")
+        return "existing meta.json (--check)", validate(Tree(root, root), dataset.masks_required, "as it is",
+                                                        "run without --check to list the folders afresh")
     try:
         layout, tree = find_layout(dataset, root)
     except DatasetError:

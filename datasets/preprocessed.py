@@ -26,15 +26,15 @@ MASK_SUFFIXES = ("", "_mask", "_label", "_segmentation")
 """Mask stem = image stem + one of these (any case): the namings of every set this project reads."""
 
 
-def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -> Listing:
+def validate(tree: Tree, masks_required: bool, origin: str = "as distributed",
+             fix: str = "pass --rewrite to list the folders afresh instead") -> Listing:
     """Check ``tree.base/meta.json`` as described above; return it (re-rooted to ``tree.root``).
 
     ``masks_required``: every anomalous sample must list a mask (a set with pixel ground
-    truth); ``origin`` words the report's note.
+    truth); ``origin`` words the report's note, ``fix`` the way out named in errors.
     """
     path = tree.base / "meta.json"
     shown = tree.rel(path)
-    fix = "pass --rewrite to list the folders afresh instead"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -70,7 +70,7 @@ def validate(tree: Tree, masks_required: bool, origin: str = "as distributed") -
     if tree.base != tree.root:
         meta = _prefixed(meta, PurePosixPath(tree.rel(tree.base)))
         notes.append(f"wrote a copy with paths prefixed by {tree.rel(tree.base)}/ as the dataset folder's meta.json")
-    return Listing(meta, notes, accepted=tree.base == tree.root)
+    return Listing(meta, notes, accepted=tree.base == tree.root, repair=fix)
 
 
 def _check_sample(sample: object, where: str, cls_name: str, fix: str) -> None:

@@ -277,7 +277,7 @@ def test_accepted_meta_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
     fails(capsys, "headct", tmp_path / "stale", "headct/test/defect/c.png is not in meta.json")
     adaclip("headct", False)(tmp_path / "lost")
     (tmp_path / "lost/headct/test/good/a.png").unlink()
-    fails(capsys, "headct", tmp_path / "lost", "image file not found: headct/test/good/a.png")
+    fails(capsys, "headct", tmp_path / "lost", "image file not found: headct/test/good/a.png", "or pass --rewrite")
     fails(capsys, "headct", tmp_path / "lost", "--classes does not apply to meta.json, which came with the download",
           "--rewrite", args=("--classes", "headct"))
 
