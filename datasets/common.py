@@ -21,8 +21,8 @@ from typing import Any
 from tabulate import tabulate
 from tqdm import tqdm
 
-from crane.data.dataset import DatasetError
-from datasets.decode import Damaged, check_image, check_mask, quiet
+from crane.data.meta import DatasetError
+from crane.data.decode import Damaged, check_image, check_mask, quiet
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MARKER = "generated_by"

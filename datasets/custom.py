@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import (
     Layout,
     Listing,

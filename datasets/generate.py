@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets import custom, dagm, kolektor, mvtec_like, visa
 from datasets.common import (
     Layout,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import (
     RESTORE,
     Layout,
@@ -29,7 +29,7 @@ from datasets.common import (
     stem_index,
     subdirs,
 )
-from datasets.decode import Damaged, check_mask, quiet
+from crane.data.decode import Damaged, check_mask, quiet
 
 CLASS = "electrical commutators"
 SUFFIX = "_label"

@@ -24,7 +24,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import (
     RESTORE,
     Layout,

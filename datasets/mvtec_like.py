@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import (
     Layout,
     Listing,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import PurePosixPath
 
-from crane.data.dataset import SAMPLE_KEYS, DatasetError
+from crane.data.meta import SAMPLE_KEYS, DatasetError
 from datasets.common import Listing, Meta, Tree, child, image_files, subdirs
 
 SPLITS = ("train", "test")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import count_table
 from datasets.generate import generate
 

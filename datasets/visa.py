@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path, PurePosixPath
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import (
     RESTORE,
     Layout,

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from datasets.decode import Damaged, check_image, check_mask, quiet  # noqa: E402
+from crane.data.decode import Damaged, check_image, check_mask, quiet  # noqa: E402
 from datasets.generate import main  # noqa: E402
 from tests.test_dataset_layouts import (  # noqa: E402
     adaclip,

@@ -8,80 +8,19 @@ wrong with the listing is checked before any model work and reported as one
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
 
-from crane.data.image import ImageReadError, load_mask, load_rgb, preprocess
+from crane.data.decode import Damaged, check_image, check_mask, quiet
+from crane.data.image import load_mask, preprocess
+from crane.data.meta import SAMPLE_KEYS, SPLITS, DatasetError, _regenerate_hint, read_meta
 
-SPLITS = ("train", "test")
-SAMPLE_KEYS = {"img_path": str, "mask_path": str, "cls_name": str, "specie_name": str, "anomaly": int}
-
-
-class DatasetError(ValueError):
-    """A dataset folder or its ``meta.json`` is missing, malformed or inconsistent."""
-
-
-def _regenerate_hint(root: Path) -> str:
-    return f"regenerate it with `python -m datasets.generate <dataset-key> {root}` (or `custom` for your own layout)"
-
-
-def read_meta(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Read and check the structure of ``root/meta.json``; raise ``DatasetError`` when it is unusable."""
-    meta_path = root / "meta.json"
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}; pass the folder the dataset archive was unpacked to")
-    if not meta_path.is_file():
-        raise DatasetError(f"{meta_path} not found; create it with `python -m datasets.generate <dataset-key> {root}` "
-                           "(keys: mvtec visa mpdd btad sdd dtd dagm headct brainmri br35h isic tn3k cvc-colondb "
-                           "cvc-clinicdb, or custom)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{meta_path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-                           f"{_regenerate_hint(root)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {meta_path}: {e}; {_regenerate_hint(root)}") from None
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(split), dict) for split in SPLITS):
-        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise DatasetError(f"{meta_path}: expected an object with keys 'train' and 'test' mapping class names "
-                           f"to sample lists, found {found}; {_regenerate_hint(root)}")
-    for split in SPLITS:
-        for cls_name, samples in meta[split].items():
-            if not isinstance(samples, list):
-                raise DatasetError(f"{meta_path}: {split}/{cls_name} is not a list of samples; "
-                                   f"{_regenerate_hint(root)}")
-            for i, sample in enumerate(samples):
-                _check_sample(sample, f"{split}/{cls_name}[{i}]", cls_name, meta_path)
-    return meta
-
-
-def _check_sample(sample: Any, where: str, cls_name: str, meta_path: Path) -> None:
-    hint = _regenerate_hint(meta_path.parent)
-    if not isinstance(sample, dict):
-        raise DatasetError(f"{meta_path}: {where} is not an object; {hint}")
-    for key, kind in SAMPLE_KEYS.items():
-        if key not in sample:
-            raise DatasetError(f"{meta_path}: {where} lacks the key '{key}'; {hint}")
-        if not isinstance(sample[key], kind) or isinstance(sample[key], bool):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] should be a {kind.__name__}, "
-                               f"got {sample[key]!r}; {hint}")
-    if sample["anomaly"] not in (0, 1):
-        raise DatasetError(f"{meta_path}: {where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {hint}")
-    if sample["cls_name"] != cls_name:
-        raise DatasetError(f"{meta_path}: {where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {hint}")
-    for key in ("img_path", "mask_path"):
-        path = PurePosixPath(sample[key])
-        if path.is_absolute() or ".." in path.parts or (key == "img_path" and not sample[key]):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] must be a path relative to the dataset folder, "
-                               f"got {sample[key]!r}; {hint}")
-
+__all__ = ["CraneDataset", "DatasetError", "SAMPLE_KEYS", "SPLITS", "read_meta"]
 
 def _keep(n: int, count: int, rng: random.Random) -> list[int]:
     """Indices of ``count`` of ``n`` items picked with ``rng``, in their original order."""
@@ -175,27 +114,26 @@ class CraneDataset(Dataset):
 
         ``meta.json`` itself (existence, JSON syntax, keys, value types) and the requested
         classes (known, non-empty) are checked when the dataset is built, before this.
-        Raises ``DatasetError`` naming the first bad file and the fix.
+        Decoding is complete (:mod:`crane.data.decode`: containers checked, every pixel decoded), so a
+        truncated file of any format is found here. Raises ``DatasetError`` naming the first bad file
+        and the fix.
         """
-        for sample in self.samples if indices is None else (self.samples[i] for i in indices):
-            for key, kind in (("img_path", "image"), ("mask_path", "mask")):
-                if not sample[key]:
-                    continue
-                path = self.root / sample[key]
-                if not path.is_file():
-                    raise DatasetError(f"{kind} file not found: {path} (listed in {self.meta_path}); restore it from "
-                                       f"the dataset archive or {_regenerate_hint(self.root)}")
-                if decode:
-                    self._check_decodes(path, kind)
+        with quiet():
+            for sample in self.samples if indices is None else (self.samples[i] for i in indices):
+                for key, kind in (("img_path", "image"), ("mask_path", "mask")):
+                    if not sample[key]:
+                        continue
+                    path = self.root / sample[key]
+                    if not path.is_file():
+                        raise DatasetError(f"{kind} file not found: {path} (listed in {self.meta_path}); restore it "
+                                           f"from the dataset archive or {_regenerate_hint(self.root)}")
+                    if decode:
+                        self._check_decodes(path, kind)
 
     def _check_decodes(self, path: Path, kind: str) -> None:
         try:
-            if kind == "image":
-                load_rgb(path)
-            else:
-                with Image.open(path) as img:
-                    img.load()
-        except (ImageReadError, OSError, SyntaxError, ValueError) as e:
+            (check_image if kind == "image" else check_mask)(path)
+        except Damaged as e:
             raise DatasetError(f"unreadable {kind} {path} ({e}); replace it with an intact copy from the dataset "
                                f"archive or delete it and {_regenerate_hint(self.root)}") from None
 

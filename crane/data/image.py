@@ -8,11 +8,13 @@ palette / grayscale images are expanded to RGB.
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so image reading stays torch-free
+    import torch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,7 +102,7 @@ file's own mode, then convert to RGB, as the published transform does (16-bit va
 images are resized with nearest, RGBA with alpha-weighted resampling)."""
 
 
-def preprocess(image: ImageInput, size: int, mode: str = "crane") -> torch.Tensor:
+def preprocess(image: ImageInput, size: int, mode: str = "crane") -> "torch.Tensor":
     """CLIP input of the published code: ``3 x size x size`` float32.
 
     PIL bicubic (antialiased) resize to ``size x size`` with no crop, ``ToTensor``,
@@ -112,6 +114,8 @@ def preprocess(image: ImageInput, size: int, mode: str = "crane") -> torch.Tenso
         rgb = _published_resize(image, size)
     else:
         rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
+    import torch
+
     x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(3, 1, 1)
@@ -131,7 +135,7 @@ def _published_resize(image: ImageInput, size: int) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {e}") from None
 
 
-def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
+def load_mask(mask: ImageInput | None, size: int) -> "torch.Tensor":
     """Ground-truth mask as a ``size x size`` float32 tensor of {0, 1}.
 
     Binarised as published: ``convert("L") > 0`` (so an RGBA or LA mask is judged by its
@@ -139,6 +143,8 @@ def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
     resized with PIL bilinear (antialiased) and thresholded at 0.5. ``None`` or ``""``
     gives an all-zero mask. Arrays are taken as the pixel values of an image of that shape.
     """
+    import torch
+
     if mask is None or (isinstance(mask, str) and mask == ""):
         return torch.zeros(size, size)
     if isinstance(mask, (str, os.PathLike)):
