@@ -110,6 +110,13 @@ def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: Pos
     return planes.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
 
 
+def resolve_vfm_weights(name: str) -> str:
+    """The cached weights file of VFM ``name``; ``WeightsNotFoundError`` (what to fetch, where) when absent."""
+    if name not in VFMS:
+        raise ValueError(f"unknown dino_model {name!r}; choose none, {', '.join(VFMS)}")
+    return _resolve_file(name, VFMS[name])
+
+
 def _resolve_file(name: str, spec: VfmSpec) -> str:
     """Find Meta's checkpoint in the torch hub cache or timm's in the HF cache; fail fast otherwise."""
     local = torch_hub_checkpoint(spec.meta_file)
@@ -196,23 +203,32 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     """Build the frozen VFM ``name`` (``dinov2``, ``dino`` or ``sam``) for input size ``image_size``.
 
     ``weights``: ``None`` (look in the torch hub and Hugging Face caches), a file
-    (Meta's checkpoint or a timm state dict) or an in-memory state dict; timm's
-    checkpoint filter converts Meta's layout. DINOv2 and DINO v1 keep the weights' own
-    position-embedding grid and resample it per input by the hub rule (module
-    docstring); ``image_size`` is only checked (DINOv2 needs a multiple of 14).
+    (Meta's checkpoint or a timm state dict), an in-memory state dict, or ``"synthetic"``
+    (timm's random initialisation, seed 0: meaningless features, for offline pipeline
+    runs); timm's checkpoint filter converts Meta's layout. DINOv2 and DINO v1 keep the
+    weights' own position-embedding grid (``"synthetic"``: the native one) and resample it
+    per input by the hub rule (module docstring); ``image_size`` is only checked (DINOv2
+    needs a multiple of 14).
     """
     import timm
 
     if name not in VFMS:
         raise ValueError(f"unknown dino_model {name!r}; choose none, {', '.join(VFMS)}")
     spec = VFMS[name]
-    sd = _load_state_dict(name, spec, weights)
     kwargs = {} if spec.norm_eps is None else dict(norm_layer=partial(nn.LayerNorm, eps=spec.norm_eps))
     if not spec.fixed_input:
         if not spec.floor_input and image_size % spec.patch:
             raise ValueError(f"{name} needs an image size that is a multiple of {spec.patch} (as the hub model "
                              f"asserts), got {image_size}")
-        kwargs.update(img_size=_weights_grid(sd) * spec.patch, dynamic_img_size=True)
+        kwargs.update(dynamic_img_size=True)
+    if isinstance(weights, str) and weights == "synthetic":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+        return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
+    sd = _load_state_dict(name, spec, weights)
+    if not spec.fixed_input:
+        kwargs.update(img_size=_weights_grid(sd) * spec.patch)
     with torch.device("meta"):  # no random initialisation: every tensor comes from the weights
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn")
