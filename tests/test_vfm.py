@@ -195,11 +195,6 @@ def test_features_equal_the_hub_model(name):
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=f"{name} at {size}")
 
 
-def test_dinov2_size_must_be_a_multiple_of_the_patch():
-    with pytest.raises(ValueError, match="multiple of 14"):
-        load_vfm("dinov2", {}, image_size=120)  # checked before the weights are read
-
-
 def test_sam_blocks_use_the_hub_layer_norm_epsilon():
     """segment_anything builds SAM's ViT with LayerNorm(eps=1e-6); timm's samvit defaults to 1e-5."""
     import timm

@@ -207,8 +207,9 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     (timm's random initialisation, seed 0: meaningless features, for offline pipeline
     runs); timm's checkpoint filter converts Meta's layout. DINOv2 and DINO v1 keep the
     weights' own position-embedding grid (``"synthetic"``: the native one) and resample it
-    per input by the hub rule (module docstring); ``image_size`` is only checked (DINOv2
-    needs a multiple of 14).
+    per input by the hub rule (module docstring), so ``image_size`` does not shape the
+    model (DINOv2 inputs must be a multiple of 14: timm's patch embedding asserts it at
+    forward time, as the hub's does).
     """
     import timm
 
@@ -217,9 +218,6 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     spec = VFMS[name]
     kwargs = {} if spec.norm_eps is None else dict(norm_layer=partial(nn.LayerNorm, eps=spec.norm_eps))
     if not spec.fixed_input:
-        if not spec.floor_input and image_size % spec.patch:
-            raise ValueError(f"{name} needs an image size that is a multiple of {spec.patch} (as the hub model "
-                             f"asserts), got {image_size}")
         kwargs.update(dynamic_img_size=True)
     if isinstance(weights, str) and weights == "synthetic":
         with torch.random.fork_rng(devices=[]):
