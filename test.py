@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
     add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
     g.add_argument("--why", default=None, help="a note on the purpose of the run, kept in metrics.json")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="write the seconds spent per pipeline stage (decode, model, smoothing, gather, files, "
+                        "metrics) and images per second to FILE (JSON)")
     g = p.add_argument_group("published flags without effect here (accepted so published command lines run)")
     g.add_argument("--type", default=d.type, help="the published loader's mode; evaluation is always 'test'")
     g.add_argument("--aug_rate", type=float, default=d.aug_rate, help="training augmentation; never applied at test")

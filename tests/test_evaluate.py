@@ -126,11 +126,13 @@ def _pixel_set(samples: list[dict]) -> list[dict]:
 
 
 def _published_aupro(masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
-    """The published ``cal_pro_score`` loop (AnomalyCLIP / Crane), verbatim in substance."""
+    """The AUPRO the published test.py calls (``cal_pro_score_gpu``), in substance: the grid over the
+    Python-float extremes, each threshold compared in the maps' dtype (``tensor > float`` in torch)."""
     binary_amaps = np.zeros_like(amaps, dtype=bool)
-    min_th, max_th = amaps.min(), amaps.max()
+    min_th, max_th = float(amaps.min()), float(amaps.max())
     pros, fprs = [], []
     for th in np.arange(min_th, max_th, (max_th - min_th) / max_step):
+        th = amaps.dtype.type(th)
         binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
         pro = []
         for binary_amap, mask in zip(binary_amaps, masks):
