@@ -89,6 +89,8 @@ PUBLISHED_WORKER_SEED = 111
 DISK_CACHE_FOLDER = ".feature_cache"
 """``--feature_cache disk`` keeps entries under ``SAVE_PATH/.feature_cache/KEY`` (shared by the runs of a save
 path; KEY covers the weights and options, each entry's name the image and mask files)."""
+VIT_L_BLOCKS = 24
+"""Blocks of the ViT-L/14 vision tower (and of ``--clip_weights synthetic``)."""
 NO_EFFECT_FLAGS = {"why": "a note for the run's records", "train_data_path": "replaced by DATASETS_ROOT_DIR/DATASET"}
 """Published flags that change nothing here (as in the published script); said once when given."""
 
@@ -218,6 +220,10 @@ def _check_options(opts: TrainOptions) -> None:
         (not 0.0 <= opts.train_with_img_cls_prob <= 1.0,
          f"--train_with_img_cls_prob must be in [0, 1], got {opts.train_with_img_cls_prob}"),
         (opts.image_size < 14, f"--image_size must be >= 14, got {opts.image_size}"),
+        (not opts.features_list, "--features_list needs at least one layer"),
+        (opts.clip_weights in ("openai", "synthetic") and any(not 1 <= int(f) <= VIT_L_BLOCKS for f in opts.features_list),
+         f"--features_list must name blocks 1..{VIT_L_BLOCKS} of the CLIP vision tower, got "
+         f"{' '.join(map(str, opts.features_list))}"),
         (opts.interpolation not in INTERPOLATIONS, f"--interpolation must be one of {', '.join(INTERPOLATIONS)}"),
         (opts.dino_model not in DINO_MODELS, f"--dino_model must be one of {', '.join(DINO_MODELS)}"),
         (opts.attn_type not in ATTN_TYPES, f"--attn_type must be one of {', '.join(ATTN_TYPES)}"),
@@ -363,6 +369,10 @@ def build_training_model(opts: TrainOptions) -> CraneModel:
     quiet.setLevel(logging.ERROR)
     try:
         model = build_model(opts.clip_weights, None, opts.dino_weights, config)
+    except ValueError as e:
+        if "features_list" in str(e):  # blocks outside a weights file's tower (known once it is read)
+            raise TrainError(f"--features_list: {e}") from None
+        raise
     finally:
         quiet.setLevel(level)
     if _needs_published_draws(opts):
@@ -534,13 +544,7 @@ class Trainer:
             return None
         if self.opts.feature_cache == "memory":
             return FeatureCache()
-        o = self.opts
-        key = options_key({"format": 2, "clip": file_identity(_weights_file(o.clip_weights)),
-                           "dino": file_identity(_vfm_file(o.dino_model, o.dino_weights)), "dino_model": o.dino_model,
-                           "image_size": o.image_size, "features_list": list(o.features_list),
-                           "attn_type": o.attn_type, "both_eattn_dattn": o.both_eattn_dattn,
-                           "dattn_batch_mean": o.dattn_batch_mean, "config": asdict(self.model.config)})
-        return FeatureCache(Path(o.save_path) / DISK_CACHE_FOLDER / key)
+        return FeatureCache(disk_cache_folder(self.opts, self.model.config))
 
     # -- resume -----------------------------------------------------------------
 
@@ -735,6 +739,19 @@ class Trainer:
             encode_seconds = 0.0
 
 
+def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
+    """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (resolved path, size and
+    modification time) and every option that changes the features; entries inside are named by their
+    image's and mask's identities, so changed files or weights are never served from the cache."""
+    key = options_key({"format": 2, "clip": file_identity(_weights_file(opts.clip_weights)),
+                       "dino": file_identity(_vfm_file(opts.dino_model, opts.dino_weights)),
+                       "dino_model": opts.dino_model, "image_size": opts.image_size,
+                       "features_list": list(opts.features_list), "attn_type": opts.attn_type,
+                       "both_eattn_dattn": opts.both_eattn_dattn, "dattn_batch_mean": opts.dattn_batch_mean,
+                       "config": asdict(config)})
+    return Path(opts.save_path) / DISK_CACHE_FOLDER / key
+
+
 def _weights_file(clip_weights: str) -> str:
     """The CLIP weights file behind ``clip_weights`` (``openai`` resolved to the cached file)."""
     if clip_weights == "openai":
@@ -811,7 +828,10 @@ def train(opts: TrainOptions) -> Path:
         next(plans)  # an empty mosaic pool fails here, before the model loads, as it would fail the published run
     if opts.init_checkpoint is not None:
         _check_init_checkpoint(opts)
-    check_run_folder(opts, world_size)
+    done = check_run_folder(opts, world_size)
+    if done >= opts.epoch:
+        log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
+        return run_dir(opts)
     _say_no_effect(opts)
     nprocs = len(devices) if "WORLD_SIZE" not in os.environ else 1
     try:
