@@ -28,13 +28,10 @@ The draws, in order (``Wv``/``Wt`` vision/text width, ``E`` joint width):
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 EATTN_MODULES = 19
 """``replace_with_EAttn(to_layer=20)`` builds one self-correlation module per block 1..19 from the end."""
