@@ -5,6 +5,10 @@ split (``train``, ``test``) to ``{class: [sample, ...]}``; paths are relative to
 the dataset folder (see ``shared/spec/datasets.md``). Everything that can go
 wrong with the listing is checked before any model work and reported as one
 ``DatasetError`` line naming the file and the fix.
+
+:func:`training_order` gives the samples the published ``train.py`` trains on
+(its ``k_shot`` / ``portion`` selection); :class:`CraneDataset`'s own ``k_shot`` /
+``portion`` are the test-time subset of our ``test.py`` (the published test ignores both).
 """
 from __future__ import annotations
 
@@ -153,3 +157,32 @@ class CraneDataset(Dataset):
             "img_path": sample["img_path"],
             "has_mask": bool(mask_path),
         }
+
+
+def training_order(parts: Sequence[CraneDataset], k_shot: int = 0, portion: float = 1.0, seed: int = 111
+                   ) -> list[tuple[int, int]]:
+    """The training samples of the published ``train.py`` over several datasets, in its order.
+
+    Returns ``(dataset number, sample index)`` pairs into ``parts``. Classes are merged by name
+    across the datasets, in the order they are first met (``meta.json`` order); a class lists
+    the samples of each dataset in turn. Unless ``k_shot == 0`` and ``portion == 1``, each class
+    keeps, with ``k_shot > 0``, ``min(k_shot // 2, n)`` of its ``n`` normal samples and as many
+    of its anomalous ones (``portion`` is then ignored), else ``int(n * portion)`` of each label.
+    The picks are ``random.Random(seed).sample`` draws, class by class, normal before anomalous,
+    and the kept samples are listed in the order drawn: the published stream, which samples with
+    the global ``random`` right after seeding it with ``--seed``.
+    """
+    merged: dict[str, list[tuple[int, int]]] = {}
+    for number, part in enumerate(parts):
+        for index, sample in enumerate(part.samples):
+            merged.setdefault(sample["cls_name"], []).append((number, index))
+    if k_shot == 0 and portion == 1.0:
+        return [item for items in merged.values() for item in items]
+    rng = random.Random(seed)
+    kept: list[tuple[int, int]] = []
+    for items in merged.values():
+        by_label = [[it for it in items if parts[it[0]].samples[it[1]]["anomaly"] == label] for label in (0, 1)]
+        for group in by_label:
+            count = min(k_shot // 2, len(group)) if k_shot > 0 else int(len(group) * portion)
+            kept.extend(group[j] for j in rng.sample(range(len(group)), count))
+    return kept
