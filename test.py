@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, add_bool_flag, add_data_flags, add_model_flags,
-                            add_weight_flags, explicit_flags, setup_logging)
+                            add_precision_flags, add_weight_flags, explicit_flags, setup_logging)
 from crane.data.image import PREPROCESSING
 from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU indices; more than one spawns one process per index (with --device cpu: that many CPU processes)")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="images per forward pass and process")
     g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: auto)")
+    add_precision_flags(g, d.precision, d.compile)
     g.add_argument("--aupro_method", choices=AUPRO_METHODS, default=d.aupro_method,
                    help="crane: published 200-threshold AUPRO; mvtec: MVTec AD official")
     add_bool_flag(g, "--metrics_as_published", d.metrics_as_published,

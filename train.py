@@ -23,7 +23,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import MAP_FLAGS, add_bool_flag, add_data_flags, add_model_flags, add_weight_flags
+from crane.cli_args import (MAP_FLAGS, add_bool_flag, add_data_flags, add_model_flags, add_precision_flags,
+                            add_weight_flags)
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, USER_ERRORS, TrainOptions, train
 
 INTERRUPTED = 130
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the frozen image features in memory, on disk under SAVE_PATH/.feature_cache, or "
                         "recompute them every epoch (off: the published cost)")
     g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: 0 on CPU, up to 4 per GPU)")
+    add_precision_flags(g, d.precision, d.compile)
     g = p.add_argument_group("output")
     g.add_argument("--model_name", default=d.model_name, help="run name: SAVE_PATH/trained_on_{datasets}_{MODEL_NAME}")
     g.add_argument("--save_path", default=d.save_path, help="folder of the run folders")

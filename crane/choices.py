@@ -11,3 +11,15 @@ IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "
 
 AUPRO_METHODS = ("crane", "mvtec")
 """AUPRO definitions of :func:`crane.metrics.aupro`."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""``--precision`` of the backbones: fp32 (the published arithmetic, the default), bf16 or fp16 autocast."""
+
+
+def precision_error(precision: str, device: str) -> "str | None":
+    """Why ``precision`` cannot run on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ...), as one line; ``None`` if it can."""
+    if precision not in PRECISIONS:
+        return f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        return "--precision fp16 needs a GPU (CUDA); on the CPU use bf16 or fp32"
+    return None

@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from crane import __version__
-from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_weight_flags, default_datasets_root
+from crane.choices import precision_error
+from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_precision_flags, add_weight_flags, default_datasets_root
 from crane.thresholds import (IMAGE_CRITERIA, Thresholds, confusion, default_path, load_thresholds, max_f1_threshold,
                               parse_override, save_thresholds, youden_threshold)
 
@@ -61,7 +62,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_weight_flags(g, "openai", defaults_in_help=True)
     add_model_flags(g, MODEL_DEFAULTS, skip=PROMPT_FLAGS, defaults_in_help=True)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available) (default: auto)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default: fp32)")
+    add_precision_flags(g, defaults_in_help=True)
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
 
 
@@ -144,7 +145,7 @@ def build_detector(args: argparse.Namespace):
     from crane.models.crane import CraneConfig
 
     model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
-    return Detector(model, _device(args.device), args.precision, args.batch_size)
+    return Detector(model, _device(args.device), args.precision, args.batch_size, args.compile)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -526,6 +527,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch_size must be at least 1", file=sys.stderr)
+        return 2
+    if hasattr(args, "precision") and precision_error(args.precision, _device(args.device)):
+        print(f"error: {precision_error(args.precision, _device(args.device))}", file=sys.stderr)
         return 2
     if args.command in ("predict", "calibrate") and args.checkpoint is None:
         args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")

@@ -11,11 +11,11 @@ import os
 from typing import Any, Collection
 
 from crane.checkpoints import MODEL_SETTING_KEYS
-from crane.choices import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES
+from crane.choices import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, PRECISIONS
 
-__all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PROMPT_FLAGS",
-           "add_bool_flag", "add_data_flags", "add_model_flags", "add_weight_flags", "default_datasets_root",
-           "explicit_flags", "setup_logging", "str2bool", "INTERRUPTED", "LOG_FORMAT"]
+__all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PRECISIONS", "PROMPT_FLAGS",
+           "add_bool_flag", "add_data_flags", "add_model_flags", "add_precision_flags", "add_weight_flags",
+           "default_datasets_root", "explicit_flags", "setup_logging", "str2bool", "INTERRUPTED", "LOG_FORMAT"]
 
 MAP_FLAGS = ("soft_mean", "sigma")
 """Model flags that only shape the test-time maps (``train.py`` has none of them)."""
@@ -131,6 +131,18 @@ def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults
     group.add_argument("--dino_weights", default=None, metavar="W",
                        help="VFM weights for --dino_model: a file, or 'synthetic' (random weights: meaningless "
                             "numbers, for offline pipeline runs) (default: the torch hub / HF cache)")
+
+
+def add_precision_flags(group: argparse._ArgumentGroup, precision: str = "fp32", compile: bool = False,
+                        defaults_in_help: bool = False) -> None:
+    """``--precision fp32|bf16|fp16`` and ``--compile`` (see :mod:`crane.models.precision`)."""
+    group.add_argument("--precision", choices=PRECISIONS, default=precision,
+                       help=_help("autocast dtype of the image side (CLIP vision tower, VFM); the text features and "
+                                  "the head stay fp32. fp32 is the published arithmetic (use it to reproduce); bf16 "
+                                  "and fp16 (GPU only) change the numbers slightly", defaults_in_help))
+    add_bool_flag(group, "--compile", compile, "run the image side through torch.compile (the first batch pays the "
+                                               "compilation; uncompiled, with a warning, where it fails)",
+                  defaults_in_help)
 
 
 def add_data_flags(group: argparse._ArgumentGroup, defaults: Any, k_shot_help: str = "keep K images per class (0: all)",

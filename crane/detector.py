@@ -1,7 +1,6 @@
 """The public inference API: :class:`Detector` and :class:`Prediction`."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -13,12 +12,13 @@ import torch
 from .data.image import ImageInput, preprocess
 from .models.clip_loader import ClipWeights, load_clip
 from .models.crane import CraneConfig, CraneModel
+from .choices import precision_error
+from .models.precision import autocast, maybe_compiled
 from .models.smoothing import gaussian_smooth
 from .models.prompts import load_prompt_checkpoint
 from .models.vfm import VfmWeights, load_vfm
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -68,20 +68,26 @@ class Detector:
 
     Results do not depend on how images are batched (unless ``dattn_batch_mean``).
     Build one with :meth:`from_config`.
+
+    ``precision``: ``"fp32"`` (default, the published arithmetic), ``"bf16"`` or ``"fp16"``
+    (GPU only): autocast on the image side (CLIP vision tower, VFM); text features and head
+    stay float32 (:mod:`crane.models.precision`). ``compile``: run the image side through
+    ``torch.compile`` (the first batch, and each new batch shape, pays the compilation; it
+    runs uncompiled, with one warning, where compiling fails).
     """
 
     def __init__(self, model: CraneModel, device: Union[str, torch.device] = "cpu", precision: str = "fp32",
-                 batch_size: int = 8) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+                 batch_size: int = 8, compile: bool = False) -> None:
         self.device = torch.device(device)
+        problem = precision_error(precision, self.device.type)
+        if problem:
+            raise ValueError(problem)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' requested but no CUDA GPU is available; use device='cpu'")
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision='fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.batch_size = batch_size
+        self._encode_image = maybe_compiled(self.model.encode_image, compile, "the image encoder")
         self.refresh_text_features()
 
     @classmethod
@@ -90,13 +96,13 @@ class Detector:
                     dino_weights: VfmWeights = None, features_list: Sequence[int] = (24,), soft_mean: bool = False,
                     image_size: int = 518, attn_type: str = "qq+kk+vv", sigma: float = 4,
                     dattn_batch_mean: bool = False, device: str = "cpu", precision: str = "fp32",
-                    batch_size: int = 8, **options) -> "Detector":
+                    batch_size: int = 8, compile: bool = False, **options) -> "Detector":
         """Build a detector. ``options`` are further :class:`CraneConfig` fields
         (``both_eattn_dattn``, ``use_scorebase_pooling``, ``layer_aliasing``, ``n_ctx``, ...)."""
         config = CraneConfig(features_list=tuple(int(f) for f in features_list), dino_model=dino_model,
                              soft_mean=soft_mean, image_size=image_size, attn_type=attn_type, sigma=sigma,
                              dattn_batch_mean=dattn_batch_mean, **options)
-        return cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size)
+        return cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size, compile)
 
     @property
     def config(self) -> CraneConfig:
@@ -106,11 +112,6 @@ class Detector:
         """Recompute the cached text features (after changing the prompt learner)."""
         with torch.no_grad():
             self.text_features = self.model.text_features()
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     @torch.no_grad()
     def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False
@@ -132,8 +133,8 @@ class Detector:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
         maps ``B x S x S``, float32. The copy of ``images`` to the device does not block."""
-        with self._autocast():
-            features = self.model.encode_image(images.to(self.device, non_blocking=True))
+        with autocast(self.device.type, self.precision):
+            features = self._encode_image(images.to(self.device, non_blocking=True))
         text = self.text_features if image_token_type is None else \
             self.model.text_features(features.image_embedding, image_token_type)
         logits = self.model.patch_logits(features, text)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from crane import metrics
 from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, read_checkpoint
+from crane.choices import precision_error
 from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
                             setup_logging)
 from crane.data.dataset import CraneDataset, DatasetError
@@ -92,6 +93,8 @@ class EvalOptions:
     devices: Sequence[int] = (0,)
     batch_size: int = 8
     num_workers: Optional[int] = None
+    precision: str = "fp32"
+    compile: bool = False
     features_list: Sequence[int] = (24,)
     dino_model: str = "dinov2"
     soft_mean: bool = False
@@ -191,7 +194,8 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
     the images count per class (see :func:`_sample_identities`). How the run is executed
     (devices, batch size, workers, output folder, whether maps or panels are saved) is
     left out, so equal results give equal files; the batch size counts only with published
-    batching, where it changes the maps.
+    batching, where it changes the maps. The precision counts (bf16 / fp16 change the numbers);
+    ``compile`` does not (it only reorders float operations, as other thread counts do).
     """
     settings = {
         "dataset": opts.dataset,
@@ -218,6 +222,7 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
         "aupro_method": opts.aupro_method,
         "preprocessing": opts.preprocessing,
         "metrics_as_published": bool(opts.metrics_as_published),
+        "precision": opts.precision,
     }
     if published_batching(opts):
         settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
@@ -267,6 +272,9 @@ def _check_options(opts: EvalOptions) -> None:
         raise EvalError("--batch_size must be >= 1, --image_size >= 14 and --devices must list at least one index")
     if opts.sigma < 0:
         raise EvalError(f"--sigma must be >= 0 (0: no smoothing), got {opts.sigma}")
+    problem = precision_error(opts.precision, opts.device)
+    if problem:
+        raise EvalError(problem)
     checkpoint = checkpoint_path(opts)
     if not checkpoint.is_file():
         hint = ("pass --checkpoint FILE, or --model_name NAME --epoch N for checkpoints/NAME/epoch_N.pth (shipped: "
@@ -394,7 +402,7 @@ def build_detector(opts: EvalOptions, checkpoint: Path, device: torch.device):
         if isinstance(e, USER_ERRORS):
             raise
         raise EvalError(str(e)) from None
-    return Detector(model, device, batch_size=opts.batch_size)
+    return Detector(model, device, opts.precision, opts.batch_size, opts.compile)
 
 
 def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None,
@@ -689,6 +697,7 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
     if plan.pending:
         torch.manual_seed(opts.seed)
         detector = build_detector(opts, plan.checkpoint, ctx.device)
+        timer.restart()  # stages and images/s count from here: building the model is not throughput
         dataset = _dataset(opts, plan.root, validate=False)
         schedule = _Schedule(plan, dataset)
         loader = _loader(dataset, schedule.rank_batches(ctx), opts, ctx)

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from crane.models.crane import CraneModel, ImageFeatures
+from crane.models.precision import autocast, maybe_compiled
 
 Entry = dict[str, Any]
 """One image's cached features (CPU tensors): ``embedding`` ``E``; ``sets``, the distinct token
@@ -35,19 +36,29 @@ DATTN = -1
 
 
 class FrozenImageEncoder:
-    """``model.encode_image`` in two steps: :meth:`encode` (per image, cacheable) and :meth:`assemble` (per batch)."""
+    """``model.encode_image`` in two steps: :meth:`encode` (per image, cacheable) and :meth:`assemble` (per batch).
 
-    def __init__(self, model: CraneModel) -> None:
+    ``precision``: the image side runs under that autocast (``fp32``: none); the embeddings and
+    token sets stay float32 (:mod:`crane.models.precision`). ``compile``: the per-image part runs
+    through ``torch.compile`` (uncompiled, with a warning, where compiling fails).
+    """
+
+    def __init__(self, model: CraneModel, precision: str = "fp32", compile: bool = False) -> None:
         self.model = model
+        self.precision = precision
         self.batch_mean = model.vfm is not None and model.config.dattn_batch_mean
+        self._encode_image = maybe_compiled(model.encode_image, compile and not self.batch_mean, "the image encoder")
+        self._image_parts = maybe_compiled(model.image_parts, compile and self.batch_mean, "the image encoder")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[Entry]:
         """``B x 3 x S x S`` CLIP-normalised images -> one entry per image (tensors on CPU)."""
         if not self.batch_mean:
-            feats = self.model.encode_image(images)
+            with autocast(images.device.type, self.precision):
+                feats = self._encode_image(images)
             return [_entry(feats.image_embedding[i], [s[i] for s in feats.patch_tokens]) for i in range(len(images))]
-        parts = self.model.image_parts(images)
+        with autocast(images.device.type, self.precision):
+            parts = self._image_parts(images)
         layout = self.model.set_layout
         entries = []
         for i in range(len(images)):
@@ -74,7 +85,8 @@ class FrozenImageEncoder:
         """D-Attn token sets by layer (``B x L x E``) with the mean of ``Sim`` over this batch (quirk 3)."""
         inputs = {layer: torch.stack([e["dattn_t"][layer] for e in entries]).to(device) for layer in entries[0]["dattn_t"]}
         feats = torch.stack([e["dattn_feats"] for e in entries]).to(device)
-        return self.model.dattn_sets(inputs, feats)
+        with autocast(torch.device(device).type, self.precision):
+            return self.model.dattn_sets(inputs, feats)
 
 
 def _entry(embedding: torch.Tensor, sets: Sequence[Optional[torch.Tensor]]) -> Entry:

@@ -46,6 +46,13 @@ class StageTimer:
             with self._lock:
                 self.seconds[stage] += time.perf_counter() - start
 
+    def restart(self) -> None:
+        """Forget what was counted and start the wall clock again."""
+        with self._lock:
+            self.seconds.clear()
+            self.images = 0
+            self._start = time.perf_counter()
+
     def report(self) -> dict:
         """``{"wall_seconds", "images", "images_per_second", "seconds": {stage: s}, "share": {stage: fraction
         of the wall time}}``."""

@@ -58,6 +58,7 @@ from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Distribute
 from tqdm import tqdm
 
 from crane.checkpoints import OFFICIAL, metadata_entry, sha256_file
+from crane.choices import PRECISIONS, precision_error
 from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
 from crane.data.dataset import CraneDataset, DatasetError, training_order
 from crane.data.image import load_mask, preprocess
@@ -140,6 +141,8 @@ class TrainOptions:
     overwrite: bool = False
     feature_cache: str = "memory"
     num_workers: Optional[int] = None
+    precision: str = "fp32"
+    compile: bool = False
     type: str = "train"
     why: Optional[str] = None
     train_data_path: Optional[Sequence[str]] = None
@@ -154,12 +157,13 @@ def result_settings(opts: TrainOptions, world_size: int) -> dict[str, Any]:
     """The options that determine the trained prompts (a resumed run must match them).
 
     Not included: where files go, how many epochs (a run may be extended), how often
-    checkpoints are kept, the cache mode, the data-loading workers and the devices.
+    checkpoints are kept, the cache mode, the data-loading workers, the devices and ``compile``.
+    The image side's ``precision`` is included (bf16 / fp16 change the features).
     """
     keep = ("dataset", "seed", "learning_rate", "batch_size", "aug_rate", "k_shot", "portion", "image_size",
             "features_list", "interpolation", "depth", "n_ctx", "t_n_ctx", "train_with_img_cls_prob",
             "train_with_img_cls_type", "dino_model", "both_eattn_dattn", "use_scorebase_pooling", "attn_type",
-            "dattn_batch_mean", "clip_weights", "dino_weights", "init_checkpoint", "type")
+            "dattn_batch_mean", "clip_weights", "dino_weights", "init_checkpoint", "type", "precision")
     settings = {k: getattr(opts, k) for k in keep}
     settings["dataset"] = list(opts.dataset)
     settings["features_list"] = list(opts.features_list)
@@ -230,6 +234,7 @@ def _check_options(opts: TrainOptions) -> None:
         (opts.train_with_img_cls_type not in IMAGE_TOKEN_TYPES,
          f"--train_with_img_cls_type must be one of {', '.join(IMAGE_TOKEN_TYPES)}"),
         (opts.feature_cache not in FEATURE_CACHES, f"--feature_cache must be one of {', '.join(FEATURE_CACHES)}"),
+        (opts.precision not in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}"),
         (opts.resume and opts.overwrite, "--resume and --overwrite exclude each other: continue the run or replace it"),
         (opts.init_checkpoint is not None and not Path(opts.init_checkpoint).expanduser().is_file(),
          f"--init_checkpoint file not found: {opts.init_checkpoint}"),
@@ -535,7 +540,7 @@ class Trainer:
             text = DistributedDataParallel(text, device_ids=ids)
         self.text = text
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=opts.learning_rate, betas=ADAM_BETAS)
-        self.encoder = FrozenImageEncoder(self.model)
+        self.encoder = FrozenImageEncoder(self.model, opts.precision, opts.compile)
         self.cache = self._make_cache()
         self.metadata = metadata_entry(model_settings(opts), {**self.settings, "epochs": opts.epoch})
 
@@ -748,7 +753,7 @@ def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
                        "dino_model": opts.dino_model, "image_size": opts.image_size,
                        "features_list": list(opts.features_list), "attn_type": opts.attn_type,
                        "both_eattn_dattn": opts.both_eattn_dattn, "dattn_batch_mean": opts.dattn_batch_mean,
-                       "config": asdict(config)})
+                       "precision": opts.precision, "config": asdict(config)})
     return Path(opts.save_path) / DISK_CACHE_FOLDER / key
 
 
@@ -821,6 +826,9 @@ def train(opts: TrainOptions) -> Path:
     """
     _check_options(opts)
     device, devices = resolve_device(opts)
+    problem = precision_error(opts.precision, device)
+    if problem:
+        raise TrainError(problem)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if "WORLD_SIZE" in os.environ else len(devices)
     data = load_training_set(opts)
     plans = epoch_plans(data, opts, DistContext(0, world_size))
