@@ -101,10 +101,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reference(base_args, tmp_path_factory) -> Path:
-    """A single-process in-process run."""
+    """A single-process in-process run, decoding in the main process (no loader workers)."""
     out = tmp_path_factory.mktemp("run") / "single"
     with one_thread():
-        assert SCRIPT.main([*base_args, "--save_path", str(out)]) == 0
+        assert SCRIPT.main([*base_args, "--num_workers", "0", "--save_path", str(out)]) == 0
     return out
 
 
@@ -225,10 +225,13 @@ def test_undefined_metrics_are_null_and_left_out_of_the_mean(reference, data_roo
 
 
 def test_two_gloo_processes_write_the_same_files(reference, base_args, tmp_path):
+    """Two processes, each with a loader worker, against one process decoding in the main process
+    (tests/test_pipeline_speed.py compares 0 and 1 workers alone)."""
     out = tmp_path / "two"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "test.py"), *base_args, "--devices", "0", "1",
-                           "--save_path", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--num_workers", "1", "--save_path", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| mean" in proc.stdout
     for name in ("metrics.json", "predictions.csv", "metrics.md"):

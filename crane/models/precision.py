@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -23,10 +23,25 @@ PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.bfloat16, torch.flo
 
 
 def autocast(device_type: str, precision: str) -> ContextManager:
-    """The autocast context of ``precision`` on a device of ``device_type`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=PRECISIONS[precision])
+    """Where the image side runs: the autocast context of ``precision`` on a device of ``device_type``.
+
+    ``fp32`` is IEEE float32 on every device: on a GPU, TF32 is off inside the context (cuDNN
+    would otherwise run the patch-embedding convolutions in TF32, its default), so CUDA and CPU
+    agree to float32 rounding.
+    """
+    if precision != "fp32":
+        return torch.autocast(device_type, dtype=PRECISIONS[precision])
+    return _no_tf32() if device_type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 class CompiledOrEager:

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# GPU acceptance check of the evaluation and training pipeline (issue 11), on one GPU in under 8 minutes.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu_check/)
+#
+# Steps (each under its own time limit and the overall deadline; a step that cannot finish in the
+# time left is SKIPPED, never left running):
+#   1. precision   CUDA fp32 against the CPU on random ViT-L/14 weights, Crane and Crane+ at 518
+#                  (maps and scores within 1e-4), and the drift of bf16 / fp16 (scripts/precision_drift.py)
+#   2. torchrun    test.py under torchrun on one GPU (and an NCCL gather check), files equal to a plain
+#                  python test.py run; with 2+ GPUs also --devices 0 1 (NCCL gathering) = 1 GPU
+#   3. throughput  scripts/bench_throughput.py at 518 with ViT-L/14 widths, Crane and Crane+, bf16:
+#                  null model, full model, decoding alone (img/s, stage shares, peak GPU memory)
+#   4. training    train.py, 2 epochs with --feature_cache memory and off (and a bf16 epoch)
+#   5. fp32 speed  scripts/bench_throughput.py, full model in fp32 (Crane, Crane+)
+# Data and weights are generated on the fly (random weights, shipped prompt checkpoints); nothing is
+# downloaded. Figures go to OUT_DIR/figures.md (and the JSON files beside it), logs to OUT_DIR/*.log.
+# Exit status: 0 every step passed, 1 a step failed or timed out, 2 no GPU (nothing run).
+#
+# Environment: PYTHON (default .venv/bin/python, else python3); BENCH_IMAGES (default 512);
+# COMPILE=1 adds a --compile throughput run; DEADLINE seconds (default 460);
+# GPU_CHECK_DEVICE=cpu runs every step on the CPU at toy sizes (to test this script without a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
+fi
+OUT=${1:-gpu_check}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+DEADLINE=${DEADLINE:-460}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "$DEVICE" = cuda ]; then
+    if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "gpu_check.sh: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); nothing was run" >&2
+        exit 2
+    fi
+    NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+    # full sizes: ViT-L/14 widths at 518
+    SIZE=518; WIDTH=1024; DRIFT_IMAGES=4; BENCH_IMAGES=${BENCH_IMAGES:-512}; BATCH=32; SOURCE=1024
+    TINY_SIZE=518; NPROC_TORCHRUN=1; PRECISIONS="fp32 bf16 fp16"; TRAIN_BF16=bf16
+elif [ "$DEVICE" = cpu ]; then
+    NGPU=0
+    SIZE=56; WIDTH=64; DRIFT_IMAGES=2; BENCH_IMAGES=${BENCH_IMAGES:-8}; BATCH=4; SOURCE=128
+    TINY_SIZE=56; NPROC_TORCHRUN=2; PRECISIONS="bf16"; TRAIN_BF16=bf16
+else
+    echo "gpu_check.sh: GPU_CHECK_DEVICE must be cuda or cpu, got $DEVICE" >&2
+    exit 2
+fi
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+FIG=$OUT/figures.md
+DATA=$OUT/data
+export PY OUT DATA DEVICE NGPU SIZE WIDTH BENCH_IMAGES BATCH SOURCE TINY_SIZE NPROC_TORCHRUN TRAIN_BF16
+# CPU runs compare files byte for byte only at equal thread counts (one per process, as under torchrun)
+[ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1
+START=$SECONDS
+STATUS=()
+
+{
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo '```'
+    "$PY" -c 'import torch, platform, os
+print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version(), "cpus", os.cpu_count())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB")'
+    echo "device $DEVICE, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo '```'
+} > "$FIG" 2>&1
+cat "$FIG"
+
+left() { echo $((DEADLINE - (SECONDS - START))); }
+
+# step NAME LIMIT COMMAND...: run COMMAND (its output in OUT/NAME.log) under min(LIMIT, time left).
+step() {
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    local remaining
+    remaining=$(left)
+    if [ "$remaining" -lt 30 ]; then
+        STATUS+=("SKIP  $name (no time left under the ${DEADLINE}s deadline)")
+        echo "=== $name: SKIPPED (no time left)"
+        return 1
+    fi
+    [ "$limit" -gt "$remaining" ] && limit=$remaining
+    echo "=== $name (limit ${limit}s)"
+    # a new bash runs the step (the shell functions below are exported); timeout stops its whole process group
+    timeout --kill-after=15 "$limit" bash -c '"$@"' step "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    local took=$((SECONDS - t0))
+    if [ $rc -eq 0 ]; then
+        STATUS+=("PASS  $name (${took}s)")
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        STATUS+=("FAIL  $name (timed out after ${limit}s)")
+    else
+        STATUS+=("FAIL  $name (exit $rc, ${took}s; see $OUT/$name.log)")
+    fi
+    [ $rc -ne 0 ] && tail -n 15 "$OUT/$name.log" | sed 's/^/    /'
+    return $rc
+}
+
+# figures TITLE LOG: append the Markdown table lines (and summary lines) of LOG to the figures file.
+figures() {
+    { echo; echo "## $1"; echo; grep -E '^\||^[0-9]+ images|pipeline around|^FAIL|^max |^seconds' "$2" 2>/dev/null || true
+    } >> "$FIG"
+}
+
+# ----------------------------------------------------------------------------- 1. precision
+step precision 200 "$PY" scripts/precision_drift.py --device "$DEVICE" --reference_device cpu \
+    --precisions $PRECISIONS --variants crane cranep --images "$DRIFT_IMAGES" --image_size "$SIZE" --batch_size 2 \
+    --vision_width "$WIDTH" --fp32_tolerance 1e-4 --output "$OUT/precision.json"
+figures "1. precision: $DEVICE against CPU fp32 (random ViT weights, $DRIFT_IMAGES images at $SIZE)" "$OUT/precision.log"
+
+# ------------------------------------------------------------------------------ 2. torchrun
+tiny_data() {
+    [ -f "$DATA/tiny/meta.json" ] || "$PY" -m datasets.synthetic "$DATA/tiny" --classes 2 --train 0 --test-normal 3 \
+        --test-anomalous 3 --size 256 --overwrite
+}
+same_files() {  # same_files DIR_A DIR_B: the result files and maps are byte for byte equal
+    local a=$1 b=$2 f
+    for f in metrics.json predictions.csv; do cmp "$a/$f" "$b/$f" || return 1; done
+    diff -rq "$a/maps" "$b/maps"
+}
+torchrun_check() {
+    set -e
+    tiny_data
+    local args=(--dataset tiny --datasets_root_dir "$DATA" --model_name trained_on_mvtec_crane --clip_weights synthetic
+                --image_size "$TINY_SIZE" --device "$DEVICE" --batch_size 2 --save_maps)
+    rm -rf "$OUT/tr_plain" "$OUT/tr_torchrun" "$OUT/tr_two"
+    "$PY" test.py "${args[@]}" --save_path "$OUT/tr_plain"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_TORCHRUN" test.py "${args[@]}" \
+        --save_path "$OUT/tr_torchrun"
+    same_files "$OUT/tr_plain" "$OUT/tr_torchrun"
+    echo "max torchrun ($NPROC_TORCHRUN process(es)) files = plain python files"
+    cat > "$OUT/nccl_check.py" <<'EOF'
+import os, torch, torch.distributed as dist
+backend = "nccl" if torch.cuda.is_available() else "gloo"
+dist.init_process_group(backend)
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+x = torch.arange(4, dtype=torch.float32, device=device) + rank
+out = [torch.empty_like(x) for _ in range(world)] if rank == 0 else None
+dist.gather(x, out, dst=0)
+if rank == 0:
+    assert all(torch.equal(o.cpu(), torch.arange(4.0) + r) for r, o in enumerate(out))
+    print(f"max {backend} gather over {world} process(es): ok")
+dist.destroy_process_group()
+EOF
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_TORCHRUN" "$OUT/nccl_check.py"
+    if [ "$NGPU" -ge 2 ]; then
+        "$PY" test.py "${args[@]}" --devices 0 1 --save_path "$OUT/tr_two"
+        same_files "$OUT/tr_plain" "$OUT/tr_two"
+        echo "max 2 GPUs (NCCL gathering) files = 1 GPU files"
+    fi
+}
+export -f tiny_data same_files torchrun_check
+step torchrun 120 torchrun_check
+figures "2. test.py under torchrun" "$OUT/torchrun.log"
+
+# ---------------------------------------------------------------------------- 3. throughput
+bench() {  # bench NAME ARGS...
+    local name=$1
+    shift
+    "$PY" scripts/bench_throughput.py --device "$DEVICE" --images "$BENCH_IMAGES" --source_size "$SOURCE" \
+        --image_size "$SIZE" --vision_width "$WIDTH" --batch_size "$BATCH" --workdir "$OUT/bench" \
+        --output "$OUT/$name.json" "$@"
+}
+export -f bench
+BF16=bf16
+[ "$DEVICE" = cpu ] && BF16=fp32  # bf16 on this CPU is slower than fp32; the smoke run only tests the script
+step throughput 170 bench throughput --variants crane cranep --models null full --precision "$BF16"
+figures "3. throughput at $SIZE, $BENCH_IMAGES images of $SOURCE px, batch $BATCH, $BF16" "$OUT/throughput.log"
+
+# ------------------------------------------------------------------------------ 4. training
+train_check() {
+    set -e
+    tiny_data
+    local args=(--dataset tiny --datasets_root_dir "$DATA" --clip_weights synthetic --dino_weights synthetic
+                --image_size "$TINY_SIZE" --batch_size 4 --device "$DEVICE" --save_path "$OUT/train" --overwrite)
+    "$PY" train.py "${args[@]}" --epoch 2 --feature_cache memory --model_name cache
+    "$PY" train.py "${args[@]}" --epoch 2 --feature_cache off --model_name nocache
+    "$PY" train.py "${args[@]}" --epoch 1 --feature_cache memory --precision "$TRAIN_BF16" --model_name bf16
+    "$PY" - "$OUT/train" <<'EOF'
+import csv, math, sys
+from pathlib import Path
+import torch
+runs = Path(sys.argv[1])
+logs = {name: list(csv.DictReader(open(runs / f"trained_on_tiny_{name}" / "log.csv"))) for name in ("cache", "nocache", "bf16")}
+for name, rows in logs.items():
+    print(f"seconds {name}: " + ", ".join(f"epoch {r['epoch']} {float(r['seconds']):.2f} s (encoding "
+                                          f"{float(r['encode_seconds']):.2f} s), loss {r['loss']}" for r in rows))
+    assert all(math.isfinite(float(r["loss"])) for r in rows), name
+a = torch.load(runs / "trained_on_tiny_cache" / "epoch_2.pth", weights_only=True)["prompt_learner"]
+b = torch.load(runs / "trained_on_tiny_nocache" / "epoch_2.pth", weights_only=True)["prompt_learner"]
+print(f"max |prompts with cache - without| after 2 epochs: {max(float((a[k] - b[k]).abs().max()) for k in a):.3g}")
+first = [float(logs[n][0]["loss"]) for n in ("cache", "nocache")]
+assert abs(first[0] - first[1]) <= 1e-4 * max(1.0, abs(first[1])), f"epoch-1 losses differ: {first}"
+EOF
+}
+export -f train_check
+step training 120 train_check
+figures "4. training (2 epochs, 12 images at $TINY_SIZE, random CLIP/DINOv2, Crane+ defaults)" "$OUT/training.log"
+
+# ---------------------------------------------------------------------------- 5. fp32 speed
+step throughput_fp32 120 bench throughput_fp32 --variants crane cranep --models full --no_decode --precision fp32
+figures "5. throughput, full model in fp32" "$OUT/throughput_fp32.log"
+if [ "${COMPILE:-0}" = 1 ]; then
+    step throughput_compile 200 bench throughput_compile --variants crane --models full --no_decode \
+        --precision "$BF16" --compile
+    figures "6. throughput, full model, $BF16, --compile" "$OUT/throughput_compile.log"
+fi
+
+# -------------------------------------------------------------------------------- summary
+failed=0
+{
+    echo
+    echo "## Summary ($((SECONDS - START)) s)"
+    echo
+    for line in "${STATUS[@]}"; do
+        echo "    $line"
+        case $line in FAIL*) failed=1 ;; esac
+    done
+} >> "$FIG"
+echo
+echo "gpu_check: $((SECONDS - START)) s; figures in $FIG"
+for line in "${STATUS[@]}"; do echo "  $line"; done
+if [ $failed -eq 0 ]; then echo "gpu_check: PASS"; else echo "gpu_check: FAIL"; fi
+exit $failed
