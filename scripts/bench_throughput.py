@@ -31,6 +31,7 @@ not counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -58,7 +59,7 @@ VARIANTS = {"crane": "trained_on_mvtec_crane", "cranep": "trained_on_mvtec_crane
 """Shipped checkpoints whose settings each variant runs with (Crane: features 6 12 18 24, soft mean;
 Crane+: feature 24 with DINOv2)."""
 MODELS = ("null", "full")
-DISTINCT = 4
+DISTINCT = 2
 """Distinct generated images per class and kind (normal, anomalous) in the benchmark dataset."""
 
 
@@ -212,12 +213,22 @@ def eval_options(args: argparse.Namespace, variant: str, data_root: Path, save: 
         dattn_batch_mean=args.dattn_batch_mean, save_maps=args.save_maps, profile=str(save / "profile.json"))
 
 
-def run_one(args: argparse.Namespace, variant: str, model: str, data_root: Path, work: Path) -> dict[str, Any]:
-    """One benchmark run (``model``: ``decode``, ``null`` or ``full``); returns its figures."""
+def variant_plan(args: argparse.Namespace, variant: str, data_root: Path, work: Path) -> evaluate.EvalPlan:
+    """The evaluation plan of a variant (options checked, every image decoded once), made once for its runs."""
+    save = work / f"{variant}_plan"
+    shutil.rmtree(save, ignore_errors=True)
+    return evaluate.prepare(eval_options(args, variant, data_root, save))
+
+
+def run_one(args: argparse.Namespace, plan: evaluate.EvalPlan, variant: str, model: str, work: Path
+            ) -> dict[str, Any]:
+    """One benchmark run (``model``: ``decode``, ``null`` or ``full``) of ``plan`` in a fresh results folder;
+    returns its figures."""
     save = work / f"{variant}_{model}"
     shutil.rmtree(save, ignore_errors=True)
     save.mkdir(parents=True)
-    plan = evaluate.prepare(eval_options(args, variant, data_root, save))
+    opts = dataclasses.replace(plan.opts, save_path=str(save / "results"), profile=str(save / "profile.json"))
+    plan = dataclasses.replace(plan, opts=opts, save_path=save / "results")
     n = len({i for runs in plan.batches.values() for b in runs for i in b})
     print(f"--- {variant} / {model}: {n} images in {len(plan.pending)} classes, {args.nproc} process(es) on "
           f"{args.device}", flush=True)
@@ -315,8 +326,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _, n = make_dataset(data_root, args.images, args.classes, args.source_size)
         results = []
         for variant in args.variants:
+            plan = variant_plan(args, variant, data_root, work)
             for model in ([] if args.no_decode else ["decode"]) + list(args.models):
-                results.append(run_one(args, variant, model, data_root, work))
+                results.append(run_one(args, plan, variant, model, work))
         table = report(results)
     finally:
         if args.workdir is None:

@@ -39,7 +39,7 @@ if [ "$DEVICE" = cuda ]; then
     fi
     NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
     # full sizes: ViT-L/14 widths at 518
-    SIZE=518; WIDTH=1024; DRIFT_IMAGES=4; BENCH_IMAGES=${BENCH_IMAGES:-512}; BATCH=32; SOURCE=1024
+    SIZE=518; WIDTH=1024; DRIFT_IMAGES=2; BENCH_IMAGES=${BENCH_IMAGES:-512}; BATCH=32; SOURCE=1024
     TINY_SIZE=518; NPROC_TORCHRUN=1; PRECISIONS="fp32 bf16 fp16"; TRAIN_BF16=bf16
 elif [ "$DEVICE" = cpu ]; then
     NGPU=0
@@ -103,9 +103,13 @@ step() {
     return $rc
 }
 
-# figures TITLE LOG: append the Markdown table lines (and summary lines) of LOG to the figures file.
+# figures TITLE LOG: append to the figures file the last report of LOG (from its last "N images of/at" line
+# on: the table of bench_throughput.py or precision_drift.py) and its "max ..." / "seconds ..." lines.
 figures() {
-    { echo; echo "## $1"; echo; grep -E '^\||^[0-9]+ images|pipeline around|^FAIL|^max |^seconds' "$2" 2>/dev/null || true
+    { echo; echo "## $1"; echo
+      [ -f "$2" ] || { echo "(not run)"; return; }
+      grep -E '^(max|seconds) ' "$2"
+      awk '/^[0-9]+ images (of|at) /{report = ""; keep = 1} keep {report = report $0 "\n"} END {printf "%s", report}' "$2"
     } >> "$FIG"
 }
 

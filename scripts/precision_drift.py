@@ -5,7 +5,8 @@ ViT-L/14 widths by default, with the shipped prompt-learner checkpoint; Crane+ a
 random DINOv2) scores the same generated images (``datasets.synthetic`` textures with
 defects) in every configuration; each is compared with fp32 on ``--reference_device``:
 maps (smoothed, ``S x S``) and image scores, by max and mean absolute difference and
-Pearson correlation (maps over all pixels).
+Pearson correlation (maps over all pixels), beside the spread (standard deviation) of the
+reference values, which random weights keep small.
 
     python scripts/precision_drift.py --precisions bf16 --image_size 518 --images 4      # CPU: bf16 vs fp32
     python scripts/precision_drift.py --device cuda --precisions fp32 bf16 fp16 --fp32_tolerance 1e-4
@@ -64,11 +65,13 @@ def build(variant: str, width: int, layers: int, image_size: int):
 
 
 def predict(model, device: str, precision: str, batch: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Scores ``N``, smoothed maps ``N x S x S`` (numpy float32) and the seconds per image after a warm-up."""
+    """Scores ``N``, smoothed maps ``N x S x S`` (numpy float32) and the seconds per image (on a GPU after a
+    warm-up batch)."""
     from crane.detector import Detector
 
     detector = Detector(model, device, precision, batch_size)
-    detector.predict_tensor(batch[:1], smooth=True)
+    if device != "cpu":
+        detector.predict_tensor(batch[:1], smooth=True)
     start = time.perf_counter()
     parts = [detector.predict_tensor(batch[i:i + batch_size], smooth=True) for i in range(0, len(batch), batch_size)]
     seconds = (time.perf_counter() - start) / len(batch)
@@ -84,8 +87,8 @@ def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarra
         return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else None
 
     return {"map_max_abs": float(d_maps.max()), "map_mean_abs": float(d_maps.mean()), "map_corr": corr(m0, m1),
-            "score_max_abs": float(d_scores.max()), "score_mean_abs": float(d_scores.mean()),
-            "score_corr": corr(s0, s1)}
+            "map_std": float(m0.std()), "score_max_abs": float(d_scores.max()), "score_mean_abs": float(d_scores.mean()),
+            "score_corr": corr(s0, s1), "score_std": float(s0.std())}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,10 +134,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append({"variant": variant, "device": args.device, "precision": precision, "seconds_per_image": sec,
                          **compare(reference, (s, m))})
         del model
-    keys = ("map_max_abs", "map_mean_abs", "map_corr", "score_max_abs", "score_mean_abs", "score_corr")
+    keys = ("map_max_abs", "map_mean_abs", "map_corr", "map_std", "score_max_abs", "score_mean_abs", "score_corr",
+            "score_std")
     table = [[r["variant"], r["device"], r["precision"], f"{r['seconds_per_image']:.3f}",
-              *(("" if r.get(k) is None else f"{r[k]:.3g}") if k.endswith("abs") else
-                ("" if r.get(k) is None else f"{r[k]:.6f}") for k in keys)] for r in rows]
+              *("" if r.get(k) is None else f"{r[k]:.6f}" if k.endswith("corr") else f"{r[k]:.3g}" for k in keys)]
+             for r in rows]
     print(f"{args.images} images at S = {args.image_size}, CLIP vision {args.vision_width} x {args.vision_layers} "
           f"(random weights), torch {torch.__version__}")
     print(tabulate(table, headers=["variant", "device", "precision", "s / image", *keys], tablefmt="github"))
