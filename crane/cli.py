@@ -160,13 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- model
 
 
-def build_detector(args: argparse.Namespace):
+def build_detector(args: argparse.Namespace, info: CheckpointInfo):
     """A :class:`crane.Detector` from the model flags (settled by :func:`crane.cli_setup.settle_model`)."""
     from crane.detector import Detector, build_model
     from crane.models.crane import CraneConfig
 
-    print(f"loading the model ({args.checkpoint}, CLIP {args.clip_weights}, D-Attn {args.dino_model}) ...",
-          file=sys.stderr)
+    print(f"loading the model ({args.checkpoint}): {describe_model(args, info)} ...", file=sys.stderr)
     try:
         model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
     except ValueError as e:  # e.g. --features_list outside a tower read from a TorchScript file
@@ -269,7 +268,7 @@ def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
 
     from crane.models.head import smooth_maps
 
-    detector = build_detector(args)
+    detector = build_detector(args, info)
     size, sigma = detector.config.image_size, detector.config.sigma
     removed = folder.clean()
     if removed:
@@ -388,7 +387,7 @@ def cmd_calibrate(args: argparse.Namespace, info: CheckpointInfo) -> int:
     if not os.access(folder, os.W_OK):
         raise CliError(f"cannot write {output} (no write permission in {folder}); pass --output FILE and give "
                        "predict --thresholds FILE")
-    detector = build_detector(args)
+    detector = build_detector(args, info)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []
     if dataset is not None:
@@ -467,7 +466,6 @@ def _run(args: argparse.Namespace) -> int:
     info, notes = settle_model(args)
     for note in notes:
         print(note, file=sys.stderr)
-    print(f"model: {describe_model(args, info)}", file=sys.stderr)
     return MODEL_COMMANDS[args.command](args, info)
 
 

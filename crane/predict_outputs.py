@@ -87,11 +87,10 @@ class OutputFolder:
         if foreign:
             shown = ", ".join(str(p.relative_to(self.root)) for p in foreign[:3])
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            why = "changed since" if self.manifest.is_file() else "no record of an earlier predict run (" + \
-                  MANIFEST + ")"
-            raise OutputFolderError(f"--out {self.root} holds result files this run would mix with its own but "
-                                    f"cannot attribute to an earlier run ({why}): {shown}{more}; choose a new "
-                                    f"--out folder, or move them away")
+            what = ("that the earlier predict run did not write, or that changed since" if self.manifest.is_file()
+                    else f"of unknown origin (no {MANIFEST}, the list predict keeps of the files it writes)")
+            raise OutputFolderError(f"--out {self.root} holds result files {what}: {shown}{more}; choose a new "
+                                    "--out folder, or move them away")
         self._ours = ours
 
     def clean(self) -> int:
