@@ -44,7 +44,7 @@ class SetupError(ValueError):
 def one_line(message: str) -> str:
     """A multi-line message (such as a weights hint with bullets) as one line."""
     lines = [line.strip().lstrip("*").strip() for line in str(message).strip().splitlines()]
-    return "; ".join(line for line in lines if line) or "error"
+    return " ".join(line for line in lines if line) or "error"
 
 
 # ---------------------------------------------------------------------------------- flags
@@ -245,10 +245,11 @@ def model_record(args: argparse.Namespace, info: CheckpointInfo) -> dict[str, An
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal as settings: layer lists by value, booleans only to booleans, numbers as floats."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return [int(v) for v in a] == [int(v) for v in b]
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
     return a == b
@@ -263,13 +264,14 @@ def threshold_differences(recorded: Mapping[str, Any], current: Mapping[str, Any
     if recorded["checkpoint_sha256"] != current["checkpoint_sha256"]:
         out.append(f"checkpoint SHA-256 {str(recorded['checkpoint_sha256'])[:12]} ({recorded.get('checkpoint')}), "
                    f"this run {current['checkpoint_sha256'][:12]} ({current['checkpoint']})")
-    keys = [k for k in MODEL_OPTIONS if k != "clip_weights"] + ["batch_size"]
-    for key in keys:
-        if key in recorded or key in current:
-            if key not in recorded or key not in current or not _same(recorded[key], current[key]):
-                shown = flag_value(key, recorded[key]) if key in recorded else f"no --{key}"
-                now = flag_value(key, current[key]) if key in current else f"no --{key}"
-                out.append(f"{shown}, this run {now}")
+    for key in [k for k in MODEL_OPTIONS if k != "clip_weights"]:
+        if key not in recorded:
+            out.append(f"it records no --{key}")
+        elif not _same(recorded[key], current[key]):
+            out.append(f"{flag_value(key, recorded[key])}, this run {flag_value(key, current[key])}")
+    if "batch_size" in recorded and "batch_size" in current and recorded["batch_size"] != current["batch_size"]:
+        out.append(f"--batch_size {recorded['batch_size']} with the batch-wide D-Attn mean, this run "
+                   f"--batch_size {current['batch_size']}")
     weights = recorded.get("weights") if isinstance(recorded.get("weights"), Mapping) else {}
     for kind, flag in (("clip", "clip_weights"), ("dino", "dino_weights")):
         if weights.get(kind) != current["weights"][kind] and current["weights"][kind] is not None:

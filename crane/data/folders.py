@@ -174,16 +174,22 @@ def _pair_masks(folder: Path, defects: list[tuple[Path, PurePath]], masks: list[
         stem = mask.stem.lower()
         by_stem.setdefault(stem[:-len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else stem, []).append(mask)
     paired: dict[Path, Path] = {}
+    owner: dict[Path, Path] = {}
     for image, relative in defects:
         candidates = by_stem.get(image.stem.lower(), [])
         if len(candidates) > 1:
             defect = relative.parts[-2].lower()
-            candidates = [m for m in candidates if defect in (p.lower() for p in m.relative_to(folder).parts[:-1])]
-        if len(candidates) > 1:
-            shown = ", ".join(str(m) for m in candidates[:3])
-            raise InputError(f"{image}: several masks match its name ({shown}); keep one, or put each in "
-                             f"masks/DEFECT_TYPE/")
+            preferred = [m for m in candidates if defect in (p.lower() for p in m.relative_to(folder).parts[:-1])]
+            if len(preferred) != 1:
+                shown = ", ".join(str(m) for m in candidates[:3])
+                raise InputError(f"{image}: several masks match its name ({shown}); keep one, or put each in "
+                                 f"masks/DEFECT_TYPE/")
+            candidates = preferred
         if candidates:
+            if candidates[0] in owner:
+                raise InputError(f"mask {candidates[0]} matches both {owner[candidates[0]]} and {image}; move it to "
+                                 f"masks/DEFECT_TYPE/")
+            owner[candidates[0]] = image
             paired[image] = candidates[0]
     return paired
 
