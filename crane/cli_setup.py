@@ -206,8 +206,10 @@ def describe_model(args: argparse.Namespace, info: CheckpointInfo) -> str:
     """One line naming the model a run uses and where its settings come from."""
     kind = "Crane" if args.dino_model == "none" else f"Crane+ (D-Attn {args.dino_model})"
     layers = " ".join(map(str, args.features_list))
+    origin = f"the {info.source}" if info.settings else \
+        f"the defaults (checkpoint {info.path} records no settings)"
     return (f"{kind}, layers {layers}, soft_mean {args.soft_mean}, S {args.image_size}, CLIP {args.clip_weights}; "
-            f"settings not given as flags from the {info.source}")
+            f"settings not given as flags from {origin}")
 
 
 # ----------------------------------------------------------------------------- thresholds

@@ -257,12 +257,19 @@ def test_calibrate_on_normal_images_then_predict(parts, tmp_path, model_flags, o
         _, score, decision = row.rsplit(",", 2)
         assert decision == ("anomalous" if float(score) >= saved["image_threshold"] else "normal")
 
-    # the whole class folder: its good/ images are the normal ones, the defect images only counted
-    assert cli.main(["calibrate", "--normal", str(cls), "--target_fpr", "0.2", "--checkpoint", str(checkpoint),
-                     "--output", str(tmp_path / "class.json"), *model_flags]) == 0
+    # a whole class folder: its good/ images are the normal ones; an unreadable one is skipped (exit 3)
+    whole = tmp_path / "class"
+    shutil.copytree(cls, whole)
+    data = (whole / "good" / good[0].name).read_bytes()
+    (whole / "good" / "broken.png").write_bytes(data[:len(data) // 3])
+    assert cli.main(["calibrate", "--normal", str(whole), "--target_fpr", "0.2", "--checkpoint", str(checkpoint),
+                     "--output", str(tmp_path / "class.json"), *model_flags]) == cli.EXIT_SKIPPED
     out, err = capsys.readouterr()
-    assert "using the 14 images under its good/ folders, not the 4 in other folders" in err
-    assert json.loads((tmp_path / "class.json").read_text())["calibration"]["image"]["normal_images"] == 14
+    assert "using the 15 images under its good/ folders, not the 4 in other folders" in err
+    assert "skipped 1 unreadable file" in err
+    saved = json.loads((tmp_path / "class.json").read_text())
+    assert saved["calibration"]["image"]["normal_images"] == 14
+    assert [Path(p).name for p, _ in saved["calibration"]["skipped"]] == ["broken.png"]
 
 
 def test_labelled_folder_gives_the_thresholds_of_its_meta_json(parts, tmp_path, model_flags, official_checkpoint,
