@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, add_bool_flag, add_data_flags, add_model_flags,
                             add_weight_flags, explicit_flags, setup_logging)
+from crane.data.image import PREPROCESSING
 from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
 
@@ -49,11 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: auto)")
     g.add_argument("--aupro_method", choices=AUPRO_METHODS, default=d.aupro_method,
                    help="crane: published 200-threshold AUPRO; mvtec: MVTec AD official")
+    add_bool_flag(g, "--metrics_as_published", d.metrics_as_published,
+                  "as the published test.py: pixel metrics over every image (an anomalous image without a mask "
+                  "counts as normal pixels) and undefined metrics reported as 0 and averaged; default: those "
+                  "images are left out of pixel metrics and undefined metrics are null, left out of the mean")
+    g.add_argument("--preprocessing", choices=PREPROCESSING, default=d.preprocessing,
+                   help="crane: images become 8-bit RGB (16-bit scaled, alpha dropped) before the resize; published: "
+                        "resized in their own mode, then converted (identical for 8-bit RGB and grayscale)")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET)")
     add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
     add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
     g.add_argument("--why", default=None, help="a note on the purpose of the run, kept in metrics.json")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="write the seconds spent per pipeline stage (decode, model, smoothing, gather, files, "
+                        "metrics) and images per second to FILE (JSON)")
     g = p.add_argument_group("published flags without effect here (accepted so published command lines run)")
     g.add_argument("--type", default=d.type, help="the published loader's mode; evaluation is always 'test'")
     g.add_argument("--aug_rate", type=float, default=d.aug_rate, help="training augmentation; never applied at test")

@@ -133,9 +133,11 @@ def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults
                             "numbers, for offline pipeline runs) (default: the torch hub / HF cache)")
 
 
-def add_data_flags(group: argparse._ArgumentGroup, defaults: Any) -> None:
-    """``--datasets_root_dir``, ``--k_shot`` and ``--portion`` (``k_shot``, ``portion`` from ``defaults``)."""
+def add_data_flags(group: argparse._ArgumentGroup, defaults: Any, k_shot_help: str = "keep K images per class (0: all)",
+                   portion_help: str = "keep this fraction of each class") -> None:
+    """``--datasets_root_dir``, ``--k_shot`` and ``--portion`` (``k_shot``, ``portion`` from ``defaults``;
+    the help texts can differ: ``train.py`` selects as the published training does)."""
     group.add_argument("--datasets_root_dir", default=default_datasets_root(),
                        help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
-    group.add_argument("--k_shot", type=int, default=defaults.k_shot, help="keep K images per class (0: all)")
-    group.add_argument("--portion", type=float, default=defaults.portion, help="keep this fraction of each class")
+    group.add_argument("--k_shot", type=int, default=defaults.k_shot, help=k_shot_help)
+    group.add_argument("--portion", type=float, default=defaults.portion, help=portion_help)

@@ -126,11 +126,13 @@ def _pixel_set(samples: list[dict]) -> list[dict]:
 
 
 def _published_aupro(masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
-    """The published ``cal_pro_score`` loop (AnomalyCLIP / Crane), verbatim in substance."""
+    """The AUPRO the published test.py calls (``cal_pro_score_gpu``), in substance: the grid over the
+    Python-float extremes, each threshold compared in the maps' dtype (``tensor > float`` in torch)."""
     binary_amaps = np.zeros_like(amaps, dtype=bool)
-    min_th, max_th = amaps.min(), amaps.max()
+    min_th, max_th = float(amaps.min()), float(amaps.max())
     pros, fprs = [], []
     for th in np.arange(min_th, max_th, (max_th - min_th) / max_step):
+        th = amaps.dtype.type(th)
         binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
         pro = []
         for binary_amap, mask in zip(binary_amaps, masks):
@@ -432,3 +434,23 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(base_args, tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "not a Crane checkpoint" in err and "weights_only" not in err
         assert "Traceback" not in err
+
+
+def test_metrics_as_published(base_args, reference, data_root, tmp_path):
+    """--metrics_as_published: pixel metrics over every image (the anomalous image without a mask counts as
+    all-normal pixels) and undefined metrics reported as 0, averaged like the others."""
+    out = tmp_path / "published"
+    with one_thread():
+        assert SCRIPT.main([*base_args, "--save_path", str(out), "--metrics_as_published"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert all(result["classes"]["allbad"][m] == 0.0 for m in METRIC_NAMES[:3])
+    assert all(result["classes"]["imgonly"][m] == 0.0 for m in METRIC_NAMES[3:])
+    for m in METRIC_NAMES:
+        assert result["mean"][m] == pytest.approx(np.mean([result["classes"][c][m] for c in result["classes"]]))
+    root = data_root / "toy"
+    samples = _meta(data_root)["mixed"]
+    masks = np.stack([load_mask(root / s["mask_path"] if s["mask_path"] else None, SIZE).numpy() for s in samples])
+    maps = np.stack([_map(reference, s["img_path"]) for s in samples])
+    assert result["classes"]["mixed"]["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-9)
+    ours = json.loads((reference / "metrics.json").read_text())["classes"]["mixed"]
+    assert ours["pixel_auroc"] != pytest.approx(result["classes"]["mixed"]["pixel_auroc"], abs=1e-6)

@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -55,13 +56,14 @@ from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, r
 from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
                             setup_logging)
 from crane.data.dataset import CraneDataset, DatasetError
-from crane.data.image import load_rgb
+from crane.data.image import PREPROCESSING, load_rgb
 from crane.engine import results
-from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_to_main, init_distributed,
+from crane.engine.timing import StageTimer
+from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_batches, init_distributed,
                                       launch)
 from crane.models.crane import CraneConfig
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
-from crane.models.head import smooth_maps
+from crane.models.smoothing import gaussian_smooth
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,9 @@ class EvalOptions:
     type: str = "test"
     aug_rate: float = 0.0
     force: bool = False
+    preprocessing: str = "crane"
+    metrics_as_published: bool = False
+    profile: Optional[str] = None
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
@@ -211,6 +216,8 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
         "portion": float(opts.portion),
         "seed": int(opts.seed),
         "aupro_method": opts.aupro_method,
+        "preprocessing": opts.preprocessing,
+        "metrics_as_published": bool(opts.metrics_as_published),
     }
     if published_batching(opts):
         settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
@@ -249,7 +256,7 @@ def _check_model_options(opts: EvalOptions) -> None:
 
 
 def _check_options(opts: EvalOptions) -> None:
-    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda")}
+    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda"), "preprocessing": PREPROCESSING}
     for name, allowed in choices.items():
         if getattr(opts, name) not in allowed:
             raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
@@ -331,7 +338,7 @@ def _finished(record: Optional[dict], settings: dict, img_paths: list[str], inpu
 
 def _dataset(opts: EvalOptions, root: Path, classes: Optional[list[str]] = None, validate: bool = True) -> CraneDataset:
     return CraneDataset(root, split="test", image_size=opts.image_size, k_shot=opts.k_shot, portion=opts.portion,
-                        classes=classes, seed=opts.seed, validate=validate)
+                        classes=classes, seed=opts.seed, validate=validate, preprocessing=opts.preprocessing)
 
 
 def prepare(opts: EvalOptions) -> EvalPlan:
@@ -390,14 +397,19 @@ def build_detector(opts: EvalOptions, checkpoint: Path, device: torch.device):
     return Detector(model, device, batch_size=opts.batch_size)
 
 
-def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed ``B x 3 x S x S`` -> (scores ``B``, smoothed maps ``B x S x S``), float32 numpy.
+def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None,
+                  timer: Optional[StageTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed ``B x 3 x S x S`` -> (scores ``B``, smoothed maps ``B x S x S``), float32, on the
+    detector's device (the smoothing runs there too).
 
     ``image_token_type``: see :meth:`crane.Detector.predict_tensor`.
     """
-    scores, raw = detector.predict_tensor(images, image_token_type)
-    return scores.numpy(), smooth_maps(raw.numpy(), detector.config.sigma)
+    timer = timer or StageTimer()
+    with timer("model"):
+        scores, raw = detector.forward(images, image_token_type)
+    with timer("smoothing"):
+        maps = gaussian_smooth(raw, detector.config.sigma)
+    return scores, maps
 
 
 def _round_robin(batches: list[list[int]], ctx: DistContext) -> tuple[list[list[int]], int]:
@@ -406,40 +418,53 @@ def _round_robin(batches: list[list[int]], ctx: DistContext) -> tuple[list[list[
 
 
 def _num_workers(opts: EvalOptions, ctx: DistContext) -> int:
+    """Loader processes per rank: given, else up to 8 on a GPU and 1 on the CPU, leaving a core per rank."""
     if opts.num_workers is not None:
         return opts.num_workers
-    if ctx.device.type != "cuda":
-        return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    return min(8, max(1, (os.cpu_count() or 1) // local - 1))
+    spare = (os.cpu_count() or 1) // local - 1
+    return max(0, min(8 if ctx.device.type == "cuda" else 1, spare))
+
+
+def _loader(dataset: CraneDataset, batches: list[list[int]], opts: EvalOptions, ctx: DistContext):
+    """One iterator over all of this rank's batches of the run: worker processes decode the next
+    batches while the current one runs; pinned memory for non-blocking copies to the GPU."""
+    workers = _num_workers(opts, ctx)
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                           pin_memory=ctx.device.type == "cuda", prefetch_factor=2 if workers else None,
+                           persistent_workers=False))
 
 
 def _predict_batches(detector, dataset: CraneDataset, batches: list[list[int]], ctx: DistContext, opts: EvalOptions,
-                     sink: Optional[Callable[[dict], None]], desc: str, total: int) -> None:
+                     sink: Optional[Callable[[dict], None]], desc: str, total: int, loader=None,
+                     timer: Optional[StageTimer] = None) -> None:
     """Predict ``batches`` (lists of indices into ``dataset``, each run as one forward pass) across all
     ranks; rank 0's ``sink`` receives every batch as ``{"index", "score", "map", "mask"}`` (dataset
-    indices, ``B``, ``B x S x S`` float32, ``B x S x S`` uint8), in order. ``total``: images the
-    progress bar counts."""
+    indices, ``B``, ``B x S x S`` float32, ``B x S x S`` uint8; numpy), in order. ``total``: images
+    the progress bar counts. ``loader``: an iterator yielding this rank's share of ``batches`` in
+    order (:func:`_loader`; made here when not given)."""
     mine, rounds = _round_robin(batches, ctx)
-    workers = _num_workers(opts, ctx)
-    loader = iter(DataLoader(dataset, batch_sampler=mine, num_workers=workers,
-                             pin_memory=ctx.device.type == "cuda", persistent_workers=False))
+    loader = _loader(dataset, mine, opts, ctx) if loader is None else loader
+    timer = timer or StageTimer()
     token_type = opts.train_with_img_cls_type if opts.train_with_img_cls_prob == 1 and \
         opts.train_with_img_cls_type != "none" else None
+    capacity = max(len(b) for b in batches) if batches else 0
     bar = tqdm(total=total, desc=desc, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     for r in range(rounds):
         payload = None
         if r < len(mine):
-            batch = next(loader)
-            scores, maps = predict_batch(detector, batch["img"], token_type)
-            payload = {"index": mine[r], "score": scores, "map": maps,
-                       "mask": batch["img_mask"].numpy().astype(np.uint8)}
-        gathered = gather_to_main(payload, ctx)
+            with timer("decode"):
+                batch = next(loader)
+            scores, maps = predict_batch(detector, batch["img"], token_type, timer)
+            payload = {"index": mine[r], "score": scores, "map": maps, "mask": batch["img_mask"].to(torch.uint8)}
+        with timer("gather"):
+            gathered = gather_batches(payload, capacity, opts.image_size, ctx)
         if ctx.is_main:
             for part in gathered:
-                if part is not None:
+                with timer("files"):
                     sink(part)
-                    bar.update(len(part["index"]))
+                timer.images += len(part["index"])
+                bar.update(len(part["index"]))
     bar.close()
 
 
@@ -480,14 +505,17 @@ class _ClassCollector:
     the pixel metrics need, and (optionally) every map for saving or panels."""
 
     def __init__(self, samples: list[dict], indices: list[int], size: int, maps_dir: Optional[Path],
-                 keep_all_maps: bool) -> None:
-        self.samples, self.maps_dir = samples, maps_dir
+                 keep_all_maps: bool, as_published: bool = False) -> None:
+        self.samples, self.maps_dir, self.as_published = samples, maps_dir, as_published
         self.position = {index: i for i, index in enumerate(indices)}
         n = len(samples)
         has_mask = np.array([bool(s["mask_path"]) for s in samples])
         labels = np.array([int(s["anomaly"]) for s in samples])
         self.labels = labels
-        self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
+        if as_published:  # every image, an anomalous one without a mask file counting as all normal pixels
+            self.pixel = np.ones(n, bool)
+        else:
+            self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
         self.slot = np.cumsum(self.pixel) - 1  # position among the pixel-metric images
         self.scores = np.zeros(n, np.float32)
         self.masks = np.zeros((int(self.pixel.sum()), size, size), np.uint8)
@@ -510,9 +538,11 @@ class _ClassCollector:
                 results.save_npy(self.maps_dir / f"{self.samples[i]['img_path']}.npy", part["map"][j])
 
     def metrics(self, aupro_method: str, desc: str) -> dict[str, Optional[float]]:
+        """The class's metrics; undefined ones are ``None``, or 0 as the published test.py reports them."""
         with_pixels = bool(self.pixel.any())
-        return class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
-                             self.pixel_maps if with_pixels else None, aupro_method, desc)
+        values = class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
+                               self.pixel_maps if with_pixels else None, aupro_method, desc)
+        return {k: (0.0 if v is None else v) for k, v in values.items()} if self.as_published else values
 
     def predictions(self) -> list[dict[str, Any]]:
         return [{"img_path": s["img_path"], "cls_name": s["cls_name"], "specie_name": s["specie_name"],
@@ -540,58 +570,69 @@ def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> N
 # ------------------------------------------------------------------------------- run
 
 
-class _BoundaryBatches:
-    """Batches shared by two pending classes (published batching): computed once, for the first
-    class, and kept on rank 0 for the next. Every rank knows which batches were computed."""
+class _Schedule:
+    """Which batches each pending class computes (published batching: a batch shared by two
+    pending classes is computed once, for the first, and its outputs kept on rank 0 for the
+    next), decided identically on every rank before the run."""
 
-    def __init__(self) -> None:
-        self.done: set[tuple[int, ...]] = set()
+    def __init__(self, plan: EvalPlan, dataset: CraneDataset) -> None:
+        done: set[tuple[int, ...]] = set()
+        self.todo: dict[str, list[list[int]]] = {}
+        for cls_name in plan.pending:
+            self.todo[cls_name] = [b for b in plan.batches[cls_name] if tuple(b) not in done]
+            done.update(tuple(b) for b in self.todo[cls_name])
+        self.later = {c: {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
+                      for k, c in enumerate(plan.pending)}
         self.kept: dict[tuple[int, ...], dict] = {}
 
-    def split(self, batches: list[list[int]]) -> tuple[list[dict], list[list[int]]]:
-        """(rank 0's kept outputs of already computed batches, the batches still to compute)."""
-        kept = [self.kept.pop(tuple(b)) for b in batches if tuple(b) in self.kept]
-        return kept, [b for b in batches if tuple(b) not in self.done]
+    def rank_batches(self, ctx: DistContext) -> list[list[int]]:
+        """This rank's batches of the whole run, in the order it computes them."""
+        return [b for todo in self.todo.values() for b in _round_robin(todo, ctx)[0]]
 
-    def record(self, batches: list[list[int]], later: set[int]) -> Callable[[dict], None]:
-        """Mark ``batches`` computed; the returned hook keeps the outputs of those that hold an
-        image of ``later`` (dataset indices of the classes still to come)."""
-        self.done.update(tuple(b) for b in batches)
+    def take_kept(self, plan: EvalPlan, cls_name: str) -> list[dict]:
+        return [self.kept.pop(tuple(b)) for b in plan.batches[cls_name] if tuple(b) in self.kept]
 
-        def keep(part: dict) -> None:
-            if later.intersection(part["index"]):
-                self.kept[tuple(part["index"])] = part
-        return keep
+    def keep(self, cls_name: str, part: dict) -> None:
+        if self.later[cls_name].intersection(part["index"]):
+            self.kept[tuple(part["index"])] = part
 
 
-def _process_class(cls_name: str, position: str, detector, dataset: CraneDataset, plan: EvalPlan,
-                   opts: EvalOptions, ctx: DistContext, shared: _BoundaryBatches, later: set[int]) -> None:
+def _predict_class(cls_name: str, position: str, detector, dataset: CraneDataset, plan: EvalPlan,
+                   opts: EvalOptions, ctx: DistContext, schedule: _Schedule, loader, timer: StageTimer
+                   ) -> Optional[_ClassCollector]:
+    """Predict one class (its scheduled batches); rank 0 returns the filled collector."""
     indices = [i for i, s in enumerate(dataset.samples) if s["cls_name"] == cls_name]
-    kept, todo = shared.split(plan.batches[cls_name])
-    keep = shared.record(todo, later)
+    todo = schedule.todo[cls_name]
     collector = None
     if ctx.is_main:
         samples = [dataset.samples[i] for i in indices]
         collector = _ClassCollector(samples, indices, opts.image_size,
-                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize)
-        for part in kept:
+                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize,
+                                    opts.metrics_as_published)
+        for part in schedule.take_kept(plan, cls_name):
             collector.add(part)
 
     def sink(part: dict) -> None:
-        keep(part)
+        schedule.keep(cls_name, part)
         collector.add(part)
 
     _predict_batches(detector, dataset, todo, ctx, opts, sink if collector else None, f"{cls_name} {position}",
-                     total=sum(len(b) for b in todo))
-    if not ctx.is_main:
-        return
-    values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
-    if opts.visualize:
-        _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
-    results.write_json(_class_file(plan.save_path, cls_name), {
-        "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
-        "inputs": plan.inputs[cls_name], "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
-        "maps_saved": opts.save_maps, "visualized": opts.visualize})
+                     total=sum(len(b) for b in todo), loader=loader, timer=timer)
+    return collector
+
+
+def _finish_class(cls_name: str, collector: _ClassCollector, dataset: CraneDataset, plan: EvalPlan,
+                  opts: EvalOptions, timer: StageTimer) -> None:
+    """Rank 0: the class's metrics, panels and record (run in the background while the next class predicts)."""
+    with timer("metrics"):
+        values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
+    with timer("files"):
+        if opts.visualize:
+            _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
+        results.write_json(_class_file(plan.save_path, cls_name), {
+            "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
+            "inputs": plan.inputs[cls_name], "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
+            "maps_saved": opts.save_maps, "visualized": opts.visualize})
 
 
 def summarize(plan: EvalPlan) -> str:
@@ -644,19 +685,40 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
         if done:
             log.warning("resuming in %s: %d of %d classes already finished with these settings",
                         plan.save_path, done, len(plan.classes))
+    timer = StageTimer(enabled=opts.profile is not None, device=ctx.device)
     if plan.pending:
         torch.manual_seed(opts.seed)
         detector = build_detector(opts, plan.checkpoint, ctx.device)
         dataset = _dataset(opts, plan.root, validate=False)
-        shared = _BoundaryBatches()
-        for k, cls_name in enumerate(plan.pending):
-            later = {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
-            _process_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan, opts, ctx, shared,
-                           later)
+        schedule = _Schedule(plan, dataset)
+        loader = _loader(dataset, schedule.rank_batches(ctx), opts, ctx)
+        # Metrics of a class run on rank 0 in one background thread while the next class predicts;
+        # classes finish in order, and an error in one stops the run.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crane-metrics") as background:
+            finishing = []
+            try:
+                for k, cls_name in enumerate(plan.pending):
+                    collector = _predict_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan,
+                                               opts, ctx, schedule, loader, timer)
+                    for future in finishing:
+                        if future.done():
+                            future.result()  # an error of a finished class stops the run now
+                    if collector is not None:
+                        finishing.append(background.submit(_finish_class, cls_name, collector, dataset, plan,
+                                                           opts, timer))
+                for future in finishing:
+                    future.result()
+            except BaseException:
+                for future in finishing:  # classes not started are not finished after an error or Ctrl-C
+                    future.cancel()
+                raise
     barrier(ctx)
     if ctx.is_main:
         print(summarize(plan), flush=True)
         print(f"results in {plan.save_path}", flush=True)
+        if opts.profile is not None:
+            timer.write(Path(opts.profile))
+            log.info("stage timings in %s", opts.profile)
 
 
 def evaluate(opts: EvalOptions) -> Path:
