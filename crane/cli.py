@@ -45,14 +45,12 @@ def _user_errors() -> tuple[type, ...]:
     from crane.checkpoints import CheckpointError
     from crane.cli_setup import SetupError
     from crane.data.folders import InputError
+    from crane.data.meta import DatasetError
     from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
     from crane.predict_outputs import OutputFolderError
 
-    errors: tuple[type, ...] = (CliError, SetupError, InputError, CheckpointError, OutputFolderError,
-                                WeightsNotFoundError, CheckpointMismatchError)
-    if "crane.data.dataset" in sys.modules:  # imported only by calibrate --dataset (it imports torch)
-        errors += (sys.modules["crane.data.dataset"].DatasetError,)
-    return errors
+    return (CliError, SetupError, InputError, CheckpointError, OutputFolderError, DatasetError, WeightsNotFoundError,
+            CheckpointMismatchError)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -329,8 +327,8 @@ def _predict_summary(args: argparse.Namespace, outputs, thresholds: Thresholds,
 
 
 def _calibration_images(args: argparse.Namespace):
-    """``(dataset or None, folder samples, what to record)`` of the calibration images; checks the
-    choice of images and criterion (:class:`CliError`)."""
+    """The calibration images: ``(CraneDataset or None, folder samples, their labels, what to record
+    about them)``; checks the choice of images and criterion (:class:`CliError`)."""
     from crane.data.folders import folder_samples
 
     if args.dataset is not None and (args.normal or args.labelled):

@@ -147,6 +147,8 @@ def test_collect_inputs_leaves_out_ground_truth_masks(tmp_path):
     assert relative(collect_inputs([str(root)], include_masks=True)) == sorted(images + masks)
     named = collect_inputs([str(root / masks[0])])  # a file named on the command line is what the user asked for
     assert relative(named) == [masks[0]] and named.masks_left_out == []
+    assert relative(collect_inputs([str(root / "test/bottle/masks")])) == masks[:2]  # so is a masks folder
+    assert relative(collect_inputs([str(root / "**" / "*_mask.*")])) == masks[:2]  # (globs are case-sensitive)
 
 
 # ------------------------------------------------------------------------------- model
@@ -370,7 +372,8 @@ def test_bad_values_are_one_line_each_exit_2_before_the_model(tmp_path, official
                          (["--labelled", folder], ["no 'good' folder"]),
                          (["--normal", str(tmp_path / "none"), "--target_fpr", "0.1"], ["no such folder"]),
                          ([], ["--normal", "--labelled", "--dataset"]),
-                         (["--dataset", "x", "--normal", folder, "--target_fpr", "0.1"], ["either --dataset"])]:
+                         (["--dataset", "x", "--normal", folder, "--target_fpr", "0.1"], ["either --dataset"]),
+                         (["--dataset", "missing", "--datasets_root_dir", folder], ["missing"])]:
         assert cli.main([*calibrate, *extra]) == cli.EXIT_USAGE, extra
         _one_error_line(capsys.readouterr().err, *parts)
 

@@ -81,6 +81,13 @@ def _glob_base(pattern: str) -> Path:
     return Path(*literal) if literal else Path(".")
 
 
+def _names_masks(given: str) -> bool:
+    """Whether a folder or glob given on the command line itself points at masks (``gt/masks``, ``*_mask.png``)."""
+    parts = [part.lower() for part in Path(given).parts]
+    return any(part in MASK_FOLDERS for part in parts) or (bool(parts) and MASK_SUFFIX in parts[-1]
+                                                          and any(ch in parts[-1] for ch in "*?["))
+
+
 def _split_masks(paths: list[Path], base: Path, include_masks: bool) -> tuple[list[Path], list[Path]]:
     if include_masks:
         return paths, []
@@ -94,7 +101,8 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None, includ
     """Expand files, folders and globs into a list of images, in the given order without duplicates.
 
     Files named explicitly are kept whatever their suffix or name; folders and globs keep
-    image suffixes only, and leave out ground-truth masks unless ``include_masks``.
+    image suffixes only, and leave out ground-truth masks unless ``include_masks`` (or unless
+    the folder or glob itself names them: ``ground_truth/``, ``'**/*_mask.png'``).
     Files inside ``exclude`` (the output folder) are left out. Output names are the paths
     relative to the deepest folder common to all images, without the suffix
     (``sub/part.jpg`` -> ``sub/part``), or with it where two images would share a name
@@ -105,8 +113,9 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None, includ
     masks: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
+        asked = include_masks or _names_masks(item)
         if path.is_dir():
-            keep, left = _split_masks(walk_images(path), path, include_masks)
+            keep, left = _split_masks(walk_images(path), path, asked)
         elif path.is_file():
             keep, left = [path], []
         elif any(ch in item for ch in "*?["):
@@ -118,9 +127,9 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None, includ
             keep, left = [], []
             for match in map(Path, matches):
                 if match.is_dir():
-                    k, m = _split_masks(walk_images(match), base, include_masks)
+                    k, m = _split_masks(walk_images(match), base, asked)
                 elif match.is_file() and is_image_name(match.name):
-                    k, m = _split_masks([match], base, include_masks)
+                    k, m = _split_masks([match], base, asked)
                 else:
                     continue
                 keep += k
