@@ -1,10 +1,12 @@
-"""Command line: ``python -m crane {predict,calibrate,init-checkpoint}`` (also installed as ``crane``).
+"""Command line: ``python -m crane {predict,calibrate,export,init-checkpoint}`` (also installed as ``crane``).
 
 * ``predict INPUT... --checkpoint FILE --out DIR``: score image files, folders
   (searched recursively) and globs; write ``DIR/scores.csv`` and one panel per image.
 * ``calibrate --dataset NAME --datasets_root_dir ROOT --checkpoint FILE``: pick the
   image and pixel thresholds on a labelled dataset and save ``thresholds.json``
   beside the checkpoint, where ``predict`` finds it.
+* ``export --checkpoint FILE --out PATH``: the model as one ONNX / OpenVINO graph
+  (:mod:`crane.export`); ``predict --backend onnxruntime|openvino --model PATH`` runs it.
 * ``init-checkpoint OUT``: write a randomly initialised prompt-learner checkpoint
   (for pipeline demos only).
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from crane import __version__
 from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_weight_flags, default_datasets_root
+from crane.export import command as export_command
 from crane.thresholds import (IMAGE_CRITERIA, Thresholds, confusion, default_path, load_thresholds, max_f1_threshold,
                               parse_override, save_thresholds, youden_threshold)
 
@@ -92,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_masks", action="store_true",
                    help="also write DIR/masks/<name>.png (0/255 at the image's size; needs a pixel threshold)")
     p.add_argument("--no_panels", action="store_true", help="skip the panels (scores only)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="torch: build the model from --checkpoint and the model flags; onnxruntime / openvino: run "
+                        "the graph --model written by `python -m crane export` (settings, size and thresholds from "
+                        "its metadata) (default: torch)")
+    p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
     _add_model_flags(p)
 
     c = sub.add_parser("calibrate", help="pick thresholds on a labelled dataset, save thresholds.json",
@@ -109,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "--checkpoint)")
     c.add_argument("--workers", type=int, default=0, help="data loading processes (default: 0)")
     _add_model_flags(c)
+
+    export_command.add_parser(sub)
 
     i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
                        description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
@@ -145,6 +155,34 @@ def build_detector(args: argparse.Namespace):
 
     model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
     return Detector(model, _device(args.device), args.precision, args.batch_size)
+
+
+class _TorchPredictor:
+    """``predict``'s torch backend: :meth:`Detector.predict_tensor`, then the scipy smoothing (as test.py).
+    ``crane.deploy.serving.DeployPredictor`` is the same interface for exported graphs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from crane.data.image import ImageReadError, load_rgb
+
+        print(f"loading the model ({args.checkpoint}, CLIP {args.clip_weights}, D-Attn {args.dino_model}) ...",
+              file=sys.stderr)
+        self.detector = build_detector(args)
+        self.image_size = self.detector.config.image_size
+        self.load_rgb, self.read_error = load_rgb, ImageReadError
+
+    def preprocess(self, rgb: np.ndarray):
+        from crane.data.image import preprocess
+
+        return preprocess(rgb, self.image_size)
+
+    def predict(self, batch: list) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images -> (scores ``B``, smoothed maps ``B x S x S``)."""
+        import torch
+
+        from crane.models.head import smooth_maps
+
+        scores, raw = self.detector.predict_tensor(torch.stack(batch))
+        return scores.numpy(), smooth_maps(raw.numpy(), self.detector.config.sigma)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -218,13 +256,14 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> lis
 # --------------------------------------------------------------------------- thresholds
 
 
-def resolve_thresholds(args: argparse.Namespace) -> Thresholds:
-    """Thresholds from ``--thresholds`` or beside the checkpoint, then ``--threshold`` overrides."""
-    path = args.thresholds or default_path(args.checkpoint)
-    if args.thresholds is not None or path.is_file():
+def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
+    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or beside the checkpoint,
+    then ``--threshold`` overrides."""
+    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
+    if args.thresholds is not None or (path is not None and path.is_file()):
         thresholds = load_thresholds(path)
     else:
-        thresholds = Thresholds()
+        thresholds = embedded or Thresholds()
     if args.threshold:
         image, pixel = parse_override(args.threshold)
         thresholds.image = thresholds.image if image is None else image
@@ -329,14 +368,12 @@ class _Outputs:
         os.replace(tmp, skipped_path)
 
 
-def _load(item: InputFile, size: int):
+def _load(item: InputFile, predictor):
     """``(rgb, preprocessed)`` of one file, or ``(None, reason)`` when it cannot be read."""
-    from crane.data.image import ImageReadError, load_rgb, preprocess
-
     try:
-        rgb = load_rgb(item.path)
-        return rgb, preprocess(rgb, size)
-    except ImageReadError as e:
+        rgb = predictor.load_rgb(item.path)
+        return rgb, predictor.preprocess(rgb)
+    except predictor.read_error as e:
         return None, str(e)
     except Exception as e:  # any decoder failure (e.g. Pillow's decompression-bomb guard) skips this file only
         return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
@@ -346,22 +383,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs, exclude=args.out)
     if not items:
         raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
-    thresholds = resolve_thresholds(args)
+    if args.backend == "torch" and args.model:
+        raise CliError("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
+                       "--checkpoint")
+    deployed = None
+    if args.backend != "torch":
+        from crane.deploy.serving import open_predictor
+
+        deployed = open_predictor(args, {"clip_weights": "openai", **vars(MODEL_DEFAULTS)}, CliError)
+    thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
     if args.save_masks and thresholds.pixel is None:
         raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate` on labelled images "
                        "with masks, or pass --threshold IMG,PIX")
     for note in _threshold_notes(thresholds, args):
         print(note, file=sys.stderr)
 
-    import torch
     from tqdm import tqdm
 
-    from crane.models.head import smooth_maps
-
-    print(f"loading the model ({args.checkpoint}, CLIP {args.clip_weights}, D-Attn {args.dino_model}) ...",
-          file=sys.stderr)
-    detector = build_detector(args)
-    size, sigma = detector.config.image_size, detector.config.sigma
+    predictor = deployed or _TorchPredictor(args)
     outputs = _Outputs(args.out, args, thresholds)
     skipped: list[tuple[InputFile, str]] = []
     try:
@@ -369,7 +408,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = _load(item, size)
+                    rgb, x = _load(item, predictor)
                     if rgb is None:
                         skipped.append((item, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)
@@ -378,8 +417,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         batch.append((item, rgb, x))
                 if not batch:
                     continue
-                scores, raw = detector.predict_tensor(torch.stack([x for _, _, x in batch]))
-                maps = smooth_maps(raw.numpy(), sigma)
+                scores, maps = predictor.predict([x for _, _, x in batch])
                 for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
                     outputs.write(item, rgb, score, amap)
                     bar.update(1)
@@ -518,7 +556,8 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- main
 
 
-COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "init-checkpoint": cmd_init_checkpoint}
+COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "export": export_command.run,
+            "init-checkpoint": cmd_init_checkpoint}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -527,7 +566,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch_size must be at least 1", file=sys.stderr)
         return 2
-    if args.command in ("predict", "calibrate") and args.checkpoint is None:
+    exported = getattr(args, "backend", "torch") != "torch"  # an exported graph carries its checkpoint
+    if args.command in ("predict", "calibrate") and args.checkpoint is None and not exported:
         args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
     if args.command == "calibrate" and args.datasets_root_dir is None:
         args.datasets_root_dir = Path(default_datasets_root())
