@@ -52,13 +52,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET)")
     add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
     add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
+    g.add_argument("--why", default=None, help="a note on the purpose of the run, kept in metrics.json")
+    g = p.add_argument_group("published flags without effect here (accepted so published command lines run)")
+    g.add_argument("--type", default=d.type, help="the published loader's mode; evaluation is always 'test'")
+    g.add_argument("--aug_rate", type=float, default=d.aug_rate, help="training augmentation; never applied at test")
     return p
+
+
+NO_EFFECT = {
+    "--type": "--type has no effect in test.py: evaluation always reads the test split",
+    "--aug_rate": "--aug_rate has no effect in test.py: augmentation is for training (as in the published test.py)",
+}
+
+
+def notes(argv: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """One line per flag given that does not do what a user of the published test.py may expect."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = [f"note: {text}" for flag, text in NO_EFFECT.items() if flag in given]
+    if args.k_shot > 0 or args.portion < 1:
+        out.append("note: --k_shot/--portion evaluate a subset of each class; the published test.py ignores them "
+                   "and evaluates every image")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the evaluation; return the exit code (2 for unusable input)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    for line in notes(argv, args):
+        print(line, file=sys.stderr)
     try:
         evaluate(EvalOptions(**vars(args)))
     except USER_ERRORS as e:

@@ -93,8 +93,9 @@ def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults
     group.add_argument("--clip_weights", default=clip_weights, metavar="W",
                        help=_help("'openai' (HF cache / ~/.cache/clip), a ViT-L-14-336px.pt file, or 'synthetic' "
                                   "(random weights: meaningless numbers, for pipeline demos)", defaults_in_help))
-    group.add_argument("--dino_weights", default=None, metavar="FILE",
-                       help="VFM weights file for --dino_model (default: hub/HF cache)")
+    group.add_argument("--dino_weights", default=None, metavar="W",
+                       help="VFM weights for --dino_model: a file, or 'synthetic' (random weights: meaningless "
+                            "numbers, for offline pipeline runs) (default: the torch hub / HF cache)")
 
 
 def add_data_flags(group: argparse._ArgumentGroup, defaults: Any) -> None:

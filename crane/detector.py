@@ -43,6 +43,11 @@ def build_model(clip_weights: Union[ClipWeights, str] = "openai", checkpoint: Un
     (random weights; meaningless numbers, for pipeline demos).
     """
     config = config or CraneConfig()
+    random_parts = [f"--{flag} synthetic" for flag, w in (("clip_weights", clip_weights), ("dino_weights", dino_weights))
+                    if isinstance(w, str) and w == "synthetic" and (flag == "clip_weights" or config.dino_model != "none")]
+    if random_parts:
+        log.warning("RANDOM WEIGHTS (%s): the numbers are meaningless; this run only exercises the pipeline",
+                    ", ".join(random_parts))
     if isinstance(clip_weights, str) and clip_weights == "synthetic":
         from .models.synthetic import synthetic_clip_state_dict
 

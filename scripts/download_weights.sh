@@ -74,9 +74,12 @@ Placing the weights by hand (download on any machine with internet, then copy):
     $SAM_URL
     -> $TORCH_CKPT_DIR/sam_vit_b_01ec64.pth   (or pass --dino_weights FILE)
 
-  Crane checkpoints: shipped in $CKPT_DIR/ (a fresh clone has all 20). A lost one comes from
-    $CRANE_RAW/NAME/epoch_N.pth
-    -> $CKPT_DIR/NAME/epoch_N.pth   (NAME: trained_on_{mvtec,visa}_{crane,cranep}; sums in $CRANE_SUMS)
+  Crane checkpoints: shipped with this repository (a fresh clone has all 20, sums in $CRANE_SUMS).
+  A lost one comes from the official repository, epochs N = 1..5:
+    $CRANE_RAW/trained_on_mvtec_crane/epoch_N.pth  -> $CKPT_DIR/trained_on_mvtec_crane/epoch_N.pth
+    $CRANE_RAW/trained_on_mvtec_cranep/epoch_N.pth -> $CKPT_DIR/trained_on_mvtec_cranep/epoch_N.pth
+    $CRANE_RAW/trained_on_visa_crane/epoch_N.pth   -> $CKPT_DIR/trained_on_visa_crane/epoch_N.pth
+    $CRANE_RAW/trained_on_visa_cranep/epoch_N.pth  -> $CKPT_DIR/trained_on_visa_cranep/epoch_N.pth
   Then check with: bash scripts/download_weights.sh --verify
 EOF
 }

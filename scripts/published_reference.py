@@ -12,7 +12,9 @@ Written from ``../shared/spec/method.md`` (sections 1-5), independently of
   way: the refined stream ``xs`` is updated in place, so every requested E-Attn
   layer holds the block-24 refined tokens (quirk 1), and the original stream is
   updated in place by the attention residual, so the D-Attn input ``t`` that was
-  taken at block 24's entry ends up as ``xo_23 + y_o`` (quirk 2);
+  taken at a block's entry ends up as ``xo + y_o`` (quirk 2; at the first dual-path
+  block, where the refined stream is born in place, ``x + y_s``);
+* with a VFM, a D-Attn token set at every requested layer, the sets in block order;
 * the D-Attn similarity mean over the whole batch (quirk 3);
 * deep text prompts cast to float16 before they are inserted (quirk 4).
 
@@ -138,15 +140,16 @@ def dual_attention(x: torch.Tensor, sd: StateDict, block: str, attn_type: str) -
 @dataclass
 class VisionResult:
     """Sequence-first outputs: ``xo`` (``N x B x D``), ``tokens`` (one ``N x B x D`` per requested
-    layer, in order, as the original code collects them) and ``t`` (the D-Attn input, or None)."""
+    layer, in block order, as the original code collects them) and ``ts`` (the D-Attn input of
+    each requested D-Attn layer, as it is when the original code computes D-Attn there)."""
 
     xo: torch.Tensor
     tokens: list[torch.Tensor]
-    t: Optional[torch.Tensor]
+    ts: dict[int, torch.Tensor]
 
 
 def vision_transformer(sd: StateDict, images: torch.Tensor, out_layers: Sequence[int], attn_type: str = "qq+kk+vv",
-                       eattn_layers: int = 19, dattn_layer: Optional[int] = None,
+                       eattn_layers: int = 19, dattn_layers: Sequence[int] = (),
                        snapshot_tokens: bool = False) -> VisionResult:
     """The CLIP vision tower with the E-Attn dual path on ``B x 3 x S x S`` images.
 
@@ -165,21 +168,25 @@ def vision_transformer(sd: StateDict, images: torch.Tensor, out_layers: Sequence
     depth = len([k for k in sd if k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")])
     eattn_start = max(1, depth - eattn_layers + 1)
     tokens: list[torch.Tensor] = []
-    t = None
+    ts: dict[int, torch.Tensor] = {}
     xs: Optional[torch.Tensor] = None
     xo = x
     for idx in range(1, depth + 1):
         block = f"visual.transformer.resblocks.{idx - 1}."
         if idx < eattn_start:
+            if idx in dattn_layers:
+                ts[idx] = xo  # the block's input (the original code has no D-Attn here: it needs E-Attn weights)
             xo = standard_block(xo, sd, block)
         elif xs is None:  # start of the dual path
             y_s, y_o = dual_attention(_layer_norm(xo, sd, block + "ln_1"), sd, block, attn_type)
-            xs = xo + y_s
+            xs = xo + y_s  # the original adds y_s in place to the block's input stream
+            if idx in dattn_layers:
+                ts[idx] = xs.clone()  # D-Attn runs now; later in-place updates must not reach it
             xo = xo + y_o
             xo = xo + _mlp(_layer_norm(xo, sd, block + "ln_2"), sd, block)
         else:
-            if idx == dattn_layer:
-                t = xo  # held by D-Attn; the in-place residual below changes it (quirk 2)
+            if idx in dattn_layers:
+                ts[idx] = xo  # held by D-Attn; the in-place residual below changes it (quirk 2)
             y_s, y_o = dual_attention(_layer_norm(xo, sd, block + "ln_1"), sd, block, attn_type)
             xo += y_o
             xo = xo + _mlp(_layer_norm(xo, sd, block + "ln_2"), sd, block)
@@ -187,7 +194,7 @@ def vision_transformer(sd: StateDict, images: torch.Tensor, out_layers: Sequence
         if idx in out_layers:
             stream = xo if xs is None else xs
             tokens.append(stream.clone() if snapshot_tokens else stream)
-    return VisionResult(xo, tokens, t)
+    return VisionResult(xo, tokens, ts)
 
 
 def dattn_matrix(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) -> torch.Tensor:
@@ -264,7 +271,7 @@ class PublishedCrane:
     Args:
         clip_sd: OpenAI-format CLIP state dict (float32).
         prompt_sd: the official 16-key prompt-learner state dict.
-        dino_sd: timm-layout DINOv2 state dict for Crane+ (D-Attn at the last layer), or None.
+        dino_sd: timm-layout DINOv2 state dict for Crane+ (D-Attn at every requested layer), or None.
         Other arguments as the original flags; ``eattn_layers`` is the original 19.
     """
 
@@ -290,14 +297,15 @@ class PublishedCrane:
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised image embedding ``B x E`` and token sets ``B x L x E`` (D-Attn set first at its layer)."""
         sd = self.sd
-        dattn_layer = self.depth if self.vfm is not None else None
-        res = vision_transformer(sd, images, self.features_list, self.attn_type, self.eattn_layers, dattn_layer)
+        layers = sorted(set(self.features_list))  # the original collects layers as it runs the blocks
+        dattn_layers = layers if self.vfm is not None else ()
+        res = vision_transformer(sd, images, layers, self.attn_type, self.eattn_layers, dattn_layers)
         embedding = _layer_norm(res.xo[0], sd, "visual.ln_post") @ sd["visual.proj"]
+        attn = dattn_matrix(self.vfm(images), gamma=self.gamma) if self.vfm is not None else None
         sets = []
-        for layer, tok in zip(self.features_list, res.tokens):
-            if layer == dattn_layer:
-                attn = dattn_matrix(self.vfm(images), gamma=self.gamma)
-                sets.append(_layer_norm(dattn_tokens(sd, res.t, layer, attn), sd, "visual.ln_post") @ sd["visual.proj"])
+        for layer, tok in zip(layers, res.tokens):
+            if attn is not None:
+                sets.append(_layer_norm(dattn_tokens(sd, res.ts[layer], layer, attn), sd, "visual.ln_post") @ sd["visual.proj"])
                 if not self.both_eattn_dattn:
                     continue
             sets.append(_layer_norm(tok.permute(1, 0, 2)[:, 1:], sd, "visual.ln_post") @ sd["visual.proj"])

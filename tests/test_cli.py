@@ -346,12 +346,14 @@ def test_download_weights_dry_run_and_manual_name_every_destination(tmp_path):
     assert result.returncode == 0, result.stderr
     torch_dir = tmp_path / "torch" / "hub" / "checkpoints"
     for expected in (f"{torch_dir}/dinov2_vitb14_reg4_pretrain.pth", f"{torch_dir}/sam_vit_b_01ec64.pth",
-                     "timm/vit_large_patch14_clip_336.openai", str(tmp_path / "hf" / "hub"), "--crane-url"):
+                     "timm/vit_large_patch14_clip_336.openai", str(tmp_path / "hf" / "hub"),
+                     "github.com/AlirezaSalehy/Crane/raw/main/checkpoints/trained_on_visa_cranep/epoch_3.pth",
+                     f"{tmp_path}/ckpt/trained_on_visa_cranep/epoch_3.pth"):
         assert expected in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # a dry run writes nothing
     manual = _download_weights(tmp_path, "--manual", "--checkpoints-dir", "ckpt")
     assert manual.returncode == 0
-    assert "ckpt/trained_on_mvtec_crane/epoch_5.pth" in manual.stdout
+    assert "ckpt/trained_on_mvtec_crane/epoch_N.pth" in manual.stdout
     assert str(tmp_path / "home" / ".cache" / "clip" / "ViT-L-14-336px.pt") in manual.stdout
 
 
@@ -368,3 +370,21 @@ def test_download_weights_verify_checks_sha256(tmp_path, official_checkpoint):
                and "SHA-256 verified" in line for line in lines)
     assert any(line.strip().startswith("BAD SUM") and "trained_on_visa_crane/epoch_5.pth" in line for line in lines)
     assert any(line.strip().startswith("MISSING") and "trained_on_visa_cranep/epoch_5.pth" in line for line in lines)
+
+
+def test_the_repository_ships_the_20_official_checkpoints(tmp_path):
+    """A clone holds every official checkpoint with its published sum, and --verify says so."""
+    import hashlib
+
+    root = SCRIPT.parents[1]
+    sums = [line.split() for line in (root / "checkpoints" / "SHA256SUMS").read_text().splitlines() if line.strip()]
+    assert len(sums) == 20 and len({rel for _, rel in sums}) == 20
+    for want, rel in sums:
+        assert hashlib.sha256((root / "checkpoints" / rel).read_bytes()).hexdigest() == want, rel
+    shared = root.parent / "shared" / "official_checkpoints" / "SHA256SUMS"
+    if shared.is_file():  # the sums we ship are the official repository's
+        official = sorted((s, r.removeprefix("./")) for s, r in (line.split() for line in shared.read_text().splitlines()))
+        assert sorted((s, r) for s, r in sums) == official
+    result = _download_weights(tmp_path, "--verify", "crane")
+    assert result.returncode == 0, result.stdout
+    assert sum("SHA-256 verified" in line for line in result.stdout.splitlines()) == 20

@@ -253,22 +253,22 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
     monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
     with pytest.raises(KeyboardInterrupt), one_thread():
         SCRIPT.main(args)
-    assert [p.name for p in (out / "classes").iterdir()] == ["allbad.json"]
+    assert [p.name for p in (out / "classes").iterdir()] == ["mixed.json"]  # classes run in meta.json order
     assert not (out / "metrics.json").exists()
     assert not list((out / "classes").glob(".*"))  # no temporary leftovers
 
     predicted = []
-    real_predict = evaluate._predict_class
+    real_predict = evaluate._predict_batches
 
-    def recording(detector, dataset, indices, *a, **k):
-        predicted.append(dataset.samples[indices[0]]["cls_name"])
-        return real_predict(detector, dataset, indices, *a, **k)
+    def recording(detector, dataset, batches, *a, **k):
+        predicted.append(dataset.samples[batches[0][0]]["cls_name"])
+        return real_predict(detector, dataset, batches, *a, **k)
 
     monkeypatch.setattr(evaluate, "class_metrics", real_metrics)
-    monkeypatch.setattr(evaluate, "_predict_class", recording)
+    monkeypatch.setattr(evaluate, "_predict_batches", recording)
     with one_thread():
         assert SCRIPT.main(args) == 0
-    assert predicted == ["imgonly", "mixed"]
+    assert predicted == ["allbad", "imgonly"]
     for name in ("metrics.json", "predictions.csv"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
@@ -278,7 +278,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
 
     predicted.clear()
     assert SCRIPT.main([*args, "--aupro_method", "mvtec", "--visualize", "True"]) == 0  # other settings: recomputed
-    assert predicted == ["allbad", "imgonly", "mixed"]
+    assert predicted == ["mixed", "allbad", "imgonly"]
     result = json.loads((out / "metrics.json").read_text())
     assert result["args"]["aupro_method"] == "mvtec"
     root = data_root / "toy"

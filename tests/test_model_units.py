@@ -149,12 +149,15 @@ def test_dual_path_matches_reference(attn_type, tiny_sd, tiny_clip):
     images = _batch(2, 80)
     layers = [3, 4, 6, 8]
     with torch.no_grad():
-        xo, tokens, t = enc.forward_features(images, layers, dattn_layer=8)
-        expected = ref.vision_transformer(tiny_sd, images, layers, attn_type, EATTN_LAYERS, dattn_layer=8)
-    torch.testing.assert_close(xo, expected.xo.transpose(0, 1), atol=ATOL, rtol=0, equal_nan=False)
+        streams = enc.forward_features(images, layers, dattn_layers=layers)
+        expected = ref.vision_transformer(tiny_sd, images, layers, attn_type, EATTN_LAYERS, dattn_layers=layers)
+    tokens = {layer: streams.tokens(layer) for layer in layers}
+    torch.testing.assert_close(streams.xo, expected.xo.transpose(0, 1), atol=ATOL, rtol=0, equal_nan=False)
     for layer, exp in zip(layers, expected.tokens):
         torch.testing.assert_close(tokens[layer], exp.transpose(0, 1), atol=ATOL, rtol=0, equal_nan=False)
-    torch.testing.assert_close(t, expected.t.transpose(0, 1), atol=ATOL, rtol=0, equal_nan=False)
+    for layer in layers:  # D-Attn inputs at every layer, as the in-place updates of the original leave them
+        torch.testing.assert_close(streams.dattn_inputs[layer], expected.ts[layer].transpose(0, 1), atol=ATOL, rtol=0,
+                                   equal_nan=False)
     # Quirk 1: every requested E-Attn layer holds the last block's refined stream; layer 3 is standard.
     assert torch.equal(tokens[4], tokens[8]) and torch.equal(tokens[6], tokens[8])
     assert not torch.allclose(tokens[3], tokens[8], atol=1e-2)
@@ -165,8 +168,9 @@ def test_true_multilayer_mode_returns_each_layers_tokens(tiny_sd, tiny_clip):
     images = _batch(2, 64)
     layers = [4, 6, 8]
     with torch.no_grad():
-        _, tokens, _ = enc.forward_features(images, layers)
+        streams = enc.forward_features(images, layers)
         expected = ref.vision_transformer(tiny_sd, images, layers, "qq+kk+vv", EATTN_LAYERS, snapshot_tokens=True)
+    tokens = {layer: streams.tokens(layer) for layer in layers}
     for layer, exp in zip(layers, expected.tokens):
         torch.testing.assert_close(tokens[layer], exp.transpose(0, 1), atol=ATOL, rtol=0, equal_nan=False)
     assert (tokens[4] - tokens[8]).abs().max() > 1e-2
@@ -186,21 +190,26 @@ def test_true_multilayer_mode_returns_each_layers_tokens(tiny_sd, tiny_clip):
 
 
 def test_dattn_input_is_after_attention_residual(tiny_clip):
-    """Quirk 2: ``t = xo_7 + y_o,8`` (the last block's stream after its attention residual, before its MLP)."""
+    """Quirk 2: at a later dual-path block ``t = xo_7 + y_o,8`` (its stream after the attention residual,
+    before the MLP); at the first dual-path block (4 here) ``t = x_3 + y_s,4`` (the refined stream)."""
     enc = CraneVisionEncoder(tiny_clip.visual, "qq+kk+vv", EATTN_LAYERS)
-    last = tiny_clip.visual.transformer.resblocks[-1]
-    seen = []
-    handle = last.ln_1.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    blocks = tiny_clip.visual.transformer.resblocks
+    seen = {}
+    handles = [blocks[i - 1].ln_1.register_forward_pre_hook(
+        lambda module, args, i=i: seen.setdefault(i, args[0].clone())) for i in (4, 8)]
     try:
         with torch.no_grad():
-            _, _, t = enc.forward_features(_batch(2, 64), [8], dattn_layer=8)
+            streams = enc.forward_features(_batch(2, 64), [4, 8], dattn_layers=[4, 8])
     finally:
-        handle.remove()
-    block_input = seen[0]
+        for h in handles:
+            h.remove()
     with torch.no_grad():
-        y_o, _ = enc._dual_attention(last, block_input)
-    torch.testing.assert_close(t, block_input + y_o, atol=ATOL, rtol=0, equal_nan=False)
-    assert (t - block_input).abs().max() > 1e-2
+        y_o, _ = enc._dual_attention(blocks[7], seen[8])
+        _, y_s = enc._dual_attention(blocks[3], seen[4])
+    t = streams.dattn_inputs
+    torch.testing.assert_close(t[8], seen[8] + y_o, atol=ATOL, rtol=0, equal_nan=False)
+    torch.testing.assert_close(t[4], seen[4] + y_s, atol=ATOL, rtol=0, equal_nan=False)
+    assert (t[8] - seen[8]).abs().max() > 1e-2 and (t[4] - seen[4]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("side", [5, 8])
@@ -467,13 +476,16 @@ def test_predict_matches_reference(options, tiny_sd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("both,clip", [(True, "tiny_sd14"), (False, "tiny_sd")],
-                         ids=["both_eattn_dattn", "dattn_only_resized_values"])
-def test_crane_plus_matches_reference(both, clip, dino_sd, request):
+@pytest.mark.parametrize("both,clip,layers", [(True, "tiny_sd14", (8,)), (False, "tiny_sd", (8,)),
+                                              (True, "tiny_sd14", (8, 2, 4, 6))],
+                         ids=["both_eattn_dattn", "dattn_only_resized_values", "dattn_at_every_layer"])
+def test_crane_plus_matches_reference(both, clip, layers, dino_sd, request):
     """D-Attn with DINOv2 at 112 (grid 8), per-image and batch-wide mean. ``dattn_only`` runs the patch-8
-    CLIP (grid 14), so its values are resized to DINOv2's grid."""
+    CLIP (grid 14), so its values are resized to DINOv2's grid. With several layers every one gets its
+    D-Attn set (before, in the first dual-path block 4 and after it), the sets in block order."""
     clip_sd = request.getfixturevalue(clip)
-    det = _detector(clip_sd, dino_sd, features_list=(8,), image_size=112, both_eattn_dattn=both)
+    det = _detector(clip_sd, dino_sd, features_list=layers, image_size=112, both_eattn_dattn=both)
+    assert len(det.model.set_layout) == len(layers) * (2 if both else 1)
     reference = _reference_for(det, clip_sd, dino_sd)
     images = _images(2, 112)
     batch = torch.stack([ref.preprocess(im, 112) for im in images])
@@ -531,22 +543,27 @@ def test_predict_input_types(tmp_path, tiny_sd):
     np.testing.assert_array_equal(det.predict(gray).maps, det.predict(np.repeat(gray[:, :, None], 3, axis=2)).maps)
 
 
-def test_score_based_pooling_resamples_sets_on_other_grids():
-    """D-Attn with DINO v1 / SAM yields a finer grid than CLIP's: pooling resamples to the coarsest."""
-    torch.manual_seed(0)
-    coarse = F.normalize(torch.randn(2, 16, 8), dim=-1)
-    fine = F.normalize(torch.randn(2, 64, 8), dim=-1)
-    fine_logits, coarse_logits = torch.randn(2, 64, 2), torch.randn(2, 16, 2)
-    emb, text = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(1, 2, 8), dim=-1)
-
-    def down(x: torch.Tensor) -> torch.Tensor:
-        grid = x.transpose(1, 2).reshape(2, -1, 8, 8)
-        return F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-
-    ours = image_scores([fine, coarse], [fine_logits, coarse_logits], emb, text)
-    expected = image_scores([down(fine), coarse], [down(fine_logits), coarse_logits], emb, text)
-    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
-    assert not ours.isnan().any()
+def test_vfm_on_a_finer_grid_puts_every_token_set_on_its_grid(tiny_sd, dino_sd):
+    """DINO v1 / SAM give a finer grid than CLIP's. As published, each layer's E-Attn tokens are then
+    resized to the VFM grid when the layer is reached (its own refined tokens, not the aliased ones),
+    so all token sets share the VFM grid and score pooling combines them directly."""
+    det = _detector(tiny_sd, dino_sd, features_list=(6, 8), image_size=64)
+    model = det.model
+    feats = F.normalize(torch.randn(2, 16, 12, 12, generator=torch.Generator().manual_seed(0)) + 1.0, dim=1)
+    model.vfm.forward = lambda images: feats  # a VFM on a 12x12 grid (CLIP's is 8x8 here)
+    images = torch.stack([preprocess(im, 64) for im in _images(2, 64)])
+    with torch.no_grad():
+        sets = model.encode_image(images).patch_tokens
+        streams = model.vision.forward_features(images, [6, 8])
+        scores = model.scores(model.encode_image(images), model.patch_logits(model.encode_image(images),
+                                                                              det.text_features), det.text_features)
+    assert [s.shape[1] for s in sets] == [144] * 4 and not scores.isnan().any()
+    for index, layer in ((1, 6), (3, 8)):
+        own = ref._layer_norm(F.interpolate(streams.own[layer][:, 1:].transpose(1, 2).reshape(2, 128, 8, 8),
+                                            size=(12, 12), mode="bilinear", align_corners=False)
+                              .flatten(2).transpose(1, 2), tiny_sd, "visual.ln_post") @ tiny_sd["visual.proj"]
+        torch.testing.assert_close(sets[index], F.normalize(own, dim=-1), atol=ATOL, rtol=0)
+    assert (sets[1] - sets[3]).abs().max() > 1e-3  # layer 6's own tokens, not aliased to layer 8's
 
 
 def test_dattn_rows_with_every_entry_masked_fall_back_to_plain_softmax():

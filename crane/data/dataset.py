@@ -166,14 +166,15 @@ class CraneDataset(Dataset):
         """The classes of this dataset, in ``meta.json`` order."""
         return list(self._classes)
 
-    def validate(self, decode: bool = False) -> None:
-        """Check that every image and mask file of the kept samples exists (and opens, if ``decode``).
+    def validate(self, decode: bool = False, indices: Sequence[int] | None = None) -> None:
+        """Check that every image and mask file of the kept samples (or of the samples ``indices``)
+        exists (and decodes, if ``decode``).
 
         ``meta.json`` itself (existence, JSON syntax, keys, value types) and the requested
         classes (known, non-empty) are checked when the dataset is built, before this.
         Raises ``DatasetError`` naming the first bad file and the fix.
         """
-        for sample in self.samples:
+        for sample in self.samples if indices is None else (self.samples[i] for i in indices):
             for key, kind in (("img_path", "image"), ("mask_path", "mask")):
                 if not sample[key]:
                     continue

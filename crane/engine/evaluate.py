@@ -25,7 +25,14 @@ dataset order and the batches are dealt out round-robin, so every batch holds
 the same images whatever the number of processes, and the results equal a
 single-process run (bit for bit when each process computes with the same number
 of CPU threads; matrix products round differently with other thread counts).
-With ``dattn_batch_mean`` the batches are formed within each class.
+
+Published batching: with ``dattn_batch_mean`` (Crane+ as the published
+evaluation ran it), an image's map depends on its batch mates, so the batches
+are the published ones: consecutive runs of 8 images of the whole test split in
+``meta.json`` order, across class boundaries (:func:`published_batches`), whatever
+the number of processes. A class whose first or last batch shares images with a
+neighbouring class is computed with those batch mates, so a resumed run gives the
+same files.
 """
 from __future__ import annotations
 
@@ -70,7 +77,7 @@ class EvalOptions:
 
     dataset: str = "mvtec"
     datasets_root_dir: str = field(default_factory=default_datasets_root)
-    model_name: str = "trained_on_mvtec_cranep"
+    model_name: str = "trained_on_mvtec_default"
     epoch: int = 5
     checkpoint: Optional[str] = None
     save_path: Optional[str] = None
@@ -100,6 +107,13 @@ class EvalOptions:
     aupro_method: str = "crane"
     save_maps: bool = False
     visualize: bool = False
+    why: Optional[str] = None
+    type: str = "test"
+    aug_rate: float = 0.0
+
+
+PUBLISHED_BATCH = 8
+"""Images per D-Attn batch in the published evaluation (8 per GPU, consecutive in meta.json order)."""
 
 
 @dataclass
@@ -112,6 +126,8 @@ class EvalPlan:
     settings: dict[str, Any]
     classes: list[str]
     pending: list[str]
+    batches: dict[str, list[list[int]]]  # pending class -> its batches (dataset indices)
+    why: Optional[str] = None
 
 
 # --------------------------------------------------------------------------- planning
@@ -160,8 +176,8 @@ def result_settings(opts: EvalOptions) -> dict[str, Any]:
         "seed": int(opts.seed),
         "aupro_method": opts.aupro_method,
     }
-    if opts.dattn_batch_mean:
-        settings["batch_size"] = int(opts.batch_size)
+    if published_batching(opts):
+        settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
     return settings
 
 
@@ -185,22 +201,69 @@ def _check_options(opts: EvalOptions) -> None:
     if opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file():
         raise EvalError(f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached "
                         f"download), a ViT-L-14-336px.pt file, or synthetic")
-    if opts.dino_model != "none" and opts.dino_weights and not Path(opts.dino_weights).expanduser().is_file():
+    if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
+            not Path(opts.dino_weights).expanduser().is_file():
         raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
     if opts.clip_weights == "openai":
         from crane.models.clip_loader import resolve_openai_weights
 
         resolve_openai_weights()  # raises WeightsNotFoundError (what to fetch, where) before any process starts
+    if opts.dino_model != "none" and opts.dino_weights is None:
+        from crane.models.vfm import resolve_vfm_weights
+
+        resolve_vfm_weights(opts.dino_model)
+
+
+def published_batching(opts: EvalOptions) -> bool:
+    """Whether batches must be the published ones (the batch-wide D-Attn mean makes maps batch-dependent)."""
+    return bool(opts.dattn_batch_mean) and opts.dino_model != "none"
+
+
+def published_batches(n: int, batch_size: int = PUBLISHED_BATCH) -> list[list[int]]:
+    """The published test loader's batches over ``n`` images: consecutive runs of ``batch_size``."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def class_batches(dataset: CraneDataset, classes: Sequence[str], opts: EvalOptions) -> dict[str, list[list[int]]]:
+    """Each class's batches (indices into ``dataset``, in dataset order).
+
+    Batch-invariant runs cut each class into batches of ``batch_size``; published batching
+    (:func:`published_batching`) uses the runs of :func:`published_batches` over the whole
+    dataset that hold an image of the class (so a boundary batch brings in other classes).
+    """
+    by_class: dict[str, list[int]] = {}
+    for i, sample in enumerate(dataset.samples):
+        by_class.setdefault(sample["cls_name"], []).append(i)
+    if not published_batching(opts):
+        size = opts.batch_size
+        return {c: [by_class[c][i:i + size] for i in range(0, len(by_class[c]), size)] for c in classes}
+    runs = published_batches(len(dataset), min(PUBLISHED_BATCH, opts.batch_size))
+    wanted = set(classes)
+    out: dict[str, list[list[int]]] = {c: [] for c in classes}
+    for run in runs:
+        for c in dict.fromkeys(dataset.samples[i]["cls_name"] for i in run):
+            if c in wanted:
+                out[c].append(run)
+    return out
 
 
 def _class_file(save: Path, cls_name: str) -> Path:
     return save / "classes" / f"{cls_name}.json"
 
 
-def _finished(record: Optional[dict], settings: dict, img_paths: list[str], opts: EvalOptions) -> bool:
+def _batch_paths(dataset: CraneDataset, batches: list[list[int]], opts: EvalOptions) -> Optional[list[list[str]]]:
+    """The images of each batch, recorded with a class under published batching (its maps depend on them)."""
+    if not published_batching(opts):
+        return None
+    return [[dataset.samples[i]["img_path"] for i in b] for b in batches]
+
+
+def _finished(record: Optional[dict], settings: dict, img_paths: list[str], batches: Optional[list[list[str]]],
+              opts: EvalOptions) -> bool:
     """Whether a saved class record can be reused for this run."""
     return (isinstance(record, dict) and record.get("settings") == settings
             and [p["img_path"] for p in record.get("predictions", [])] == img_paths
+            and record.get("batches") == batches
             and (record.get("maps_saved") or not opts.save_maps)
             and (record.get("visualized") or not opts.visualize))
 
@@ -220,19 +283,21 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     settings = result_settings(opts)
     save = save_path(opts)
     pending, stale = [], []
+    every = class_batches(dataset, dataset.classes, opts)
     for cls_name in dataset.classes:
         img_paths = [s["img_path"] for s in dataset.samples if s["cls_name"] == cls_name]
         record = results.read_json(_class_file(save, cls_name))
-        if not _finished(record, settings, img_paths, opts):
+        if not _finished(record, settings, img_paths, _batch_paths(dataset, every[cls_name], opts), opts):
             pending.append(cls_name)
             if record is not None:
                 stale.append(cls_name)
     if stale:
         log.warning("%s holds results of %s from other settings, images or outputs: recomputing them",
                     save, ", ".join(stale))
-    if pending:
-        _dataset(opts, root, pending, validate=False).validate(decode=True)
-    return EvalPlan(root, checkpoint_path(opts), save, settings, dataset.classes, pending)
+    batches = {c: every[c] for c in pending}
+    needed = sorted({i for runs in batches.values() for run in runs for i in run})
+    dataset.validate(decode=True, indices=needed)
+    return EvalPlan(root, checkpoint_path(opts), save, settings, dataset.classes, pending, batches, opts.why)
 
 
 # -------------------------------------------------------------------------- inference
@@ -256,9 +321,8 @@ def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str
     return scores.numpy(), smooth_maps(raw.numpy(), detector.config.sigma)
 
 
-def _round_robin_batches(indices: list[int], batch_size: int, ctx: DistContext) -> tuple[list[list[int]], int]:
-    """This rank's batches (of consecutive ``indices``) and the number of gather rounds."""
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+def _round_robin(batches: list[list[int]], ctx: DistContext) -> tuple[list[list[int]], int]:
+    """This rank's share of ``batches`` and the number of gather rounds."""
     return batches[ctx.rank::ctx.world_size], math.ceil(len(batches) / ctx.world_size)
 
 
@@ -271,18 +335,19 @@ def _num_workers(opts: EvalOptions, ctx: DistContext) -> int:
     return min(8, max(1, (os.cpu_count() or 1) // local - 1))
 
 
-def _predict_class(detector, dataset: CraneDataset, indices: list[int], ctx: DistContext, opts: EvalOptions,
-                   sink: Optional[Callable[[dict], None]], desc: str) -> None:
-    """Predict the images ``indices`` of ``dataset`` across all ranks; rank 0's ``sink`` receives every
-    batch as ``{"index", "score", "map", "mask"}`` (dataset indices, ``B``, ``B x S x S`` float32,
-    ``B x S x S`` uint8), in dataset order."""
-    mine, rounds = _round_robin_batches(indices, opts.batch_size, ctx)
+def _predict_batches(detector, dataset: CraneDataset, batches: list[list[int]], ctx: DistContext, opts: EvalOptions,
+                     sink: Optional[Callable[[dict], None]], desc: str, total: int) -> None:
+    """Predict ``batches`` (lists of indices into ``dataset``, each run as one forward pass) across all
+    ranks; rank 0's ``sink`` receives every batch as ``{"index", "score", "map", "mask"}`` (dataset
+    indices, ``B``, ``B x S x S`` float32, ``B x S x S`` uint8), in order. ``total``: images the
+    progress bar counts."""
+    mine, rounds = _round_robin(batches, ctx)
     workers = _num_workers(opts, ctx)
     loader = iter(DataLoader(dataset, batch_sampler=mine, num_workers=workers,
                              pin_memory=ctx.device.type == "cuda", persistent_workers=False))
     token_type = opts.train_with_img_cls_type if opts.train_with_img_cls_prob == 1 and \
         opts.train_with_img_cls_type != "none" else None
-    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     for r in range(rounds):
         payload = None
         if r < len(mine):
@@ -351,8 +416,11 @@ class _ClassCollector:
         self.all_maps = np.zeros((n, size, size), np.float32) if keep_all_maps else None
 
     def add(self, part: dict) -> None:
+        """Take a predicted batch; its images of other classes (published batch mates) are ignored."""
         for j, index in enumerate(part["index"]):
-            i = self.position[index]
+            i = self.position.get(index)
+            if i is None:
+                continue
             self.scores[i] = part["score"][j]
             if self.pixel[i]:
                 self.masks[self.slot[i]] = part["mask"][j]
@@ -393,16 +461,49 @@ def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> N
 # ------------------------------------------------------------------------------- run
 
 
+class _BoundaryBatches:
+    """Batches shared by two pending classes (published batching): computed once, for the first
+    class, and kept on rank 0 for the next. Every rank knows which batches were computed."""
+
+    def __init__(self) -> None:
+        self.done: set[tuple[int, ...]] = set()
+        self.kept: dict[tuple[int, ...], dict] = {}
+
+    def split(self, batches: list[list[int]]) -> tuple[list[dict], list[list[int]]]:
+        """(rank 0's kept outputs of already computed batches, the batches still to compute)."""
+        kept = [self.kept.pop(tuple(b)) for b in batches if tuple(b) in self.kept]
+        return kept, [b for b in batches if tuple(b) not in self.done]
+
+    def record(self, batches: list[list[int]], later: set[int]) -> Callable[[dict], None]:
+        """Mark ``batches`` computed; the returned hook keeps the outputs of those that hold an
+        image of ``later`` (dataset indices of the classes still to come)."""
+        self.done.update(tuple(b) for b in batches)
+
+        def keep(part: dict) -> None:
+            if later.intersection(part["index"]):
+                self.kept[tuple(part["index"])] = part
+        return keep
+
+
 def _process_class(cls_name: str, position: str, detector, dataset: CraneDataset, plan: EvalPlan,
-                   opts: EvalOptions, ctx: DistContext) -> None:
+                   opts: EvalOptions, ctx: DistContext, shared: _BoundaryBatches, later: set[int]) -> None:
     indices = [i for i, s in enumerate(dataset.samples) if s["cls_name"] == cls_name]
+    kept, todo = shared.split(plan.batches[cls_name])
+    keep = shared.record(todo, later)
     collector = None
     if ctx.is_main:
         samples = [dataset.samples[i] for i in indices]
         collector = _ClassCollector(samples, indices, opts.image_size,
                                     plan.save_path / "maps" if opts.save_maps else None, opts.visualize)
-    _predict_class(detector, dataset, indices, ctx, opts, collector.add if collector else None,
-                   f"{cls_name} {position}")
+        for part in kept:
+            collector.add(part)
+
+    def sink(part: dict) -> None:
+        keep(part)
+        collector.add(part)
+
+    _predict_batches(detector, dataset, todo, ctx, opts, sink if collector else None, f"{cls_name} {position}",
+                     total=sum(len(b) for b in todo))
     if not ctx.is_main:
         return
     values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
@@ -410,6 +511,7 @@ def _process_class(cls_name: str, position: str, detector, dataset: CraneDataset
         _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
     results.write_json(_class_file(plan.save_path, cls_name), {
         "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
+        "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
         "maps_saved": opts.save_maps, "visualized": opts.visualize})
 
 
@@ -419,7 +521,8 @@ def summarize(plan: EvalPlan) -> str:
     records = {c: results.read_json(_class_file(plan.save_path, c)) for c in plan.classes}
     per_class = {c: records[c]["metrics"] for c in plan.classes}
     mean = {m: results.mean_defined(v[m] for v in per_class.values()) for m in results.METRICS}
-    results.write_json(plan.save_path / "metrics.json", {"classes": per_class, "mean": mean, "args": plan.settings})
+    results.write_json(plan.save_path / "metrics.json", {"classes": per_class, "mean": mean, "args": plan.settings,
+                                                         "why": plan.why})
     rows = [dict(p, score=str(np.float32(p["score"]))) for c in plan.classes for p in records[c]["predictions"]]
     results.write_csv(plan.save_path / "predictions.csv", results.PREDICTION_COLUMNS, rows)
     table = results.metrics_table(per_class, mean)
@@ -463,9 +566,12 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
     if plan.pending:
         torch.manual_seed(opts.seed)
         detector = build_detector(opts, plan.checkpoint, ctx.device)
-        dataset = _dataset(opts, plan.root, plan.pending, validate=False)
+        dataset = _dataset(opts, plan.root, validate=False)
+        shared = _BoundaryBatches()
         for k, cls_name in enumerate(plan.pending):
-            _process_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan, opts, ctx)
+            later = {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
+            _process_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan, opts, ctx, shared,
+                           later)
     barrier(ctx)
     if ctx.is_main:
         print(summarize(plan), flush=True)

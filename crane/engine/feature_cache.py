@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from crane.models.crane import CraneModel, ImageFeatures
-from crane.models.vfm import dattn_attention
 
 Entry = dict[str, Any]
 """One image's cached features (CPU tensors): ``embedding`` ``E``; ``sets``, the distinct token
-sets, each ``L x E``; ``layout``, for every token set of the model the index into ``sets`` (``-1``:
-the D-Attn set, rebuilt per batch from ``dattn_t`` ``N x D`` and ``dattn_feats`` ``C x H x W``);
-``mask`` ``S x S`` bool; ``label`` int."""
+sets, each ``L x E``; ``layout``, for every token set of the model the index into ``sets``, or
+:data:`DATTN` for a D-Attn set rebuilt per batch (then ``dattn_t`` maps each D-Attn layer to its
+input ``N x D`` and ``dattn_feats`` holds the VFM features ``C x H x W``); ``mask`` ``S x S``
+bool; ``label`` int."""
 
 DATTN = -1
 
@@ -40,39 +39,22 @@ class FrozenImageEncoder:
 
     def __init__(self, model: CraneModel) -> None:
         self.model = model
-        self.batch_mean = model.dattn_layer is not None and model.config.dattn_batch_mean
+        self.batch_mean = model.vfm is not None and model.config.dattn_batch_mean
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[Entry]:
         """``B x 3 x S x S`` CLIP-normalised images -> one entry per image (tensors on CPU)."""
-        if self.batch_mean:
-            return self._encode_dattn_inputs(images)
-        feats = self.model.encode_image(images)
-        return [_entry(feats.image_embedding[i], [s[i] for s in feats.patch_tokens]) for i in range(len(images))]
-
-    def _encode_dattn_inputs(self, images: torch.Tensor) -> list[Entry]:
-        """The arithmetic of ``CraneModel.encode_image`` up to the batch-dependent D-Attn attention."""
-        model, cfg = self.model, self.model.config
-        xo, tokens, t = model.vision.forward_features(images, cfg.features_list, model.dattn_layer)
-        embedding = F.normalize(model.vision.project(xo[:, 0]).float(), dim=-1)
-        vfm_feats = model.vfm(images)
-        projected: dict[int, torch.Tensor] = {}
-        layout: list[Optional[int]] = []
-        for layer in cfg.features_list:
-            if layer == model.dattn_layer:
-                layout.append(None)
-                if not cfg.both_eattn_dattn:
-                    continue
-            stream = tokens[layer]
-            if id(stream) not in projected:
-                projected[id(stream)] = F.normalize(model.vision.project(stream[:, 1:]).float(), dim=-1)
-            layout.append(id(stream))
+        if not self.batch_mean:
+            feats = self.model.encode_image(images)
+            return [_entry(feats.image_embedding[i], [s[i] for s in feats.patch_tokens]) for i in range(len(images))]
+        parts = self.model.image_parts(images)
+        layout = self.model.set_layout
         entries = []
         for i in range(len(images)):
-            sets = [None if key is None else projected[key][i] for key in layout]
-            entry = _entry(embedding[i], sets)
-            entry["dattn_t"] = t[i].detach().cpu().clone()
-            entry["dattn_feats"] = vfm_feats[i].detach().cpu().clone()
+            entry = _entry(parts.image_embedding[i],
+                           [None if kind == "dattn" else parts.eattn[layer][i] for kind, layer in layout])
+            entry["dattn_t"] = {layer: t[i].detach().cpu().clone() for layer, t in parts.dattn_inputs.items()}
+            entry["dattn_feats"] = parts.vfm_features[i].detach().cpu().clone()
             entries.append(entry)
         return entries
 
@@ -81,18 +63,18 @@ class FrozenImageEncoder:
         embedding = torch.stack([e["embedding"] for e in entries]).to(device)
         layout = entries[0]["layout"]
         distinct = [torch.stack([e["sets"][j] for e in entries]).to(device) for j in range(len(entries[0]["sets"]))]
-        dattn = self._dattn_tokens(entries, device) if DATTN in layout else None
-        return ImageFeatures(embedding, [dattn if j == DATTN else distinct[j] for j in layout])
+        if DATTN not in layout:
+            return ImageFeatures(embedding, [distinct[j] for j in layout])
+        dattn = self._dattn_sets(entries, device)
+        return ImageFeatures(embedding, [dattn[layer] if j == DATTN else distinct[j]
+                                         for j, (_, layer) in zip(layout, self.model.set_layout)])
 
     @torch.no_grad()
-    def _dattn_tokens(self, entries: Sequence[Entry], device: Union[str, torch.device]) -> torch.Tensor:
-        """D-Attn token set ``B x L x E`` with the mean of ``Sim`` over this batch (quirk 3)."""
-        model, layer = self.model, self.model.dattn_layer
-        t = torch.stack([e["dattn_t"] for e in entries]).to(device)
+    def _dattn_sets(self, entries: Sequence[Entry], device: Union[str, torch.device]) -> dict[int, torch.Tensor]:
+        """D-Attn token sets by layer (``B x L x E``) with the mean of ``Sim`` over this batch (quirk 3)."""
+        inputs = {layer: torch.stack([e["dattn_t"][layer] for e in entries]).to(device) for layer in entries[0]["dattn_t"]}
         feats = torch.stack([e["dattn_feats"] for e in entries]).to(device)
-        attn = dattn_attention(feats, model.vfm.beta, model.config.dattn_gamma, batch_mean=True)
-        tokens = model.vision.dattn_tokens(t, layer, attn, tuple(feats.shape[-2:]))
-        return F.normalize(model.vision.project(tokens).float(), dim=-1)
+        return self.model.dattn_sets(inputs, feats)
 
 
 def _entry(embedding: torch.Tensor, sets: Sequence[Optional[torch.Tensor]]) -> Entry:

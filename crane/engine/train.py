@@ -462,7 +462,7 @@ class Trainer:
         hint = (f"token set(s) {bad} of the image features hold NaN/inf"
                 + ("; with D-Attn this happens when the VFM's patch features are nearly identical (mean "
                    "similarity above 1/1.2, so every attention entry is masked): check --dino_weights"
-                   if self.model.dattn_layer is not None else "")) if bad else "the image features are finite"
+                   if self.model.vfm is not None else "")) if bad else "the image features are finite"
         raise TrainError(f"non-finite training loss; {hint}. No checkpoint was written for this epoch.")
 
     def run_epoch(self, epoch: int) -> dict[str, float]:

@@ -11,7 +11,7 @@ from torch import nn
 from .head import TAU, anomaly_probability_maps, image_scores, patch_logits
 from .prompts import PromptLearner, encode_text
 from .vfm import VisionFoundationModel, dattn_attention
-from .vision import CraneVisionEncoder
+from .vision import CraneVisionEncoder, resample_tokens
 
 
 @dataclass
@@ -56,6 +56,19 @@ class ImageFeatures:
     patch_tokens: list[torch.Tensor]
 
 
+@dataclass
+class ImageParts:
+    """:meth:`CraneModel.encode_image` before its only batch-dependent step (D-Attn with the
+    batch-wide mean): the normalised embedding ``B x E``, the normalised E-Attn token sets by
+    layer (``B x L x E``), and D-Attn's inputs — its input stream ``t`` by layer (``B x N x D``)
+    and the VFM features ``B x C x H x W`` (``None`` for Crane)."""
+
+    image_embedding: torch.Tensor
+    eattn: dict[int, torch.Tensor]
+    dattn_inputs: dict[int, torch.Tensor]
+    vfm_features: Optional[torch.Tensor]
+
+
 class CraneModel(nn.Module):
     """Crane (``vfm=None``) or Crane+ (with a VFM for D-Attn).
 
@@ -74,7 +87,6 @@ class CraneModel(nn.Module):
         bad = [i for i in config.features_list if not 1 <= i <= depth]
         if bad:
             raise ValueError(f"features_list {bad} outside the vision tower's blocks 1..{depth}")
-        self.dattn_layer = depth if vfm is not None and depth in config.features_list else None
 
     def text_features(self, image_embedding: Optional[torch.Tensor] = None, image_token_type: str = "pad_suffix"
                       ) -> torch.Tensor:
@@ -85,25 +97,71 @@ class CraneModel(nn.Module):
         feats = torch.stack(feats.chunk(2, dim=0), dim=1)
         return F.normalize(feats, dim=-1)
 
+    @property
+    def layers(self) -> list[int]:
+        """The requested layers in the order the published code visits them (block order, once each)."""
+        return sorted(set(self.config.features_list))
+
+    @property
+    def set_layout(self) -> list[tuple[str, int]]:
+        """``(kind, layer)`` of each token set, in the published order: with a VFM every requested
+        layer gives its D-Attn set, then (``both_eattn_dattn``) its E-Attn set; without, its E-Attn set."""
+        layout: list[tuple[str, int]] = []
+        for layer in self.layers:
+            if self.vfm is not None:
+                layout.append(("dattn", layer))
+                if not self.config.both_eattn_dattn:
+                    continue
+            layout.append(("eattn", layer))
+        return layout
+
+    def image_parts(self, images: torch.Tensor) -> ImageParts:
+        """``B x 3 x S x S`` CLIP-normalised images -> :class:`ImageParts` (everything per image)."""
+        dattn_layers = self.layers if self.vfm is not None else ()
+        streams = self.vision.forward_features(images, self.layers, dattn_layers)
+        embedding = F.normalize(self.vision.project(streams.xo[:, 0]).float(), dim=-1)
+        vfm_features = self.vfm(images) if self.vfm is not None else None
+        eattn: dict[int, torch.Tensor] = {}
+        projected: dict[int, torch.Tensor] = {}  # aliased layers (quirk 1) share one stream: project it once
+        for kind, layer in self.set_layout:
+            if kind != "eattn":
+                continue
+            stream = streams.tokens(layer)
+            if vfm_features is not None and vfm_features.shape[-2:] != self._grid(stream):
+                # The published code resizes these tokens to the VFM grid (DINO v1, SAM) as the layer is
+                # reached, so the resized copy holds that layer's own refined tokens, not the aliased ones.
+                tokens = resample_tokens(streams.own[layer][:, 1:], tuple(vfm_features.shape[-2:]))
+                eattn[layer] = F.normalize(self.vision.project(tokens).float(), dim=-1)
+                continue
+            if id(stream) not in projected:
+                projected[id(stream)] = F.normalize(self.vision.project(stream[:, 1:]).float(), dim=-1)
+            eattn[layer] = projected[id(stream)]
+        return ImageParts(embedding, eattn, streams.dattn_inputs, vfm_features)
+
+    @staticmethod
+    def _grid(stream: torch.Tensor) -> tuple[int, int]:
+        g = round((stream.shape[1] - 1) ** 0.5)
+        return (g, g)
+
+    def dattn_sets(self, dattn_inputs: dict[int, torch.Tensor], vfm_features: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Normalised D-Attn token sets by layer (``B x HW x E``); with ``dattn_batch_mean`` the
+        similarity mean is over the images given together (quirk 3)."""
+        cfg = self.config
+        attn = dattn_attention(vfm_features, self.vfm.beta, cfg.dattn_gamma, cfg.dattn_batch_mean)
+        size = tuple(vfm_features.shape[-2:])
+        return {layer: F.normalize(self.vision.project(self.vision.dattn_tokens(t, layer, attn, size)).float(), dim=-1)
+                for layer, t in dattn_inputs.items()}
+
+    def assemble(self, parts: ImageParts, dattn: Optional[dict[int, torch.Tensor]] = None) -> ImageFeatures:
+        """Token sets in :attr:`set_layout` order; ``dattn`` defaults to :meth:`dattn_sets` of ``parts``."""
+        if dattn is None and parts.vfm_features is not None:
+            dattn = self.dattn_sets(parts.dattn_inputs, parts.vfm_features)
+        sets = [dattn[layer] if kind == "dattn" else parts.eattn[layer] for kind, layer in self.set_layout]
+        return ImageFeatures(parts.image_embedding, sets)
+
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
         """``B x 3 x S x S`` CLIP-normalised images -> normalised embedding and token sets."""
-        cfg = self.config
-        xo, tokens, t = self.vision.forward_features(images, cfg.features_list, self.dattn_layer)
-        embedding = self.vision.project(xo[:, 0])
-        sets: list[torch.Tensor] = []
-        projected: dict[int, torch.Tensor] = {}  # aliased layers (quirk 1) share one stream: project it once
-        for layer in cfg.features_list:
-            if layer == self.dattn_layer:
-                feats = self.vfm(images)
-                attn = dattn_attention(feats, self.vfm.beta, cfg.dattn_gamma, cfg.dattn_batch_mean)
-                sets.append(self.vision.project(self.vision.dattn_tokens(t, layer, attn, tuple(feats.shape[-2:]))))
-                if not cfg.both_eattn_dattn:
-                    continue
-            stream = tokens[layer]
-            if id(stream) not in projected:
-                projected[id(stream)] = self.vision.project(stream[:, 1:])
-            sets.append(projected[id(stream)])
-        return ImageFeatures(F.normalize(embedding.float(), dim=-1), [F.normalize(s.float(), dim=-1) for s in sets])
+        return self.assemble(self.image_parts(images))
 
     def patch_logits(self, features: ImageFeatures, text: torch.Tensor) -> list[torch.Tensor]:
         """One ``B x L x 2`` logit tensor per token set (temperature 0.07)."""

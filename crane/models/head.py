@@ -45,27 +45,14 @@ def anomaly_probability_maps(logits: Sequence[torch.Tensor], size: int, soft_mea
     return torch.stack([upsample(p, size, mode) for p in logits]).mean(0).softmax(1)
 
 
-def _common_grid(sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``B x L_i x C`` tensors resampled (bilinear) to the smallest ``L``; unchanged when all agree."""
-    length = min(x.shape[1] for x in sets)
-    g = round(length ** 0.5)
-    return [x if x.shape[1] == length else
-            F.interpolate(_to_grid(x), size=(g, g), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-            for x in sets]
-
-
 def image_scores(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor], image_embedding: torch.Tensor,
                  text: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     """Score-based pooling: ``B`` anomaly probabilities.
 
     ``w = softmax(mean_l P_l)[..., 1]``; ``c = normalize(sum_L mean_l(tokens_l) * w)``;
     ``z = normalize(0.5 c + 0.5 image_embedding)``; score = ``softmax(z T^T / tau)[1]``.
-
-    Token sets on different grids (D-Attn with DINO v1 or SAM, whose grids differ from
-    CLIP's) are first resampled bilinearly to the coarsest grid; the published code has
-    no defined behaviour there.
+    All token sets share one grid (with DINO v1 or SAM, the VFM's: see ``CraneModel.image_parts``).
     """
-    tokens, logits = _common_grid(tokens), _common_grid(logits)
     w = torch.stack(logits).mean(0).softmax(-1)[..., 1:]
     c = F.normalize((torch.stack(tokens).mean(0) * w).sum(1), dim=-1)
     z = F.normalize(0.5 * c + 0.5 * image_embedding, dim=-1)

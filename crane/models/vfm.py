@@ -45,6 +45,13 @@ VFMS: dict[str, VfmSpec] = {
 }
 
 
+def resolve_vfm_weights(name: str) -> str:
+    """The cached weights file of VFM ``name``; ``WeightsNotFoundError`` (what to fetch, where) when absent."""
+    if name not in VFMS:
+        raise ValueError(f"unknown dino_model {name!r}; choose none, {', '.join(VFMS)}")
+    return _resolve_file(name, VFMS[name])
+
+
 def _resolve_file(name: str, spec: VfmSpec) -> str:
     """Find Meta's checkpoint in the torch hub cache or timm's in the HF cache; fail fast otherwise."""
     local = torch_hub_checkpoint(spec.meta_file)
@@ -106,16 +113,22 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     """Build the frozen VFM ``name`` (``dinov2``, ``dino`` or ``sam``) for input size ``image_size``.
 
     ``weights``: ``None`` (look in the torch hub and Hugging Face caches), a file
-    (Meta's checkpoint or a timm state dict) or an in-memory state dict; timm's
-    checkpoint filter converts Meta's layout and resizes position embeddings.
+    (Meta's checkpoint or a timm state dict), an in-memory state dict, or ``"synthetic"``
+    (timm's random initialisation, seed 0: meaningless features, for offline pipeline
+    runs); timm's checkpoint filter converts Meta's layout and resizes position embeddings.
     """
     import timm
 
     if name not in VFMS:
         raise ValueError(f"unknown dino_model {name!r}; choose none, {', '.join(VFMS)}")
     spec = VFMS[name]
-    sd = _load_state_dict(name, spec, weights)
     kwargs = {} if spec.fixed_input else dict(img_size=image_size, dynamic_img_size=True)
+    if isinstance(weights, str) and weights == "synthetic":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+        return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
+    sd = _load_state_dict(name, spec, weights)
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn")
     sd = filter_fn(sd, model)

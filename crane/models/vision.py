@@ -19,16 +19,43 @@ _TERMS = {"qq+kk+vv": "vkq", "qq+kk": "kq", "qq": "q", "kk": "k", "vv": "v"}
 
 
 @dataclass
-class VisionOutput:
-    """Outputs of :class:`CraneVisionEncoder`.
+class VisionStreams:
+    """What :meth:`CraneVisionEncoder.forward_features` keeps (all ``B x N x D``, class token first).
 
-    ``image_embedding``: ``B x E`` (not normalised).
-    ``patch_tokens``: one ``B x L x E`` tensor per token set (not normalised, no class token),
-    in the order of the requested layers; at the D-Attn layer the D-Attn set comes first.
+    ``xo``: the original stream after the last block. ``own``: each requested layer's stream
+    right after its block (the refined stream from the first dual-path block on). ``refined``:
+    the refined stream after the last block (``None`` without a dual path). ``dattn_inputs``:
+    the D-Attn input ``t`` of each requested D-Attn layer. ``alias_from``: with quirk 1, the
+    first layer whose tokens are the final refined stream (``None``: no aliasing).
     """
 
-    image_embedding: torch.Tensor
-    patch_tokens: list[torch.Tensor]
+    xo: torch.Tensor
+    own: dict[int, torch.Tensor]
+    refined: Optional[torch.Tensor]
+    dattn_inputs: dict[int, torch.Tensor]
+    alias_from: Optional[int]
+
+    def tokens(self, layer: int) -> torch.Tensor:
+        """The E-Attn tokens of ``layer`` as Crane uses them.
+
+        Quirk 1 (layer aliasing): the published code collects the refined stream as a view
+        that later blocks update in place, so every dual-path layer yields the refined
+        stream after the last block.
+        """
+        if self.alias_from is not None and layer >= self.alias_from:
+            return self.refined
+        return self.own[layer]
+
+
+def resample_tokens(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``B x g*g x D`` patch tokens resized bilinearly (``align_corners=False``) to ``B x H*W x D``;
+    unchanged when the grid already is ``size``."""
+    b, n, d = tokens.shape
+    g = round(n ** 0.5)
+    if (g, g) == tuple(size):
+        return tokens
+    grid = tokens.transpose(1, 2).reshape(b, d, g, g)
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 
 
 def interpolate_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -141,38 +168,38 @@ class CraneVisionEncoder(nn.Module):
         """``ln_post`` then ``proj``: ``B x L x D`` -> ``B x L x E``."""
         return self.visual.ln_post(tokens) @ self.visual.proj
 
-    def forward_features(self, x: torch.Tensor, layers: Sequence[int], dattn_layer: Optional[int] = None
-                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor], Optional[torch.Tensor]]:
-        """Run all blocks.
+    def forward_features(self, x: torch.Tensor, layers: Sequence[int], dattn_layers: Sequence[int] = ()
+                         ) -> "VisionStreams":
+        """Run all blocks on ``B x 3 x S x S`` images, keeping what the requested layers need.
 
-        Returns ``(xo, tokens, t)``: the original stream after the last block
-        (``B x N x D``), the refined (or, before the dual path, standard) stream of each
-        requested layer (1-indexed) and, when ``dattn_layer`` is given, the D-Attn input
-        ``t`` of that block — its original stream after the attention residual and
-        before the MLP (quirk 2 of the published code).
+        ``layers``: 1-indexed blocks whose tokens are wanted; ``dattn_layers``: blocks whose
+        D-Attn input ``t`` is wanted. As in the published code (where in-place updates decide
+        it), ``t`` of a dual-path block is its stream right after its attention residual: at
+        the first dual-path block the refined stream ``x + y_s``, at later blocks the original
+        stream ``xo + y_o`` before the MLP (quirk 2); before the dual path, the block's input.
         """
-        wanted = set(layers)
+        wanted, wanted_t = set(layers), set(dattn_layers)
         x = self.embed(x)
-        tokens: dict[int, torch.Tensor] = {}
-        t = None
+        own: dict[int, torch.Tensor] = {}
+        inputs: dict[int, torch.Tensor] = {}
         xo, xs = x, None
         for idx, block in enumerate(self.visual.transformer.resblocks, start=1):
             if idx < self.eattn_start:
+                if idx in wanted_t:
+                    inputs[idx] = xo
                 xo = block(xo)
                 if idx in wanted:
-                    tokens[idx] = xo
+                    own[idx] = xo
                 continue
             y_o, y_s = self._dual_attention(block, xo)
             xs = (xo if xs is None else xs) + y_s
             xo = xo + y_o
-            if idx == dattn_layer:
-                t = xo
+            if idx in wanted_t:
+                inputs[idx] = xs if idx == self.eattn_start else xo
             xo = xo + block.mlp(block.ln_2(xo))
             if idx in wanted:
-                tokens[idx] = xs
-        if self.layer_aliasing:
-            tokens = {i: (xs if i >= self.eattn_start else tok) for i, tok in tokens.items()}
-        return xo, tokens, t
+                own[idx] = xs
+        return VisionStreams(xo, own, xs, inputs, self.eattn_start if self.layer_aliasing else None)
 
     def dattn_values(self, t: torch.Tensor, layer: int, size: tuple[int, int]) -> torch.Tensor:
         """Values of block ``layer`` from ``ln_1(t)``, class token dropped, resized to ``size``: ``B x HW x D``."""
@@ -180,13 +207,7 @@ class CraneVisionEncoder(nn.Module):
         d = t.shape[-1]
         attn = block.attn
         v = F.linear(block.ln_1(t[:, 1:]), attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])
-        b, n, _ = v.shape
-        g = round(n ** 0.5)
-        if (g, g) != tuple(size):
-            v = v.transpose(1, 2).reshape(b, d, g, g)
-            v = F.interpolate(v, size=size, mode="bilinear", align_corners=False)
-            v = v.flatten(2).transpose(1, 2)
-        return v
+        return resample_tokens(v, size)
 
     def dattn_tokens(self, t: torch.Tensor, layer: int, attn: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """D-Attn output ``Linear_out(A_d v)``: ``B x HW x D`` for ``attn`` of shape ``B x HW x HW``."""

@@ -1,0 +1,136 @@
+"""``test.py`` end to end against what the published ``test.py`` gave (../shared/conformance/pipeline).
+
+The published script was run unchanged (synthetic weights, CPU) on a small dataset that
+``pipeline/make_dataset.py`` rebuilds bit for bit: 3 classes of 7 images, so its batches of 8
+(meta.json order) cross class boundaries. Ours must give the same per-class metrics and
+per-image scores within 1e-4, for Crane and for Crane+ with the published batch-wide D-Attn
+mean and published batching.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from crane.engine import evaluate
+from tests.conftest import CONFORMANCE, REPO, SKIP_REASON, conformance_available
+
+TOL = 1e-4
+PIPELINE = CONFORMANCE / "pipeline"
+CASES = ("crane_test", "cranep_test")
+REPO_CHECKPOINTS = REPO / "checkpoints"
+
+pytestmark = pytest.mark.skipif(not (conformance_available() and (PIPELINE / "crane_test.json").is_file()),
+                                reason=SKIP_REASON)
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory) -> Path:
+    """The published run's dataset, rebuilt with its own generator (README of pipeline/)."""
+    maker = _load("crane_pipeline_make_dataset", PIPELINE / "make_dataset.py")
+    root = tmp_path_factory.mktemp("pipeline")
+    maker.make(str(root), "pipe", classes=3, per_class=7, size=160, seed=0, class_names=["bottle", "candle", "screw"])
+    return root
+
+
+def _weights(expected: dict, synth_weights) -> tuple[Path, Path | None]:
+    clip = synth_weights("clip", vision_width=64, seed=21)
+    dino = synth_weights("dino", seed=22) if expected["weights"]["dino"] else None
+    return clip, dino
+
+
+def _args(expected: dict, root: Path, clip: Path, dino: Path | None, out: Path) -> list[str]:
+    flags = expected["flags"]
+    checkpoint = REPO_CHECKPOINTS / expected["weights"]["checkpoint"]
+    args = ["--dataset", "pipe", "--datasets_root_dir", str(root), "--checkpoint", str(checkpoint),
+            "--clip_weights", str(clip), "--dino_model", flags["dino_model"],
+            "--features_list", *map(str, flags["features_list"]), "--soft_mean", str(flags["soft_mean"]),
+            "--image_size", str(flags["image_size"]), "--device", "cpu", "--save_path", str(out)]
+    if dino is not None:
+        args += ["--dino_weights", str(dino), "--dattn_batch_mean", "True"]
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_test_py_gives_the_published_scripts_numbers(case, pipeline_root, synth_weights, tmp_path, monkeypatch):
+    expected = json.loads((PIPELINE / f"{case}.json").read_text())
+    clip, dino = _weights(expected, synth_weights)
+    out = tmp_path / "out"
+    seen_batches: list[list[str]] = []
+    real = evaluate._predict_batches
+
+    def recording(detector, dataset, batches, *a, **k):
+        seen_batches.extend([dataset.samples[i]["img_path"] for i in b] for b in batches)
+        return real(detector, dataset, batches, *a, **k)
+
+    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    script = _load("crane_test_script_pipeline", REPO / "test.py")
+    assert script.main(_args(expected, pipeline_root, clip, dino, out)) == 0
+
+    result = json.loads((out / "metrics.json").read_text())
+    assert list(result["classes"]) == [c for c in expected["metrics"] if c != "mean"]  # meta.json order
+    for cls_name, values in expected["metrics"].items():
+        ours = result["mean"] if cls_name == "mean" else result["classes"][cls_name]
+        for metric, value in values.items():
+            assert ours[metric] == pytest.approx(value, abs=TOL), (cls_name, metric)
+    with open(out / "predictions.csv", newline="") as f:
+        scores = {row["img_path"]: float(row["score"]) for row in csv.DictReader(f)}
+    assert len(scores) == len(expected["images"])
+    for image in expected["images"]:
+        assert scores[image["img_path"]] == pytest.approx(image["score"], abs=TOL), image["img_path"]
+    if dino is not None:  # published batching: the same batches of 8, each computed once
+        assert seen_batches == expected["batches"]
+
+
+@pytest.mark.slow
+def test_published_batching_resumes_a_class_with_its_neighbours_batch_mates(pipeline_root, synth_weights, tmp_path,
+                                                                            monkeypatch):
+    """Resuming after the first class leaves 'candle', whose first batch starts in 'bottle' and whose last
+    ends in 'screw': it is recomputed with those batch mates, and the files equal an uninterrupted run's."""
+    expected = json.loads((PIPELINE / "cranep_test.json").read_text())
+    clip, dino = _weights(expected, synth_weights)
+    script = _load("crane_test_script_resume", REPO / "test.py")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert script.main(_args(expected, pipeline_root, clip, dino, whole)) == 0
+
+    real_metrics = evaluate.class_metrics
+    calls = []
+
+    def crash_on_second_class(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_metrics(*a, **k)
+
+    monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(_args(expected, pipeline_root, clip, dino, resumed))
+    assert [p.name for p in (resumed / "classes").iterdir()] == ["bottle.json"]
+    (resumed / "classes" / "screw.json").write_text((whole / "classes" / "screw.json").read_text())  # as if done
+
+    monkeypatch.setattr(evaluate, "class_metrics", real_metrics)
+    seen: list[list[str]] = []
+    real = evaluate._predict_batches
+
+    def recording(detector, dataset, batches, *a, **k):
+        seen.extend([dataset.samples[i]["img_path"] for i in b] for b in batches)
+        return real(detector, dataset, batches, *a, **k)
+
+    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    assert script.main(_args(expected, pipeline_root, clip, dino, resumed)) == 0
+    assert seen == expected["batches"][:2]  # candle's two batches, with bottle's and screw's images in them
+    for name in ("metrics.json", "predictions.csv"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
