@@ -40,7 +40,7 @@ def _check_file(path: Path) -> None:
 
 
 class _OnnxRuntime:
-    def __init__(self, path: Path, device: str, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, device: str, threads: Optional[int], spin: bool) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -57,6 +57,8 @@ class _OnnxRuntime:
         options.log_severity_level = 3  # errors only: no warnings about nodes placed on the CPU
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # This optimisation only concerns float16 graphs on the CPU, and onnxruntime 1.32 crashes in it while
         # creating the session of some of them: leave it out.
         self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"],
@@ -69,7 +71,7 @@ class _OnnxRuntime:
 
 
 class _OpenVino:
-    def __init__(self, path: Path, device: str, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, device: str, threads: Optional[int], spin: bool) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -103,10 +105,12 @@ class DeployedModel:
         backend: ``onnxruntime`` or ``openvino``; ``None`` picks openvino for ``.xml``, else onnxruntime.
         device: ``auto``/``cpu``/``cuda[:N]`` (onnxruntime) or ``auto``/``cpu``/``gpu`` (OpenVINO).
         threads: CPU threads (default: the runtime's choice).
+        spin: let onnxruntime's threads spin-wait for work between runs (its default: lowest latency);
+            ``False`` when the CPU is shared with other work.
     """
 
     def __init__(self, path: Union[str, os.PathLike], backend: Optional[str] = None, device: str = "auto",
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, spin: bool = True) -> None:
         self.path = Path(path).expanduser()
         backend = backend or ("openvino" if self.path.suffix == ".xml" else "onnxruntime")
         if backend not in BACKENDS:
@@ -115,7 +119,7 @@ class DeployedModel:
             raise ValueError(f"{self.path} is an OpenVINO model: use backend='openvino' (--backend openvino)")
         _check_file(self.path)
         self.backend = backend
-        runner = (_OnnxRuntime if backend == "onnxruntime" else _OpenVino)(self.path, device, threads)
+        runner = (_OnnxRuntime if backend == "onnxruntime" else _OpenVino)(self.path, device, threads, spin)
         self.info = ExportInfo.from_strings(runner.entries, str(self.path))
         self._run = runner
 
@@ -156,9 +160,9 @@ class DeployedModel:
 
 
 def load_model(path: Union[str, os.PathLike], backend: Optional[str] = None, device: str = "auto",
-               threads: Optional[int] = None) -> DeployedModel:
+               threads: Optional[int] = None, spin: bool = True) -> DeployedModel:
     """Open an exported graph (see :class:`DeployedModel`)."""
-    return DeployedModel(path, backend, device, threads)
+    return DeployedModel(path, backend, device, threads, spin)
 
 
 __all__ = ["BACKENDS", "DeployPrediction", "DeployedModel", "ExportInfo", "NotACraneExport", "load_model"]
