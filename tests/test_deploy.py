@@ -291,6 +291,7 @@ def test_command_line_errors(served, photos, tmp_path, capsys):
          "--format onnx writes a .onnx file"),
         (["export", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "m.onnx")],
          "checkpoint not found"),
+        (["export", "--checkpoint", str(plain), "--out", str(tmp_path / "m.onnx")], "cannot read checkpoint"),
     ]
     for argv, message in cases:
         capsys.readouterr()

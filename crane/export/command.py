@@ -75,7 +75,10 @@ def resolve_settings(args: argparse.Namespace, checkpoint: Path) -> tuple[argpar
     from crane.checkpoints import METADATA_KEY, describe
     from crane.cli import MODEL_DEFAULTS
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding more than tensors
+        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
     info = describe(checkpoint, saved.get(METADATA_KEY) if isinstance(saved, dict) else None)
     settings: dict[str, Any] = dict(vars(MODEL_DEFAULTS))
     sources = {k: "default" for k in settings}
