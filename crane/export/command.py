@@ -78,7 +78,8 @@ def resolve_settings(args: argparse.Namespace, checkpoint: Path) -> tuple[argpar
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or holding more than tensors
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {reason}") from None
     info = describe(checkpoint, saved.get(METADATA_KEY) if isinstance(saved, dict) else None)
     settings: dict[str, Any] = dict(vars(MODEL_DEFAULTS))
     sources = {k: "default" for k in settings}
