@@ -12,11 +12,12 @@ again with the same flags, skips the classes it finished. Several GPUs:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import AUPRO_METHODS, add_bool_flag, add_data_flags, add_model_flags, add_weight_flags
+from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, add_bool_flag, add_data_flags, add_model_flags,
+                            add_weight_flags, explicit_flags, setup_logging)
+from crane.data.image import PREPROCESSING
 from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
 
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", type=int, default=d.epoch, help="checkpoint epoch")
     g.add_argument("--checkpoint", default=None, help="prompt-learner checkpoint file (overrides --model_name/--epoch)")
     add_weight_flags(g, d.clip_weights)
-    g = p.add_argument_group("model")
-    add_model_flags(g, d)
+    g = p.add_argument_group("model (settings the checkpoint records are taken from it unless given)")
+    add_model_flags(g, d, from_checkpoint=True)
+    add_bool_flag(g, "--force", d.force, "run with model flags that contradict the checkpoint's settings")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to compute")
@@ -48,11 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: auto)")
     g.add_argument("--aupro_method", choices=AUPRO_METHODS, default=d.aupro_method,
                    help="crane: published 200-threshold AUPRO; mvtec: MVTec AD official")
+    add_bool_flag(g, "--metrics_as_published", d.metrics_as_published,
+                  "as the published test.py: pixel metrics over every image (an anomalous image without a mask "
+                  "counts as normal pixels) and undefined metrics reported as 0 and averaged; default: those "
+                  "images are left out of pixel metrics and undefined metrics are null, left out of the mean")
+    g.add_argument("--preprocessing", choices=PREPROCESSING, default=d.preprocessing,
+                   help="crane: images become 8-bit RGB (16-bit scaled, alpha dropped) before the resize; published: "
+                        "resized in their own mode, then converted (identical for 8-bit RGB and grayscale)")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET)")
     add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
     add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
     g.add_argument("--why", default=None, help="a note on the purpose of the run, kept in metrics.json")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="write the seconds spent per pipeline stage (decode, model, smoothing, gather, files, "
+                        "metrics) and images per second to FILE (JSON)")
     g = p.add_argument_group("published flags without effect here (accepted so published command lines run)")
     g.add_argument("--type", default=d.type, help="the published loader's mode; evaluation is always 'test'")
     g.add_argument("--aug_rate", type=float, default=d.aug_rate, help="training augmentation; never applied at test")
@@ -77,16 +89,20 @@ def notes(argv: Sequence[str], args: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the evaluation; return the exit code (2 for unusable input)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     for line in notes(argv, args):
         print(line, file=sys.stderr)
     try:
-        evaluate(EvalOptions(**vars(args)))
+        evaluate(EvalOptions(**vars(args), explicit=explicit_flags(args)))
     except USER_ERRORS as e:
         print(f"test.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("test.py: interrupted; run the same command again to resume (finished classes are kept)",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -1,14 +1,20 @@
-"""Train Crane / Crane+ prompts on an auxiliary dataset (the original ``train.py`` flags, plus a few).
+"""Train Crane / Crane+ prompts on an auxiliary dataset; follows the published ``train.py``.
 
     python train.py --dataset mvtec --model_name crane --features_list 6 12 18 24 --dino_model none
     python train.py --dataset visa --model_name cranep --features_list 24 --dino_model dinov2
 
-Writes ``SAVE_PATH/trained_on_{datasets}_{MODEL_NAME}/epoch_{k}.pth`` (official
-format, loadable by ``test.py --model_name trained_on_..._{MODEL_NAME}``), plus
-``args.json``, ``log.csv``, ``train.log`` and ``last.pt`` (for ``--resume``).
-Each image is encoded once and every epoch runs from those features. Several
-GPUs: ``--devices 0 1 2 3`` or ``torchrun --nproc_per_node=4 train.py ...``
-(``--batch_size`` is per process).
+Every flag of the published script is accepted, with its default. On one process the
+same data, flags and ``--seed`` give the published run's checkpoints (same initial
+prompts, data order, ``--k_shot``/``--portion`` picks and ``--aug_rate`` mosaics).
+
+Writes ``SAVE_PATH/trained_on_{datasets}_{MODEL_NAME}/epoch_{k}.pth`` (official format,
+plus the settings it was trained with; loadable by the published code and by
+``test.py --model_name trained_on_..._{MODEL_NAME}``), with ``args.json``, ``log.csv``,
+``train.log`` and ``last.pt`` (for ``--resume``). An existing run is continued only with
+``--resume`` and replaced only with ``--overwrite``; shipped official checkpoints never.
+Each image is encoded once and every epoch runs from those features. Several GPUs:
+``--devices 0 1 2 3`` or ``torchrun --nproc_per_node=4 train.py ...`` (``--batch_size`` is
+per process; the data order is then sharded, not the published one).
 """
 from __future__ import annotations
 
@@ -17,28 +23,46 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import MAP_FLAGS, add_data_flags, add_model_flags, add_weight_flags
+from crane.cli_args import MAP_FLAGS, add_bool_flag, add_data_flags, add_model_flags, add_weight_flags
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, USER_ERRORS, TrainOptions, train
+
+INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default once: not appended where the help already states it, nor when there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py``."""
-    import torch
-
     p = argparse.ArgumentParser("train.py", description="Train the Crane / Crane+ prompt learner.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
 
     d = TrainOptions()
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", default=list(d.dataset),
-                   help="auxiliary dataset key(s): folders DATASETS_ROOT_DIR/DATASET with meta.json (test split)")
-    add_data_flags(g, d)
+                   help="auxiliary dataset key(s): folders DATASETS_ROOT_DIR/DATASET with meta.json (their test split)")
+    add_data_flags(g, d, k_shot_help="train on k_shot // 2 normal and as many anomalous images per class, drawn as "
+                                     "published (0: all)",
+                   portion_help="train on int(n * portion) of each class's normal and of its anomalous images "
+                                "(ignored with --k_shot)")
     g.add_argument("--aug_rate", type=float, default=d.aug_rate,
-                   help="probability of replacing a sample by a 2x2 mosaic of its class (labelled anomalous)")
+                   help="probability of replacing a sample of hazelnut, pill, zipper, bottle, screw, metal_nut or "
+                        "cable by a 2x2 mosaic of its class, as published")
+    g.add_argument("--train_data_path", nargs="+", default=None,
+                   help="published flag without effect: the data is DATASETS_ROOT_DIR/DATASET")
+    g.add_argument("--type", default=d.type,
+                   help="published flag: --k_shot, --portion and --aug_rate apply only with 'train'")
     g = p.add_argument_group("weights")
     add_weight_flags(g, d.clip_weights)
     g.add_argument("--init_checkpoint", default=None,
-                   help="start from this prompt-learner checkpoint (official format) instead of a random init")
+                   help="start from this prompt-learner checkpoint (official format) instead of the seeded init")
     g = p.add_argument_group("model")
     add_model_flags(g, d, skip=MAP_FLAGS)
     g.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation,
@@ -47,26 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", type=int, default=d.epoch, help="epochs")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate, help="Adam learning rate")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="images per step and process")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the prompt init, shuffling and k_shot/portion")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initial prompts, the data order and the --k_shot/--portion picks")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to compute")
-    g.add_argument("--devices", type=int, nargs="+", default=list(d.devices),
-                   help="GPU indices; more than one spawns one process per index (with --device cpu: that many CPU processes)")
+    g.add_argument("--device", default=d.device,
+                   help="cpu, cuda, cuda:N, N (GPU N, as the published flag) or auto (a GPU when there is one)")
+    g.add_argument("--devices", type=int, nargs="+", default=None,
+                   help="GPU indices, one process each (with --device cpu: that many CPU processes; default: the "
+                        "--device GPU, one process)")
     g.add_argument("--feature_cache", choices=FEATURE_CACHES, default=d.feature_cache,
-                   help="keep the frozen image features in memory, on disk under the run folder, or recompute "
-                        "them every epoch (off: the published cost)")
-    g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: auto)")
+                   help="keep the frozen image features in memory, on disk under SAVE_PATH/.feature_cache, or "
+                        "recompute them every epoch (off: the published cost)")
+    g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: 0 on CPU, up to 4 per GPU)")
     g = p.add_argument_group("output")
     g.add_argument("--model_name", default=d.model_name, help="run name: SAVE_PATH/trained_on_{datasets}_{MODEL_NAME}")
     g.add_argument("--save_path", default=d.save_path, help="folder of the run folders")
     g.add_argument("--save_freq", type=int, default=d.save_freq, help="write epoch_{k}.pth every this many epochs")
-    g.add_argument("--resume", action="store_true", help="continue from the last complete epoch (last.pt)")
+    add_bool_flag(g, "--resume", d.resume, "continue the run in the run folder from its last complete epoch")
+    add_bool_flag(g, "--overwrite", d.overwrite, "replace the run in the run folder (never an official checkpoint)")
+    g.add_argument("--why", default=None, help="published flag without effect: a note kept in args.json")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv`` and train; return the exit code (2 for unusable input)."""
+    """Parse ``argv`` and train; return the exit code (2 for unusable input, 130 when interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -74,6 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; run the same command with --resume to continue from the last complete epoch",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

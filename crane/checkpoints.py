@@ -22,8 +22,8 @@ METADATA_KEY = "crane"
 """Extra top-level key of our checkpoints (ignored by the published ``test.py``)."""
 
 MODEL_SETTING_KEYS = ("dino_model", "features_list", "soft_mean", "attn_type", "both_eattn_dattn",
-                      "use_scorebase_pooling", "n_ctx", "t_n_ctx", "depth", "image_size")
-"""Model settings a checkpoint may record (flag names)."""
+                      "use_scorebase_pooling", "n_ctx", "t_n_ctx", "depth")
+"""Model settings a checkpoint may record (flag names); they become the defaults of the model flags."""
 
 CRANE = {"dino_model": "none", "features_list": [6, 12, 18, 24], "soft_mean": True}
 """Published settings of the official Crane checkpoints (``test.sh``)."""
@@ -140,3 +140,80 @@ def metadata_entry(model_settings: Mapping[str, Any], train_settings: Optional[M
     """The ``"crane"`` entry our ``train.py`` writes beside ``"prompt_learner"``."""
     model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_settings.items() if k in MODEL_SETTING_KEYS}
     return {"model": model, "train": dict(train_settings or {})}
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable prompt-learner checkpoint, or contradicts the flags given (one-line message)."""
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], CheckpointInfo]:
+    """Load ``path`` (CPU, ``weights_only``) -> (its ``prompt_learner`` state dict, :class:`CheckpointInfo`).
+
+    Raises :class:`CheckpointError` with one line when the file is missing, is not a torch file,
+    or holds no ``prompt_learner`` entry.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    expected = "a torch file holding {'prompt_learner': state_dict}, as train.py writes"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(f"{path} is not a Crane checkpoint ({expected}): not a torch file, or truncated")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a Crane checkpoint ({expected}): it holds Python objects besides "
+                              "tensors, which are not loaded") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({expected}): truncated or damaged "
+                              f"({reason[:120]})") from None
+    if not isinstance(ckpt, dict) or "prompt_learner" not in ckpt or not isinstance(ckpt["prompt_learner"], dict):
+        found = sorted(map(str, ckpt))[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a Crane checkpoint: expected a dict with key 'prompt_learner', "
+                              f"found {found}")
+    return ckpt["prompt_learner"], describe(path, ckpt.get(METADATA_KEY))
+
+
+def flag_value(key: str, value: Any) -> str:
+    """A setting as it is written on the command line (``--features_list 6 12 18 24``)."""
+    if isinstance(value, (list, tuple)):
+        return f"--{key} {' '.join(str(v) for v in value)}"
+    return f"--{key} {value}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return [int(v) for v in a] == [int(v) for v in b]
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b)
+    return a == b
+
+
+def apply_settings(options: Any, explicit: Any, info: CheckpointInfo, force: bool = False) -> list[str]:
+    """Fill ``options`` (attributes named as the flags) from the checkpoint's model settings.
+
+    A setting whose flag is in ``explicit`` (given on the command line) keeps the flag's value; if it
+    contradicts the checkpoint, :class:`CheckpointError` names both, unless ``force`` (then the flag
+    wins and a warning line is returned). Other settings take the checkpoint's value. Returns notes.
+    """
+    notes = []
+    for key, value in info.settings.items():
+        if not hasattr(options, key):
+            continue
+        if key in explicit:
+            if not _same(getattr(options, key), value):
+                clash = (f"{flag_value(key, getattr(options, key))} contradicts the {info.source}, which was "
+                         f"trained/published with {flag_value(key, value)}")
+                if not force:
+                    raise CheckpointError(f"{clash}; drop the flag, or pass --force to run it anyway")
+                notes.append(f"warning: {clash} (--force: using the flag)")
+            continue
+        setattr(options, key, list(value) if isinstance(value, tuple) else value)
+    return notes

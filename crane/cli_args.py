@@ -10,11 +10,12 @@ import argparse
 import os
 from typing import Any, Collection
 
+from crane.checkpoints import MODEL_SETTING_KEYS
 from crane.choices import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES
 
 __all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PROMPT_FLAGS",
            "add_bool_flag", "add_data_flags", "add_model_flags", "add_weight_flags", "default_datasets_root",
-           "str2bool"]
+           "explicit_flags", "setup_logging", "str2bool", "INTERRUPTED", "LOG_FORMAT"]
 
 MAP_FLAGS = ("soft_mean", "sigma")
 """Model flags that only shape the test-time maps (``train.py`` has none of them)."""
@@ -23,6 +24,20 @@ PROMPT_FLAGS = ("train_with_img_cls_prob", "train_with_img_cls_type", "n_ctx", "
 
 _TRUE = ("true", "t", "yes", "y", "1", "on")
 _FALSE = ("false", "f", "no", "n", "0", "off")
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT)."""
+
+
+def setup_logging() -> None:
+    """One log format for every entry point and process: crane's messages at INFO, other libraries'
+    (open_clip's tokenizer lines, timm) only from WARNING up. Safe to call again in spawned processes."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("crane").setLevel(logging.INFO)
 
 
 def str2bool(value: str) -> bool:
@@ -53,21 +68,36 @@ def add_bool_flag(group: argparse._ArgumentGroup, name: str, default: bool, help
 
 
 def add_model_flags(group: argparse._ArgumentGroup, defaults: Any, *, skip: Collection[str] = (),
-                    defaults_in_help: bool = False) -> None:
+                    defaults_in_help: bool = False, from_checkpoint: bool = False) -> None:
     """The model flags, with defaults read from the attribute of the same name of ``defaults``.
 
     ``skip`` leaves flags out (e.g. :data:`MAP_FLAGS` in ``train.py``); ``defaults_in_help``
     appends the default to each help text, for parsers without ``ArgumentDefaultsHelpFormatter``.
+    ``from_checkpoint``: the settings a checkpoint records (:data:`crane.checkpoints.MODEL_SETTING_KEYS`)
+    are left out of the parsed namespace unless given, so that :func:`explicit_flags` tells which
+    were set and the rest can come from the checkpoint (:func:`crane.checkpoints.apply_settings`).
     """
+    def default_of(name: str) -> Any:
+        default = getattr(defaults, name)
+        return list(default) if isinstance(default, tuple) else default  # as parsed nargs="+" values
+
+    def text(name: str, help: str) -> str:
+        if from_checkpoint and name in MODEL_SETTING_KEYS:
+            shown = " ".join(map(str, default_of(name))) if isinstance(default_of(name), list) else default_of(name)
+            return f"{help} (default: the checkpoint's setting, else {shown})"
+        return _help(help, defaults_in_help)
+
+    def default(name: str) -> Any:
+        return argparse.SUPPRESS if from_checkpoint and name in MODEL_SETTING_KEYS else default_of(name)
+
     def add(name: str, help: str, **kwargs: Any) -> None:
         if name not in skip:
-            default = getattr(defaults, name)
-            default = list(default) if isinstance(default, tuple) else default  # as parsed nargs="+" values
-            group.add_argument(f"--{name}", default=default, help=_help(help, defaults_in_help), **kwargs)
+            group.add_argument(f"--{name}", default=default(name), help=text(name, help), **kwargs)
 
     def flag(name: str, help: str) -> None:
         if name not in skip:
-            add_bool_flag(group, f"--{name}", getattr(defaults, name), help, defaults_in_help)
+            group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default(name),
+                               metavar="True|False", help=text(name, help))
 
     add("features_list", "CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24)", type=int,
         nargs="+", metavar="L")
@@ -88,6 +118,11 @@ def add_model_flags(group: argparse._ArgumentGroup, defaults: Any, *, skip: Coll
     add("t_n_ctx", "deep text prompt length", type=int)
 
 
+def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The checkpoint-recorded model settings set on the command line (see ``from_checkpoint``)."""
+    return frozenset(k for k in MODEL_SETTING_KEYS if k in vars(args))
+
+
 def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults_in_help: bool = False) -> None:
     """``--clip_weights`` (default ``clip_weights``) and ``--dino_weights``."""
     group.add_argument("--clip_weights", default=clip_weights, metavar="W",
@@ -98,9 +133,11 @@ def add_weight_flags(group: argparse._ArgumentGroup, clip_weights: str, defaults
                             "numbers, for offline pipeline runs) (default: the torch hub / HF cache)")
 
 
-def add_data_flags(group: argparse._ArgumentGroup, defaults: Any) -> None:
-    """``--datasets_root_dir``, ``--k_shot`` and ``--portion`` (``k_shot``, ``portion`` from ``defaults``)."""
+def add_data_flags(group: argparse._ArgumentGroup, defaults: Any, k_shot_help: str = "keep K images per class (0: all)",
+                   portion_help: str = "keep this fraction of each class") -> None:
+    """``--datasets_root_dir``, ``--k_shot`` and ``--portion`` (``k_shot``, ``portion`` from ``defaults``;
+    the help texts can differ: ``train.py`` selects as the published training does)."""
     group.add_argument("--datasets_root_dir", default=default_datasets_root(),
                        help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
-    group.add_argument("--k_shot", type=int, default=defaults.k_shot, help="keep K images per class (0: all)")
-    group.add_argument("--portion", type=float, default=defaults.portion, help="keep this fraction of each class")
+    group.add_argument("--k_shot", type=int, default=defaults.k_shot, help=k_shot_help)
+    group.add_argument("--portion", type=float, default=defaults.portion, help=portion_help)

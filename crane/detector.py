@@ -13,7 +13,7 @@ import torch
 from .data.image import ImageInput, preprocess
 from .models.clip_loader import ClipWeights, load_clip
 from .models.crane import CraneConfig, CraneModel
-from .models.head import smooth_maps
+from .models.smoothing import gaussian_smooth
 from .models.prompts import load_prompt_checkpoint
 from .models.vfm import VfmWeights, load_vfm
 
@@ -113,19 +113,31 @@ class Detector:
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     @torch.no_grad()
-    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None
+    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, unsmoothed maps ``B x S x S``), on CPU, float32.
+        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, maps ``B x S x S``), on CPU, float32.
 
         ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
         embedding (``--train_with_img_cls_prob 1``); ``None`` uses the cached text pair.
+        ``smooth``: apply the Gaussian smoothing (``sigma``) where the maps are, before they
+        leave the device; otherwise the maps are returned unsmoothed.
         """
+        scores, maps = self.forward(images, image_token_type)
+        if smooth:
+            maps = gaussian_smooth(maps, self.config.sigma)
+        return scores.cpu(), maps.cpu()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
+        maps ``B x S x S``, float32. The copy of ``images`` to the device does not block."""
         with self._autocast():
-            features = self.model.encode_image(images.to(self.device))
+            features = self.model.encode_image(images.to(self.device, non_blocking=True))
         text = self.text_features if image_token_type is None else \
             self.model.text_features(features.image_embedding, image_token_type)
         logits = self.model.patch_logits(features, text)
-        return self.model.scores(features, logits, text).float().cpu(), self.model.maps(logits).float().cpu()
+        return self.model.scores(features, logits, text).float(), self.model.maps(logits).float()
 
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
                 progress: bool = False) -> Prediction:
@@ -144,9 +156,9 @@ class Detector:
             batches = tqdm(batches, desc="predict", unit="batch")
         for start in batches:
             batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
-            s, m = self.predict_tensor(batch)
+            s, m = self.predict_tensor(batch, smooth=True)
             scores.append(s.numpy())
-            maps.append(smooth_maps(m.numpy(), self.config.sigma))
+            maps.append(m.numpy())
         if not scores:
             return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
         return Prediction(np.concatenate(scores).astype(np.float32), np.concatenate(maps).astype(np.float32))

@@ -49,7 +49,8 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
 
 
 def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 - mean_b (2 sum(p m) + 1) / (sum(p) + sum(m) + 1)`` for ``prob`` and ``target`` of shape ``B x H x W``."""
+    """``1 - mean_b (2 sum(p m) + 1) / (sum(p) + sum(m) + 1)`` for ``prob`` and ``target`` of shape ``B x ...``
+    (items along the first axis)."""
     n = target.shape[0]
     p = prob.reshape(n, -1)
     m = target.reshape(n, -1).to(p.dtype)
@@ -79,8 +80,13 @@ def image_logits(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
 
 def crane_loss(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor], image_embedding: torch.Tensor,
                text: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, interpolation: str = "nearest",
-               use_scorebase_pooling: bool = True) -> LossTerms:
+               use_scorebase_pooling: bool = True, dice_rows_of_single_image: bool = False) -> LossTerms:
     """The training loss of one batch.
+
+    Published quirk (``dice_rows_of_single_image``): the published loop squeezes the mask batch,
+    which drops the batch axis of a one-image batch; its Dice loss then takes the ``S`` rows of
+    that image as ``S`` separate items (a mean of row-wise Dice terms). With the flag set and
+    ``B == 1`` the Dice term is computed that way; otherwise per image.
 
     Args:
         tokens: normalised token sets, each ``B x L x E``.
@@ -96,7 +102,11 @@ def crane_loss(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor], i
     for lg in logits:
         probs = upsample(lg.softmax(-1), size, interpolation)  # B x 2 x S x S
         focal = focal + focal_loss(probs, masks)
-        dice = dice + dice_loss((1.0 - probs[:, 0] + probs[:, 1]) / 2.0, masks)
+        whole = (1.0 - probs[:, 0] + probs[:, 1]) / 2.0
+        if dice_rows_of_single_image and masks.shape[0] == 1:
+            dice = dice + dice_loss(whole[0], masks[0])  # S x S: each row an item
+        else:
+            dice = dice + dice_loss(whole, masks)
     ce = F.cross_entropy(image_logits(tokens, logits, image_embedding, text, use_scorebase_pooling), labels.long())
     focal, dice = FOCAL_WEIGHT * focal, DICE_WEIGHT * dice
     return LossTerms(focal, dice, ce, focal + dice + IMAGE_WEIGHT * ce)

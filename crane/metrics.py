@@ -4,8 +4,11 @@ Image level: AUROC, average precision and F1-max of one anomaly score per image.
 Pixel level: AUROC, average precision and F1-max over all pixels of a class, and
 AUPRO (area under the per-region-overlap curve) in two definitions:
 
-* ``method="crane"``: the 200-threshold definition of the published Crane /
-  AnomalyCLIP evaluation (cflow-ad style).
+* ``method="crane"``: the 200-threshold definition of the published Crane
+  evaluation, ``cal_pro_score_gpu`` (cflow-ad style): the float64 grid is rounded to
+  the maps' dtype before comparing, as torch does (the unused numpy loop
+  ``cal_pro_score`` compares unrounded and can differ by about 1e-3 when many scores
+  sit on grid points).
 * ``method="mvtec"``: the MVTec evaluation scripts. With ``num_thresholds`` set (the
   default, 200) it is ``au_pro_util.calculate_au_pro`` of the MVTec 3D-AD scripts, whose
   thresholds are that many order statistics of the negative-pixel scores; with
@@ -15,14 +18,14 @@ AUPRO (area under the per-region-overlap curve) in two definitions:
 
 The AUROC / AP / F1-max values equal scikit-learn's (``roc_auc_score``,
 ``average_precision_score``, ``precision_recall_curve``) up to float rounding, and
-the AUPRO values equal the published loops, but everything is computed from one
+the AUPRO values equal the published functions, but everything is computed from one
 sort of the negative scores plus counts: no per-threshold pass over the pixels and
 no float64 copy of the maps. A metric that is undefined for the data (one label class
 only) is ``nan``.
 
-Inputs may be numpy arrays or torch tensors. Labels and masks are binary (values
-above 0.5 count as positive); scores and maps keep their float dtype (anything else is
-converted to float64).
+Inputs may be numpy arrays or torch tensors, with the same results. Labels and masks
+are binary (values above 0.5 count as positive); scores and maps keep their float dtype
+(bfloat16, which numpy lacks, becomes float32; anything else non-float becomes float64).
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def _to_numpy(x) -> np.ndarray:
-    """Numpy view of an array or a (possibly GPU, bfloat16) torch tensor."""
+    """Numpy view of an array or a (possibly GPU) torch tensor, in the same dtype (bfloat16: float32)."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
         x = x.detach().cpu()
-        if x.dtype.is_floating_point and x.dtype.itemsize < 4:
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4 and str(x.dtype) != "torch.float16":  # no numpy dtype
             x = x.float()
         return x.numpy()
     return np.asarray(x)
@@ -348,33 +351,30 @@ def _pro_above(values: np.ndarray, weights: np.ndarray, n_regions: int,
     return _above(np.bincount(passed, weights=weights, minlength=thresholds.size + 1)) / n_regions
 
 
-def _floor_to_dtype(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Largest values of ``dtype`` that are ``<= thresholds``.
+def _crane_thresholds(maps: np.ndarray, num_thresholds: int) -> np.ndarray:
+    """The published grid ``np.arange(min, max, (max - min) / num_thresholds)``, in the maps' dtype.
 
-    For scores ``v`` of that dtype, ``v > t`` compared exactly (numpy >= 2 compares a
-    float32 array with a float64 scalar in float64) is the same as ``v > floor(t)``,
-    so the comparison can stay in the scores' dtype.
+    ``min`` and ``max`` are Python floats (``.item()`` of the tensor extremes), so the
+    grid and its step are float64. The published ``cal_pro_score_gpu`` then compares
+    ``amaps > th`` on a torch tensor, where a float scalar is cast to the tensor's dtype:
+    for float32 maps each threshold is rounded to the nearest float32 before comparing
+    (float64 maps compare unrounded). Returning the rounded grid makes ``v > t`` the
+    published comparison.
     """
-    floored = thresholds.astype(dtype)
-    too_high = floored > thresholds
-    floored[too_high] = np.nextafter(floored[too_high], -np.inf)
-    return floored
+    low, high = float(maps.min()), float(maps.max())
+    return np.arange(low, high, (high - low) / num_thresholds).astype(maps.dtype)
 
 
 def _crane_aupro(masks, maps, max_fpr: float, num_thresholds: int) -> float:
-    """Published Crane/AnomalyCLIP ``cal_pro_score`` (cflow-ad).
+    """Published Crane ``cal_pro_score_gpu`` (the function its ``test.py`` calls; cflow-ad style).
 
-    Thresholds are the published expression ``np.arange(min, max, (max - min) /
-    num_thresholds)``, with ``min``/``max`` the maps' own scalars (np.float32 for
-    float32 maps); ``np.arange`` returns float64 values and ``maps > t`` compares them
-    exactly, as numpy >= 2 does and as the conformance outputs confirm (rounding the
-    thresholds to float32 instead moves the medium case by 7e-8). Then keep
-    ``fpr < max_fpr``, min-max rescale those FPRs and integrate with ``sklearn.metrics.auc``.
+    Thresholds from :func:`_crane_thresholds`; FPR and PRO (``> t``) at each, counted
+    from one histogram of the pixels over the grid; then keep ``fpr < max_fpr``,
+    min-max rescale those FPRs and integrate with ``sklearn.metrics.auc``.
     """
-    low, high = maps.min(), maps.max()
-    if low == high:
+    if maps.min() == maps.max():
         return math.nan
-    thresholds = _floor_to_dtype(np.arange(low, high, (high - low) / num_thresholds), maps.dtype)
+    thresholds = _crane_thresholds(maps, num_thresholds)
     negatives, mass, n_negative, n_regions = _crane_histograms(masks, maps, thresholds)
     fpr = _above(negatives) / n_negative
     pro = _above(mass) / n_regions

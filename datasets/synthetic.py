@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crane.data.dataset import DatasetError
+from crane.data.meta import DatasetError
 from datasets.common import count_table
 from datasets.generate import generate
 
@@ -175,7 +175,7 @@ def _save(image: Image.Image, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
+    """Command line entry point; returns the exit status (2 on a user error)."""
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, metavar="ROOT", help="folder to create (empty or missing)")
     parser.add_argument("--classes", type=int, default=2, help="number of classes (texture families)")
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.size, args.seed, args.overwrite)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(count_table(json.loads((root / "meta.json").read_text(encoding="utf-8"))))
     print(f"wrote {root / 'meta.json'}")
     return 0

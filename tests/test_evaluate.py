@@ -118,7 +118,7 @@ def _predictions(out: Path) -> dict[str, dict]:
 
 
 def _map(out: Path, img_path: str) -> np.ndarray:
-    return np.load(out / "maps" / Path(img_path).with_suffix(".npy"))
+    return np.load(out / "maps" / f"{img_path}.npy")  # the image's extension kept: a.png and a.jpg differ
 
 
 def _pixel_set(samples: list[dict]) -> list[dict]:
@@ -126,11 +126,13 @@ def _pixel_set(samples: list[dict]) -> list[dict]:
 
 
 def _published_aupro(masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
-    """The published ``cal_pro_score`` loop (AnomalyCLIP / Crane), verbatim in substance."""
+    """The AUPRO the published test.py calls (``cal_pro_score_gpu``), in substance: the grid over the
+    Python-float extremes, each threshold compared in the maps' dtype (``tensor > float`` in torch)."""
     binary_amaps = np.zeros_like(amaps, dtype=bool)
-    min_th, max_th = amaps.min(), amaps.max()
+    min_th, max_th = float(amaps.min()), float(amaps.max())
     pros, fprs = [], []
     for th in np.arange(min_th, max_th, (max_th - min_th) / max_step):
+        th = amaps.dtype.type(th)
         binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
         pro = []
         for binary_amap, mask in zip(binary_amaps, masks):
@@ -251,8 +253,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
         return real_metrics(*a, **k)
 
     monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
-    with pytest.raises(KeyboardInterrupt), one_thread():
-        SCRIPT.main(args)
+    with one_thread():
+        assert SCRIPT.main(args) == 130  # Ctrl-C: one line, exit 130
     assert [p.name for p in (out / "classes").iterdir()] == ["mixed.json"]  # classes run in meta.json order
     assert not (out / "metrics.json").exists()
     assert not list((out / "classes").glob(".*"))  # no temporary leftovers
@@ -289,7 +291,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
         metrics.aupro(masks, maps, method="mvtec", num_thresholds=None), abs=1e-6)
     for cls_name, class_samples in _meta(root.parent).items():  # --visualize: one panel per image
         panels = sorted(p.name for p in (out / "visualization" / cls_name).glob("*.png"))
-        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).stem}.png" for s in class_samples)
+        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).name}.png" for s in class_samples)
         with Image.open(out / "visualization" / cls_name / panels[0]) as img:
             assert img.mode == "RGB" and img.width > img.height
 
@@ -337,3 +339,118 @@ def test_make_table_collects_metrics_into_the_table1_layout(tmp_path, capsys):
     assert industrial["paper_crane_image_auroc"] == f"{(93.8 + 85.3) / 2:.1f}"
     assert rows["ISIC"]["crane_image_auroc"] == "" and float(rows["ISIC"]["crane_pixel_f1"]) == pytest.approx(10.0)
     assert make_table.main([str(tmp_path / "empty")]) == 2
+
+
+def _without(args: list[str], *flags: str) -> list[str]:
+    """``args`` without the given flags and their values."""
+    out, skip = [], False
+    for token in args:
+        if token.startswith("--"):
+            skip = token in flags
+        if not skip:
+            out.append(token)
+    return out
+
+
+MODEL_FLAGS = ("--dino_model", "--features_list", "--soft_mean")
+
+
+def test_the_checkpoint_decides_the_model_unless_a_flag_does(base_args, reference, tmp_path, capsys):
+    """An official Crane checkpoint with no model flags runs as Crane (same files as with the flags);
+    a contradicting flag stops with one line naming both, before any model work, unless --force."""
+    out = tmp_path / "defaults"
+    with one_thread():
+        assert SCRIPT.main([*_without(base_args, *MODEL_FLAGS), "--save_path", str(out)]) == 0
+    args = json.loads((out / "metrics.json").read_text())["args"]
+    assert (args["dino_model"], args["features_list"], args["soft_mean"]) == ("none", [6, 12, 18, 24], True)
+    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
+    capsys.readouterr()
+    bad = [*_without(base_args, "--dino_model"), "--dino_model", "dinov2", "--save_path", str(tmp_path / "bad")]
+    assert SCRIPT.main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--dino_model dinov2" in err and "--dino_model none" in err and "--force" in err
+    assert not (tmp_path / "bad").exists()
+    forced = [*_without(base_args, "--features_list"), "--features_list", "24", "--force", "--save_path",
+              str(tmp_path / "forced")]
+    with one_thread():
+        assert SCRIPT.main(forced) == 0
+    assert json.loads((tmp_path / "forced" / "metrics.json").read_text())["args"]["features_list"] == [24]
+
+
+def test_resume_keys_on_content_not_names(base_args, data_root, tmp_path, monkeypatch, conformance_dir):
+    """A checkpoint retrained into the same path, or an image replaced, gives fresh numbers."""
+    ckpt = tmp_path / "trained_on_toy_mine" / "epoch_5.pth"
+    ckpt.parent.mkdir()
+    state = torch.load(conformance_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    state["prompt_learner"]["ctx_pos"] = state["prompt_learner"]["ctx_pos"] + 0.01  # our own (not an official) file
+    torch.save(state, ckpt)
+    args = [*_without(base_args, "--checkpoint", "--save_maps"), "--checkpoint", str(ckpt)]
+    predicted = []
+    real = evaluate._predict_batches
+
+    def recording(detector, dataset, batches, *a, **k):
+        predicted.append(dataset.samples[batches[0][0]]["cls_name"])
+        return real(detector, dataset, batches, *a, **k)
+
+    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    monkeypatch.chdir(tmp_path)
+    with one_thread():
+        assert SCRIPT.main(args) == 0
+    out = tmp_path / "results" / "trained_on_toy_mine" / "test_on_toy"  # the checkpoint's run name
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["run"]["run_name"] == "trained_on_toy_mine" and len(predicted) == 3
+    assert oct((out / "metrics.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    state["prompt_learner"]["ctx_neg"] = state["prompt_learner"]["ctx_neg"] + 0.05  # "retrained" into the same file
+    torch.save(state, ckpt)
+    predicted.clear()
+    with one_thread():
+        assert SCRIPT.main(args) == 0
+    assert predicted == ["mixed", "allbad", "imgonly"]
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["classes"]["mixed"]["image_auroc"] is not None
+    assert second["args"]["checkpoint_sha256"] != first["args"]["checkpoint_sha256"]
+
+    image = data_root / "toy" / _meta(data_root)["imgonly"][0]["img_path"]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the image changed
+    predicted.clear()
+    with one_thread():
+        assert SCRIPT.main(args) == 0
+    assert predicted == ["imgonly"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(base_args, tmp_path, capsys):
+    for content in (b"hello", b"PK\x03\x04 truncated zip"):
+        bogus = tmp_path / "bogus.pth"
+        bogus.write_bytes(content)
+        assert SCRIPT.main([*_without(base_args, "--checkpoint"), "--checkpoint", str(bogus),
+                            "--save_path", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "not a Crane checkpoint" in err and "weights_only" not in err
+        assert "Traceback" not in err
+
+
+def test_metrics_as_published(base_args, reference, data_root, tmp_path):
+    """--metrics_as_published: pixel metrics over every image (the anomalous image without a mask counts as
+    all-normal pixels) and undefined metrics reported as 0, averaged like the others."""
+    out = tmp_path / "published"
+    with one_thread():
+        assert SCRIPT.main([*base_args, "--save_path", str(out), "--metrics_as_published"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert all(result["classes"]["allbad"][m] == 0.0 for m in METRIC_NAMES[:3])
+    assert all(result["classes"]["imgonly"][m] == 0.0 for m in METRIC_NAMES[3:])
+    for m in METRIC_NAMES:
+        assert result["mean"][m] == pytest.approx(np.mean([result["classes"][c][m] for c in result["classes"]]))
+    root = data_root / "toy"
+    samples = _meta(data_root)["mixed"]
+    masks = np.stack([load_mask(root / s["mask_path"] if s["mask_path"] else None, SIZE).numpy() for s in samples])
+    maps = np.stack([_map(reference, s["img_path"]) for s in samples])
+    assert result["classes"]["mixed"]["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-9)
+    ours = json.loads((reference / "metrics.json").read_text())["classes"]["mixed"]
+    assert ours["pixel_auroc"] != pytest.approx(result["classes"]["mixed"]["pixel_auroc"], abs=1e-6)

@@ -102,6 +102,37 @@ def test_crane_loss_weights_and_sums_over_token_sets():
     torch.testing.assert_close(terms.total, 2 * focal + 2 * dice + 0.2 * ce)
 
 
+def _published_dice(input: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The published ``BinaryDiceLoss.forward``: items along the first axis of ``targets``."""
+    n = targets.size()[0]
+    input_flat, targets_flat = input.view(n, -1), targets.view(n, -1)
+    return 1 - ((2 * (input_flat * targets_flat).sum(1) + 1) / (input_flat.sum(1) + targets_flat.sum(1) + 1)).sum() / n
+
+
+def test_dice_of_a_one_image_batch_takes_rows_as_items_as_published():
+    """The published loop squeezes the mask batch: a 1-image mask becomes ``S x S`` and its Dice loss averages
+    over the ``S`` rows; batches of two or more are unaffected."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = [F.normalize(torch.randn(1, 4, 8, generator=gen), dim=-1)]
+    text = F.normalize(torch.randn(1, 2, 8, generator=gen), dim=-1)
+    emb = F.normalize(torch.randn(1, 8, generator=gen), dim=-1)
+    logits = [t @ text.transpose(-1, -2) / 0.07 for t in tokens]
+    masks = torch.zeros(1, 6, 6)
+    masks[0, 1:3, 2:5] = 1
+    p = logits[0].softmax(-1).transpose(1, 2).reshape(1, 2, 2, 2).repeat_interleave(3, 2).repeat_interleave(3, 3)
+    whole = (1 - p[:, 0] + p[:, 1]) / 2
+    squeezed = crane_loss(tokens, logits, emb, text, masks, torch.tensor([1]), dice_rows_of_single_image=True)
+    per_image = crane_loss(tokens, logits, emb, text, masks, torch.tensor([1]))
+    torch.testing.assert_close(squeezed.dice, 2 * _published_dice(whole, masks.squeeze()))
+    torch.testing.assert_close(per_image.dice, 2 * _published_dice(whole, masks))
+    assert abs(squeezed.dice.item() - per_image.dice.item()) > 1e-3  # the two readings differ on this mask
+    torch.testing.assert_close(squeezed.focal, per_image.focal)
+    pair = ([t.repeat(2, 1, 1) for t in tokens], [lg.repeat(2, 1, 1) for lg in logits], emb.repeat(2, 1), text,
+            masks.repeat(2, 1, 1), torch.tensor([1, 1]))
+    torch.testing.assert_close(crane_loss(*pair, dice_rows_of_single_image=True).total, crane_loss(*pair).total,
+                               rtol=0, atol=0)
+
+
 def test_focal_gradient_is_finite_at_saturated_probabilities():
     probs = torch.tensor([[[[1.0]], [[0.0]]]], requires_grad=True)  # the 1e-5 smoothing keeps log(pt) finite
     focal_loss(probs, torch.ones(1, 1, 1)).backward()

@@ -18,6 +18,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from crane import metrics
 from crane.metrics import (aupro, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc,
                            pixel_f1_max)
+from tests.conftest import CONFORMANCE, conformance_available
 
 EIGHT = np.ones((3, 3), dtype=int)
 KEYS = ["image-auroc", "image-ap", "image-f1", "pixel-auroc", "pixel-f1", "pixel-aupro",
@@ -39,12 +40,51 @@ def _ours(key, maps, masks, labels, scores) -> float:
 # ------------------------------------------------------------------------ conformance
 
 
-@pytest.mark.parametrize("case", ["small", "medium"])
-def test_conformance(case, synth, conformance_dir):
+def _metric_cases() -> list[str]:
+    """Names of all cases in metrics_expected.json (a placeholder that skips when it is absent)."""
+    path = CONFORMANCE / "metrics_expected.json"
+    return sorted(json.loads(path.read_text())) if conformance_available() and path.is_file() else ["absent"]
+
+
+def _case_inputs(case: str, synth, conformance_dir):
+    """``(expected values, (maps, masks, labels, scores))``, built by the case's own generator."""
     expected = json.loads((conformance_dir / "metrics_expected.json").read_text())[case]
-    maps, masks, labels, scores = synth.metric_inputs(**expected["inputs"])
+    return expected, getattr(synth, expected["generator"])(**expected["inputs"])
+
+
+@pytest.mark.parametrize("case", _metric_cases())
+def test_conformance(case, synth, conformance_dir):
+    expected, inputs = _case_inputs(case, synth, conformance_dir)
     for key in KEYS:
-        assert _ours(key, maps, masks, labels, scores) == pytest.approx(expected[key], abs=1e-6), key
+        assert _ours(key, *inputs) == pytest.approx(expected[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("case", _metric_cases())
+def test_conformance_numpy_and_torch_float32_and_float64(case, synth, conformance_dir):
+    """The same data as a numpy array or a torch tensor gives the same value, float32 or float64."""
+    _, (maps, masks, labels, scores) = _case_inputs(case, synth, conformance_dir)
+    assert maps.dtype == np.float32
+    for dtype in (np.float32, np.float64):
+        as_numpy = maps.astype(dtype)
+        as_torch = [torch.from_numpy(a) for a in (as_numpy, masks, labels, scores)]
+        for key in KEYS:
+            assert _ours(key, *as_torch) == _ours(key, as_numpy, masks, labels, scores), (dtype, key)
+
+
+@pytest.mark.parametrize("case", _metric_cases())
+def test_reference_loops_give_the_conformance_values(case, synth, conformance_dir):
+    """The two published AUPRO functions as written (below) reproduce their conformance values;
+    on ``on_grid`` they differ by more than the tolerance, so the conformance test tells them apart."""
+    expected, (maps, masks, _, _) = _case_inputs(case, synth, conformance_dir)
+    if maps.size > 20 * 64 * 64:
+        pytest.skip("the per-threshold reference loops are slow on this case")
+    assert _crane_gpu_reference(masks, maps) == pytest.approx(expected["pixel-aupro"], abs=1e-9)
+    assert _crane_reference(masks, maps) == pytest.approx(expected["pixel-aupro-cpu-loop"], abs=1e-9)
+    if case == "on_grid":
+        assert abs(expected["pixel-aupro"] - expected["pixel-aupro-cpu-loop"]) > 1e-4
+    # The same maps in float64: the published function compares them with the unrounded grid.
+    wide = maps.astype(np.float64)
+    assert aupro(masks, wide, method="crane") == pytest.approx(_crane_gpu_reference(masks, wide), abs=1e-9)
 
 
 # ------------------------------------------------------------------- sklearn equality
@@ -98,7 +138,10 @@ def _regions(masks):
 
 
 def _crane_reference(masks, maps, max_step=200, expect_fpr=0.3) -> float:
-    """The published ``cal_pro_score`` loop, one binarisation per threshold."""
+    """The published numpy ``cal_pro_score`` loop (unused by its test.py), one binarisation per threshold.
+
+    ``maps > th`` with numpy float64 scalars compares float32 maps unrounded (numpy >= 2).
+    """
     regions = _regions(masks)
     negatives = masks == 0
     low, high = maps.min(), maps.max()
@@ -107,6 +150,27 @@ def _crane_reference(masks, maps, max_step=200, expect_fpr=0.3) -> float:
         binary = maps > th
         pros.append(np.mean([binary[i][region].sum() / region.sum() for i, region in regions]))
         fprs.append(np.logical_and(negatives, binary).sum() / negatives.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    kept = fprs < expect_fpr
+    fprs = fprs[kept]
+    return auc((fprs - fprs.min()) / (fprs.max() - fprs.min()), pros[kept])
+
+
+def _crane_gpu_reference(masks, maps, max_step=200, expect_fpr=0.3) -> float:
+    """The published ``cal_pro_score_gpu`` (what its test.py calls), on the CPU.
+
+    Grid over Python floats (``.item()`` of the extremes); ``amaps > th`` on a torch
+    tensor casts each threshold to the tensor's dtype.
+    """
+    amaps = torch.as_tensor(maps)
+    negatives = torch.as_tensor(masks) == 0
+    regions = [(i, torch.from_numpy(region)) for i, region in _regions(np.asarray(masks))]
+    low, high = amaps.min().item(), amaps.max().item()
+    pros, fprs = [], []
+    for th in np.arange(low, high, (high - low) / max_step):
+        binary = amaps > th
+        pros.append(np.mean([binary[i][region].sum().item() / region.sum().item() for i, region in regions]))
+        fprs.append(torch.logical_and(negatives, binary).sum().item() / negatives.sum().item())
     pros, fprs = np.array(pros), np.array(fprs)
     kept = fprs < expect_fpr
     fprs = fprs[kept]
@@ -169,12 +233,31 @@ def _aupro_inputs(seed: int, levels: int | None):
     return masks, maps.astype(np.float32)
 
 
-@pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 40), (3, 400)])
-def test_crane_aupro_equals_published_loop(seed, levels):
+def _on_grid(masks, maps, num: int, seed: int) -> np.ndarray:
+    """``maps`` moved so that most scores sit on, or one float32 step beside, a float32-rounded
+    published threshold: where the two comparisons (rounded or not) disagree."""
+    rng = np.random.default_rng(seed)
+    low, high = float(maps.min()), float(maps.max())
+    grid = np.arange(low, high, (high - low) / num).astype(np.float32)
+    idx = np.clip(np.searchsorted(grid, maps) + rng.integers(-1, 2, maps.shape), 0, grid.size - 1)
+    moved = np.nextafter(grid[idx], np.where(rng.random(maps.shape) < 0.5, np.inf, -np.inf).astype(np.float32))
+    moved = np.where(rng.random(maps.shape) < 0.4, grid[idx], moved).astype(np.float32)
+    moved.flat[0], moved.flat[1] = np.float32(low), np.float32(high)
+    return moved
+
+
+@pytest.mark.parametrize("seed,levels,on_grid", [(0, None, False), (1, None, False), (2, 40, False),
+                                                 (3, 400, False), (4, None, True), (5, 40, True)])
+def test_crane_aupro_equals_published_gpu_function(seed, levels, on_grid):
     masks, maps = _aupro_inputs(seed, levels)
-    assert aupro(masks, maps, method="crane") == pytest.approx(_crane_reference(masks, maps), abs=1e-9)
-    assert aupro(masks, maps, method="crane", max_fpr=0.1, num_thresholds=57) == pytest.approx(
-        _crane_reference(masks, maps, max_step=57, expect_fpr=0.1), abs=1e-9)
+    for num, max_fpr in ((200, 0.3), (57, 0.1)):
+        data = _on_grid(masks, maps, num, seed) if on_grid else maps
+        for dtype in (np.float32, np.float64):
+            expected = _crane_gpu_reference(masks, data.astype(dtype), max_step=num, expect_fpr=max_fpr)
+            ours = aupro(masks, data.astype(dtype), method="crane", max_fpr=max_fpr, num_thresholds=num)
+            assert ours == pytest.approx(expected, abs=1e-9), (num, dtype)
+            assert aupro(torch.from_numpy(masks), torch.from_numpy(data.astype(dtype)), method="crane",
+                         max_fpr=max_fpr, num_thresholds=num) == ours
 
 
 @pytest.mark.parametrize("seed,levels", [(0, None), (2, 40), (3, 400)])
@@ -187,15 +270,21 @@ def test_mvtec_aupro_equals_official_code(seed, levels, max_fpr):
         _mvtec_exact_reference(masks, maps, x_max=max_fpr), abs=1e-9)
 
 
-def test_thresholds_compare_like_float64():
-    """float32 maps against float64 thresholds: flooring the grid keeps ``v > t`` exact."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_thresholds_compare_like_torch(dtype):
+    """``tensor > th`` with a float64 threshold (what the published grid holds) is ``v > th``
+    rounded to the tensor's dtype: that is the grid ``_crane_thresholds`` returns."""
     rng = np.random.default_rng(0)
-    values = rng.random(20_000).astype(np.float32)
-    near = values[:200].astype(np.float64)
-    thresholds = np.sort(np.concatenate([near - 1e-10, near, near + 1e-10, rng.random(200)]))
-    floored = metrics._floor_to_dtype(thresholds, np.dtype(np.float32))
-    assert floored.dtype == np.float32
-    assert np.array_equal(values[:, None] > thresholds, values[:, None] > floored)
+    maps = torch.from_numpy(rng.random((3, 40, 40))).to(dtype)
+    grid = metrics._crane_thresholds(metrics._to_numpy(maps), 200)
+    assert grid.dtype == metrics._to_numpy(maps).dtype
+    low, high = maps.min().item(), maps.max().item()
+    published = np.arange(low, high, (high - low) / 200)
+    assert published.size == grid.size
+    near = torch.from_numpy(np.concatenate([grid, np.nextafter(grid, np.inf), np.nextafter(grid, -np.inf)]))
+    values = torch.cat([maps.flatten(), near.to(dtype)])
+    for th, ours in zip(published, grid):
+        np.testing.assert_array_equal((values > th).numpy(), metrics._to_numpy(values) > ours)
 
 
 # ----------------------------------------------------------------- edge cases, inputs

@@ -116,8 +116,7 @@ def test_published_batching_resumes_a_class_with_its_neighbours_batch_mates(pipe
         return real_metrics(*a, **k)
 
     monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(_args(expected, pipeline_root, clip, dino, resumed))
+    assert script.main(_args(expected, pipeline_root, clip, dino, resumed)) == 130  # interrupted
     assert [p.name for p in (resumed / "classes").iterdir()] == ["bottle.json"]
     (resumed / "classes" / "screw.json").write_text((whole / "classes" / "screw.json").read_text())  # as if done
 

