@@ -1,9 +1,10 @@
 """``python -m crane export``: the model of a checkpoint as one ONNX or OpenVINO graph.
 
-Model settings come, in this order of precedence, from the flags given, from the
-checkpoint (the ``"crane"`` entry of our checkpoints, or the published settings of an
-official one, recognised by SHA-256: :func:`crane.checkpoints.describe`) and from the
-defaults of ``predict`` (the published Crane+ evaluation). The thresholds come from
+Model settings come from the flags given, from the checkpoint (the ``"crane"`` entry
+of our checkpoints, or the published settings of an official one, recognised by
+SHA-256: :func:`crane.checkpoints.read_checkpoint`) and from the defaults of
+``predict`` (the published Crane+ evaluation); as in ``test.py``, a flag that
+contradicts the checkpoint stops the export unless ``--force``. The thresholds come from
 ``thresholds.json`` beside the checkpoint (or ``--thresholds FILE``) when there is one.
 
 Importing this module is cheap (no torch), so ``python -m crane --help`` stays fast.
@@ -49,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="thresholds.json to embed (default: the one beside --checkpoint, when present)")
     e.add_argument("--no_check", action="store_true",
                    help="do not run the written file once against the torch model")
+    e.add_argument("--force", action="store_true",
+                   help="let model flags that contradict the checkpoint's settings win (with a warning)")
     g = e.add_argument_group("model", "Defaults: what the checkpoint records (our checkpoints; official ones are "
                                       "recognised by SHA-256), else the defaults of `predict`.")
     add_weight_flags(g, "openai", defaults_in_help=True)
@@ -69,28 +72,27 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def resolve_settings(args: argparse.Namespace, checkpoint: Path) -> tuple[argparse.Namespace, dict[str, str]]:
-    """The model options (flag names) and where each comes from: ``flag``, the checkpoint, or ``default``."""
-    import torch
+    """The model options (flag names) and where each comes from: ``flag``, the checkpoint, or ``default``.
 
-    from crane.checkpoints import METADATA_KEY, describe
+    As ``test.py``: the checkpoint's settings (:func:`crane.checkpoints.apply_settings`) fill what no flag
+    gives; a flag that contradicts them is an error unless ``--force``.
+    """
+    from crane.checkpoints import apply_settings, read_checkpoint
     from crane.cli import MODEL_DEFAULTS
+    from crane.models.crane import CraneConfig
 
-    try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or holding more than tensors
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {reason}") from None
-    info = describe(checkpoint, saved.get(METADATA_KEY) if isinstance(saved, dict) else None)
-    settings: dict[str, Any] = dict(vars(MODEL_DEFAULTS))
-    sources = {k: "default" for k in settings}
-    for key, value in info.settings.items():
-        settings[key], sources[key] = value, info.source
-    for key in MODEL_DEFAULTS.__dict__:
-        if getattr(args, key, None) is not None:
-            settings[key], sources[key] = getattr(args, key), "flag"
-    settings["features_list"] = [int(i) for i in settings["features_list"]]
-    return argparse.Namespace(**settings, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
-                              checkpoint=str(checkpoint)), sources
+    _, info = read_checkpoint(checkpoint)
+    config = CraneConfig()
+    defaults = {**vars(MODEL_DEFAULTS), "n_ctx": config.n_ctx, "t_n_ctx": config.t_n_ctx, "depth": config.depth}
+    explicit = {k for k in defaults if getattr(args, k, None) is not None}
+    options = argparse.Namespace(**{k: getattr(args, k) if k in explicit else v for k, v in defaults.items()})
+    for note in apply_settings(options, explicit, info, args.force):
+        print(note, file=sys.stderr)
+    sources = {k: "flag" if k in explicit else info.source if k in info.settings else "default" for k in defaults}
+    options.features_list = [int(i) for i in options.features_list]
+    options.clip_weights, options.dino_weights, options.checkpoint = args.clip_weights, args.dino_weights, \
+        str(checkpoint)
+    return options, sources
 
 
 def _thresholds(args: argparse.Namespace, checkpoint: Path):
@@ -128,12 +130,10 @@ def _check(graph, files: list[Path], fmt: str, fp16: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``python -m crane export``."""
-    from crane.cli import MODEL_OPTIONS, CliError
+    from crane.cli import MODEL_OPTIONS
 
     fmt = _format(args)
     checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.is_file():
-        raise CliError(f"checkpoint not found: {checkpoint}")
     thresholds = _thresholds(args, checkpoint)
     options, sources = resolve_settings(args, checkpoint)
     model_options = {k: getattr(options, k) for k in MODEL_OPTIONS}
