@@ -1,4 +1,4 @@
-"""Command line: ``python -m crane {predict,calibrate,init-checkpoint}`` (also installed as ``crane``).
+"""Command line: ``python -m crane {predict,calibrate,export,init-checkpoint}`` (also installed as ``crane``).
 
 * ``predict INPUT... --checkpoint FILE --out DIR``: score image files, folders
   (searched recursively) and globs; write ``DIR/scores.csv`` and one panel per image.
@@ -6,6 +6,8 @@
   images only), ``--labelled DIR...`` (``good/`` and defect folders) or ``--dataset NAME``
   (a ``meta.json`` dataset): pick the image and pixel thresholds and save
   ``thresholds.json`` beside the checkpoint, where ``predict`` finds it.
+* ``export --checkpoint FILE --out PATH``: the model as one ONNX / OpenVINO graph
+  (:mod:`crane.export`); ``predict --backend onnxruntime|openvino --model PATH`` runs it.
 * ``init-checkpoint OUT``: write a randomly initialised prompt-learner checkpoint
   (for pipeline demos only).
 
@@ -32,6 +34,7 @@ from crane.cli_setup import (MODEL_DEFAULTS, MODEL_OPTIONS, describe_model, flag
 from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs  # noqa: F401  (re-exported)
 from crane.thresholds import IMAGE_CRITERIA, Thresholds, default_path, load_thresholds, parse_override, \
     save_thresholds
+from crane.export import command as export_command
 
 EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 1, 2, 3
 
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "pixel threshold)", True)
     add_bool_flag(p, "--no_panels", False, "skip the panels (scores only)", True)
     add_bool_flag(p, "--include_masks", False, "also score ground-truth mask files found in folders and globs", True)
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="torch: build the model from --checkpoint and the model flags; onnxruntime / openvino: run "
+                        "the graph --model written by `python -m crane export` (settings, size and thresholds from "
+                        "its metadata) (default: torch)")
+    p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
     _add_model_flags(p)
 
     c = sub.add_parser("calibrate", help="pick thresholds (normal images at a false-alarm rate, or labelled images), "
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dataset: data loading processes (default: 0)")
     _add_model_flags(c)
 
+    export_command.add_parser(sub)
+
     i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
                        description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
                                    "it exists so the pipeline can run without the official checkpoints.")
@@ -173,14 +183,49 @@ def build_detector(args: argparse.Namespace, info: CheckpointInfo):
     return Detector(model, args.device, args.precision, args.batch_size)
 
 
+class _TorchPredictor:
+    """``predict``'s torch backend: :meth:`Detector.predict_tensor` with the smoothing on the device, as
+    test.py. ``crane.deploy.serving.DeployPredictor`` is the same interface for exported graphs."""
+
+    def __init__(self, args: argparse.Namespace, info: CheckpointInfo) -> None:
+        from crane.data.image import ImageReadError
+
+        self.detector = build_detector(args, info)
+        self.image_size = self.detector.config.image_size
+        self.read_error = ImageReadError
+
+    @staticmethod
+    def load_rgb(path: Path):
+        """The image as photo viewers show it (EXIF orientation applied)."""
+        from crane.data.image import load_rgb
+
+        return load_rgb(path, exif_orientation=True)
+
+    def preprocess(self, rgb):
+        from crane.data.image import preprocess
+
+        return preprocess(rgb, self.image_size)
+
+    def predict(self, batch: list):
+        """Preprocessed images -> (scores ``B``, smoothed maps ``B x S x S``), numpy float32."""
+        import torch
+
+        scores, maps = self.detector.predict_tensor(torch.stack(batch), smooth=True)
+        return scores.numpy(), maps.numpy()
+
+
 # --------------------------------------------------------------------------- thresholds
 
 
-def resolve_thresholds(args: argparse.Namespace) -> Thresholds:
-    """Thresholds from ``--thresholds`` or beside the checkpoint, then ``--threshold`` overrides."""
-    path = args.thresholds or default_path(args.checkpoint)
+def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
+    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or the file beside the
+    checkpoint, then ``--threshold`` overrides."""
+    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
     try:
-        thresholds = load_thresholds(path) if args.thresholds is not None or path.is_file() else Thresholds()
+        if args.thresholds is not None or (path is not None and path.is_file()):
+            thresholds = load_thresholds(path)
+        else:
+            thresholds = embedded or Thresholds()
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.threshold:
@@ -198,9 +243,10 @@ def _file_values_used(thresholds: Thresholds, args: argparse.Namespace) -> bool:
     return image is None or pixel is None
 
 
-def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: CheckpointInfo) -> list[str]:
+def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Optional[CheckpointInfo]) -> list[str]:
     """One-line notes on missing thresholds; a file calibrated with another checkpoint or other model
-    settings is refused (:class:`CliError`), or with ``--force`` gives a warning."""
+    settings is refused (:class:`CliError`), or with ``--force`` gives a warning. ``info`` is ``None``
+    for an exported model, whose embedded thresholds were checked when it was exported."""
     notes = []
     calibrate = (f"python -m crane calibrate --normal DIR --target_fpr 0.01 --checkpoint {args.checkpoint} "
                  "[same model flags]")
@@ -214,7 +260,7 @@ def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Che
     elif thresholds.pixel is None:
         notes.append("note: no pixel threshold, so the panels outline nothing; calibrate with --target_fpr or on "
                      "images with masks, or pass --threshold IMG,PIX")
-    if _file_values_used(thresholds, args):
+    if info is not None and _file_values_used(thresholds, args):
         differ = threshold_differences(thresholds.meta.get("model"), model_record(args, info))
         if differ:
             message = (f"{thresholds.source} was calibrated for other scores: {'; '.join(differ)}")
@@ -228,21 +274,20 @@ def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Che
 # ------------------------------------------------------------------------------ predict
 
 
-def _load(item: InputFile, size: int):
+def _load(item: InputFile, predictor):
     """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
     when it cannot be read."""
-    from crane.data.image import ImageReadError, load_rgb, preprocess
-
     try:
-        rgb = load_rgb(item.path, exif_orientation=True)
-        return rgb, preprocess(rgb, size)
-    except ImageReadError as e:
+        rgb = predictor.load_rgb(item.path)
+        return rgb, predictor.preprocess(rgb)
+    except predictor.read_error as e:
         return None, str(e)
     except Exception as e:  # any decoder failure (e.g. Pillow's decompression-bomb guard) skips this file only
         return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
 
 
-def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
+def cmd_predict(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> int:
+    """``predict``; ``info`` is ``None`` with an exported model (``--backend onnxruntime|openvino``)."""
     from crane.predict_outputs import OutputFolder, PredictOutputs
 
     collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
@@ -252,7 +297,15 @@ def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
               f"ground_truth/), e.g. {collected.masks_left_out[0]}; --include_masks scores them too", file=sys.stderr)
     if not items:
         raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
-    thresholds = resolve_thresholds(args)
+    if args.backend == "torch" and args.model:
+        raise CliError("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
+                       "--checkpoint")
+    deployed = None
+    if args.backend != "torch":
+        from crane.deploy.serving import open_predictor
+
+        deployed = open_predictor(args, {"clip_weights": "openai", **vars(MODEL_DEFAULTS)}, CliError)
+    thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
     if args.save_masks and thresholds.pixel is None:
         raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
                        "--threshold IMG,PIX")
@@ -261,13 +314,9 @@ def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
     folder = OutputFolder(args.out)
     folder.check()
 
-    import torch
     from tqdm import tqdm
 
-    from crane.models.head import smooth_maps
-
-    detector = build_detector(args, info)
-    size, sigma = detector.config.image_size, detector.config.sigma
+    predictor = deployed or _TorchPredictor(args, info)
     removed = folder.clean()
     if removed:
         print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
@@ -278,7 +327,7 @@ def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = _load(item, size)
+                    rgb, x = _load(item, predictor)
                     if rgb is None:
                         skipped.append((item.path, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)
@@ -287,8 +336,7 @@ def cmd_predict(args: argparse.Namespace, info: CheckpointInfo) -> int:
                         batch.append((item, rgb, x))
                 if not batch:
                     continue
-                scores, raw = detector.predict_tensor(torch.stack([x for _, _, x in batch]))
-                maps = smooth_maps(raw.numpy(), sigma)
+                scores, maps = predictor.predict([x for _, _, x in batch])
                 for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
                     outputs.write(item.path, item.name, rgb, score, amap)
                     bar.update(1)
@@ -446,13 +494,18 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 
 MODEL_COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate}
-COMMANDS = {"init-checkpoint": cmd_init_checkpoint}
+COMMANDS = {"init-checkpoint": cmd_init_checkpoint, "export": export_command.run}
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command not in MODEL_COMMANDS:
         return COMMANDS[args.command](args)
-    if args.checkpoint is None:
+    exported = getattr(args, "backend", "torch") != "torch"  # an exported graph carries its checkpoint and settings
+    if exported:
+        for key, value in vars(MODEL_DEFAULTS).items():
+            if not hasattr(args, key):
+                setattr(args, key, value)
+    elif args.checkpoint is None:
         args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
     if args.command == "calibrate" and args.datasets_root_dir is None:
         args.datasets_root_dir = Path(default_datasets_root())
@@ -461,6 +514,8 @@ def _run(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if exported:
+        return cmd_predict(args, None)
     info, notes = settle_model(args)
     for note in notes:
         print(note, file=sys.stderr)
