@@ -49,11 +49,12 @@ def _user_errors() -> tuple[type, ...]:
     from crane.cli_setup import SetupError
     from crane.data.folders import InputError
     from crane.data.meta import DatasetError
+    from crane.deploy.metadata import NotACraneExport
     from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
     from crane.predict_outputs import OutputFolderError
 
     return (CliError, SetupError, InputError, CheckpointError, OutputFolderError, DatasetError, WeightsNotFoundError,
-            CheckpointMismatchError)
+            CheckpointMismatchError, NotACraneExport)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -297,9 +298,6 @@ def cmd_predict(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> int
               f"ground_truth/), e.g. {collected.masks_left_out[0]}; --include_masks scores them too", file=sys.stderr)
     if not items:
         raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
-    if args.backend == "torch" and args.model:
-        raise CliError("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
-                       "--checkpoint")
     deployed = None
     if args.backend != "torch":
         from crane.deploy.serving import open_predictor
@@ -510,6 +508,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "calibrate" and args.datasets_root_dir is None:
         args.datasets_root_dir = Path(default_datasets_root())
     errors = flag_errors(args)
+    if not exported and getattr(args, "model", None):
+        errors.append("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
+                      "--checkpoint")
     if errors:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)

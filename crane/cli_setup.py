@@ -228,7 +228,7 @@ def weights_tag(weights: Optional[str], default: str) -> str:
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options that change scores (:data:`MODEL_OPTIONS`), as the flags give them."""
-    options = {k: getattr(args, k) for k in MODEL_OPTIONS}
+    options = {k: getattr(args, k, getattr(MODEL_DEFAULTS, k, None)) for k in MODEL_OPTIONS}
     options["features_list"] = [int(f) for f in options["features_list"]]
     return options
 

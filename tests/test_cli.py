@@ -468,11 +468,11 @@ def test_ctrl_c_while_predicting_keeps_scores_and_panels_in_step(mixed_folder, t
         calls = []
         original = type(detector).predict_tensor
 
-        def predict_tensor(images, image_token_type=None):
+        def predict_tensor(images, image_token_type=None, smooth=False):
             calls.append(len(images))
             if len(calls) == 2:
                 raise KeyboardInterrupt
-            return original(detector, images, image_token_type)
+            return original(detector, images, image_token_type, smooth)
 
         monkeypatch.setattr(detector, "predict_tensor", predict_tensor, raising=False)
         return detector

@@ -141,8 +141,12 @@ def served(tmp_path_factory, synth_weights, photos):
     maps = np.stack([np.load(p) for p in sorted((torch_out / "maps").glob("*.npy"))])
     image_t = float((scores[1] + scores[2]) / 2)  # halfway between two scores: a robust decision
     pixel_t = float(np.quantile(maps, 0.9))
+    from crane.cli_setup import flag_errors, model_record, settle_model
+
     args = cli.build_parser().parse_args(["predict", "x", "--out", "y", "--checkpoint", str(checkpoint), *flags])
-    save_thresholds(Thresholds(image_t, pixel_t, {"model": cli.model_options(args)}), checkpoint.parent /
+    assert not flag_errors(args)
+    info, _ = settle_model(args)  # what calibrate records: checkpoint SHA-256 and settings
+    save_thresholds(Thresholds(image_t, pixel_t, {"model": model_record(args, info)}), checkpoint.parent /
                     "thresholds.json")
     onnx_path = root / "graph" / "crane.onnx"
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--clip_weights", str(clip_path), "--sigma", "3",
@@ -281,7 +285,7 @@ def test_command_line_errors(served, photos, tmp_path, capsys):
     ]
     for argv, message in cases:
         capsys.readouterr()
-        assert cli.main(argv) == cli.EXIT_ERROR, argv
+        assert cli.main(argv) == cli.EXIT_USAGE, argv  # unusable input: one line, exit 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (argv, err)
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ that contradict them are refused (the graph is fixed at export). No torch is imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -58,6 +59,8 @@ def open_predictor(args: argparse.Namespace, defaults: dict[str, Any], error: ty
     flag = f"--backend {args.backend}"
     if not args.model:
         raise error(f"{flag} needs --model PATH (a file written by `python -m crane export`)")
+    if not os.path.isfile(args.model):
+        raise error(f"exported model not found: {args.model}")
     if args.checkpoint is not None:
         raise error("--checkpoint is for --backend torch: the exported model carries its own checkpoint")
     if args.precision != "fp32":
