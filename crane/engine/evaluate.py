@@ -2,7 +2,7 @@
 
 For each class of the dataset's ``test`` split: predict every image (sharded
 across processes when several run), gather scores and smoothed maps on rank 0,
-compute the six metrics of method.md section 7 with :mod:`crane.metrics`, and
+compute the six metrics of docs/method.md §7 with :mod:`crane.metrics`, and
 persist the class (``classes/CLASS.json``, plus its maps and panels) atomically.
 A restarted run skips the classes already finished with the same settings.
 Then ``metrics.json``, ``metrics.md`` and ``predictions.csv`` are assembled

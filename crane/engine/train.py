@@ -1,4 +1,4 @@
-"""Prompt-learner training (method.md section 6), the engine behind ``train.py``.
+"""Prompt-learner training (docs/method.md §6), the engine behind ``train.py``.
 
 One process follows the published ``train.py`` step for step, so that the same data,
 flags and ``--seed`` end with the published checkpoints (to float tolerance):
