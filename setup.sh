@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install crane with its test extras. Safe to run again.
+# Create .venv and install crane with its test and deploy extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,11 +10,12 @@ else
     echo "[setup] reusing existing .venv ($(.venv/bin/python --version))"
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-echo "[setup] installing crane (editable) with test extras: torch==2.14.1 torchvision==0.29.1 open_clip_torch timm ..."
-.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "[setup] installing crane (editable) with test and deploy extras: torch==2.14.1 torchvision==0.29.1 open_clip_torch timm onnxruntime openvino ..."
+.venv/bin/python -m pip install --quiet -e ".[test,deploy]"
 .venv/bin/python - <<'PY'
-import torch, torchvision, open_clip, timm, crane
+import torch, torchvision, open_clip, timm, onnxruntime, openvino, crane
 print(f"[setup] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-      f"open_clip {open_clip.__version__}, timm {timm.__version__}, crane {crane.__version__}")
+      f"open_clip {open_clip.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}, "
+      f"openvino {openvino.__version__}, crane {crane.__version__}")
 PY
 echo "[setup] done. Activate with: source .venv/bin/activate"

@@ -15,18 +15,17 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, add_bool_flag, add_data_flags, add_model_flags,
+from crane.cli_args import (AUPRO_METHODS, INTERRUPTED, HelpFormatter, add_bool_flag, add_data_flags, add_model_flags,
                             add_precision_flags, add_weight_flags, explicit_flags, setup_logging)
 from crane.data.image import PREPROCESSING
+from crane.engine.distributed import DEVICE_HELP
 from crane.engine.evaluate import USER_ERRORS, EvalOptions, evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``test.py``."""
-    import torch
-
     p = argparse.ArgumentParser("test.py", description="Evaluate Crane / Crane+ zero-shot anomaly detection.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
 
     d = EvalOptions()
     g = p.add_argument_group("data")
@@ -42,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(g, d, from_checkpoint=True)
     add_bool_flag(g, "--force", d.force, "run with model flags that contradict the checkpoint's settings")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to compute")
-    g.add_argument("--devices", type=int, nargs="+", default=list(d.devices),
-                   help="GPU indices; more than one spawns one process per index (with --device cpu: that many CPU processes)")
+    g.add_argument("--device", default=d.device, help=DEVICE_HELP)
+    g.add_argument("--devices", type=int, nargs="+", default=d.devices,
+                   help="GPU indices, one process each, as the published flag (with --device cpu: that many CPU "
+                        "processes; default: the --device GPU, one process)")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="images per forward pass and process")
     g.add_argument("--num_workers", type=int, default=None, help="data-loading workers per process (default: auto)")
     add_precision_flags(g, d.precision, d.compile)

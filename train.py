@@ -23,27 +23,17 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import (MAP_FLAGS, add_bool_flag, add_data_flags, add_model_flags, add_precision_flags,
-                            add_weight_flags)
+from crane.cli_args import (MAP_FLAGS, HelpFormatter, add_bool_flag, add_data_flags, add_model_flags,
+                            add_precision_flags, add_weight_flags)
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, USER_ERRORS, TrainOptions, train
 
 INTERRUPTED = 130
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each default once: not appended where the help already states it, nor when there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default" in text or action.default is None:
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py``."""
     p = argparse.ArgumentParser("train.py", description="Train the Crane / Crane+ prompt learner.",
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
 
     d = TrainOptions()
     g = p.add_argument_group("data")

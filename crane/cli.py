@@ -1,74 +1,88 @@
-"""Command line: ``python -m crane {predict,calibrate,init-checkpoint}`` (also installed as ``crane``).
+"""Command line: ``python -m crane {predict,calibrate,export,init-checkpoint}`` (also installed as ``crane``).
 
 * ``predict INPUT... --checkpoint FILE --out DIR``: score image files, folders
   (searched recursively) and globs; write ``DIR/scores.csv`` and one panel per image.
-* ``calibrate --dataset NAME --datasets_root_dir ROOT --checkpoint FILE``: pick the
-  image and pixel thresholds on a labelled dataset and save ``thresholds.json``
-  beside the checkpoint, where ``predict`` finds it.
+* ``calibrate --checkpoint FILE`` with ``--normal DIR... --target_fpr RATE`` (normal
+  images only), ``--labelled DIR...`` (``good/`` and defect folders) or ``--dataset NAME``
+  (a ``meta.json`` dataset): pick the image and pixel thresholds and save
+  ``thresholds.json`` beside the checkpoint, where ``predict`` finds it.
+* ``export --checkpoint FILE --out PATH``: the model as one ONNX / OpenVINO graph
+  (:mod:`crane.export`); ``predict --backend onnxruntime|openvino --model PATH`` runs it.
 * ``init-checkpoint OUT``: write a randomly initialised prompt-learner checkpoint
   (for pipeline demos only).
 
-Exit status: 0 success, 1 an error (one line on stderr), 2 bad arguments,
-3 ``predict`` skipped unreadable files (the others were processed).
+The model settings come from the checkpoint unless a flag sets them (:mod:`crane.cli_setup`).
+Exit status: 0 success, 1 an error (one line on stderr), 2 unusable input (one line per
+problem, before any model work), 3 ``predict``/``calibrate`` skipped unreadable files (the
+others were processed), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-import numpy as np
+from typing import Optional, Sequence
 
 from crane import __version__
-from crane.choices import precision_error
-from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_precision_flags, add_weight_flags, default_datasets_root
-from crane.thresholds import (IMAGE_CRITERIA, Thresholds, confusion, default_path, load_thresholds, max_f1_threshold,
-                              parse_override, save_thresholds, youden_threshold)
+from crane.checkpoints import CheckpointInfo
+from crane.cli_args import INTERRUPTED, PROMPT_FLAGS, add_bool_flag, add_model_flags, add_precision_flags, \
+    add_weight_flags, default_datasets_root, setup_logging
+from crane.cli_setup import (MODEL_DEFAULTS, MODEL_OPTIONS, describe_model, flag_errors, model_options,  # noqa: F401
+                             model_record, one_line, settle_model, threshold_differences)
+from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs  # noqa: F401  (re-exported)
+from crane.thresholds import IMAGE_CRITERIA, Thresholds, default_path, load_thresholds, parse_override, \
+    save_thresholds
+from crane.export import command as export_command
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-EXIT_ERROR, EXIT_SKIPPED = 1, 3
-# Model options recorded in thresholds.json and compared when predict uses the file.
-MODEL_OPTIONS = ("clip_weights", "dino_model", "features_list", "soft_mean", "image_size", "sigma", "attn_type",
-                 "both_eattn_dattn", "use_scorebase_pooling", "dattn_batch_mean")
+EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 1, 2, 3
 
 
 class CliError(Exception):
-    """A user-facing error reported as one line."""
+    """A user-facing error reported as one line (exit status 2)."""
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Errors caused by the input: reported as one line, exit status 2."""
+    from crane.checkpoints import CheckpointError
+    from crane.cli_setup import SetupError
+    from crane.data.folders import InputError
+    from crane.data.meta import DatasetError
+    from crane.deploy.metadata import NotACraneExport
+    from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
+    from crane.predict_outputs import OutputFolderError
+
+    return (CliError, SetupError, InputError, CheckpointError, OutputFolderError, DatasetError, WeightsNotFoundError,
+            CheckpointMismatchError, NotACraneExport)
 
 
 # ------------------------------------------------------------------------------ arguments
 
 
-# Defaults of the model flags: the published Crane+ evaluation settings (as test.py).
-MODEL_DEFAULTS = argparse.Namespace(features_list=[24], dino_model="dinov2", soft_mean=False, image_size=518,
-                                    sigma=4.0, attn_type="qq+kk+vv", both_eattn_dattn=True,
-                                    use_scorebase_pooling=True, dattn_batch_mean=False)
-
-
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The model flags of ``test.py`` (the prompt-learner ones come from the checkpoint)."""
-    g = parser.add_argument_group("model (as test.py)")
+    g = parser.add_argument_group("model (settings the checkpoint records are taken from it unless given)")
     g.add_argument("--checkpoint", metavar="FILE",
                    help="prompt-learner checkpoint file (default: checkpoints/MODEL_NAME/epoch_EPOCH.pth)")
     g.add_argument("--model_name", default="trained_on_mvtec_cranep",
                    help="checkpoint folder under checkpoints/ (default: trained_on_mvtec_cranep)")
     g.add_argument("--epoch", type=int, default=5, help="checkpoint epoch (default: 5)")
     add_weight_flags(g, "openai", defaults_in_help=True)
-    add_model_flags(g, MODEL_DEFAULTS, skip=PROMPT_FLAGS, defaults_in_help=True)
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available) (default: auto)")
+    add_model_flags(g, MODEL_DEFAULTS, skip=PROMPT_FLAGS, defaults_in_help=True, from_checkpoint=True)
+    add_bool_flag(g, "--force", False, "run with model flags that contradict the checkpoint's settings (and, in "
+                                       "predict, with thresholds calibrated for other settings): a warning instead "
+                                       "of an error", defaults_in_help=True)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, N or auto (GPU when available) "
+                                                    "(default: auto)")
     add_precision_flags(g, defaults_in_help=True)
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crane", description="Crane zero-shot anomaly detection.",
-                                     epilog="Exit status: 0 ok, 1 error, 2 bad arguments, 3 unreadable inputs skipped.")
+                                     epilog="Exit status: 0 ok, 1 error, 2 unusable input, 3 unreadable images "
+                                            "skipped, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"crane {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -78,38 +92,68 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decision) and DIR/panels/<name>.png (original | heat map | overlay).",
                        epilog="Thresholds: thresholds.json beside the checkpoint (from `python -m crane calibrate`) "
                               "gives `decision` (anomalous when score >= image threshold) and the outlined region "
-                              "(map >= pixel threshold). --thresholds FILE reads another file; --threshold overrides "
+                              "(map >= pixel threshold); it must have been calibrated with this checkpoint and "
+                              "these model settings. --thresholds FILE reads another file; --threshold overrides "
                               "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
-                              "outlined.\nExit status: 0 ok, 1 error, 3 some files were unreadable and skipped.")
+                              "outlined.\nImages are turned as their EXIF orientation says (as photo viewers show "
+                              "them). Ground-truth masks (*_mask.*, files under masks/ or ground_truth/) found in "
+                              "folders and globs are left out unless --include_masks.\nAn --out folder holding an "
+                              "earlier run's files is cleaned of them first.\nExit status: 0 ok, 1 error, 2 unusable "
+                              "input, 3 some files were unreadable and skipped, 130 interrupted.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=f"image file, folder (searched recursively for {' '.join(IMAGE_SUFFIXES)}, any case) or "
                         "quoted glob such as 'photos/**/*.jpg'")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
+    p.add_argument("--out", "--save_path", dest="out", required=True, type=Path, metavar="DIR",
+                   help="output folder (created)")
     p.add_argument("--thresholds", type=Path, metavar="FILE",
                    help="thresholds.json to use (default: the one beside --checkpoint, when present)")
     p.add_argument("--threshold", metavar="IMG[,PIX]",
-                   help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only)")
-    p.add_argument("--save_maps", action="store_true", help="also write DIR/maps/<name>.npy (S x S float32 map)")
-    p.add_argument("--save_masks", action="store_true",
-                   help="also write DIR/masks/<name>.png (0/255 at the image's size; needs a pixel threshold)")
-    p.add_argument("--no_panels", action="store_true", help="skip the panels (scores only)")
+                   help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only); "
+                        "values in [0, 1]")
+    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/<name>.npy (S x S float32 map)", True)
+    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/<name>.png (0/255 at the image's size; needs a "
+                                            "pixel threshold)", True)
+    add_bool_flag(p, "--no_panels", False, "skip the panels (scores only)", True)
+    add_bool_flag(p, "--include_masks", False, "also score ground-truth mask files found in folders and globs", True)
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="torch: build the model from --checkpoint and the model flags; onnxruntime / openvino: run "
+                        "the graph --model written by `python -m crane export` (settings, size and thresholds from "
+                        "its metadata) (default: torch)")
+    p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
     _add_model_flags(p)
 
-    c = sub.add_parser("calibrate", help="pick thresholds on a labelled dataset, save thresholds.json",
-                       description="Run the model on the test split of ROOT/NAME (meta.json) and pick the image "
-                                   "threshold (max F1, or Youden's J) and the pixel threshold (max F1 over the pixels "
-                                   "of normal images and of anomalous images with masks). Saves thresholds.json "
-                                   "beside the checkpoint unless --output is given.")
-    c.add_argument("--dataset", required=True, metavar="NAME", help="dataset folder name under --datasets_root_dir")
-    c.add_argument("--datasets_root_dir", type=Path, metavar="ROOT",
-                   help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
-    c.add_argument("--classes", nargs="+", metavar="CLASS", help="calibrate on these classes only (default: all)")
-    c.add_argument("--image_criterion", choices=IMAGE_CRITERIA, default="f1",
-                   help="f1: max F1; youden: max TPR - FPR (default: f1)")
+    c = sub.add_parser("calibrate", help="pick thresholds (normal images at a false-alarm rate, or labelled images), "
+                                         "save thresholds.json",
+                       description="Run the model on calibration images and pick the image and pixel thresholds. "
+                                   "--target_fpr RATE: thresholds that flag RATE of the normal images and of their "
+                                   "pixels, with the false-alarm rate to expect on new normal images and its "
+                                   "uncertainty; else the image threshold of max F1 (or Youden's J) and the pixel "
+                                   "threshold of max F1 on labelled images. Saves thresholds.json beside the "
+                                   "checkpoint unless --output is given.")
+    src = c.add_argument_group("calibration images (--normal and --labelled may be combined; --dataset alone)")
+    src.add_argument("--normal", nargs="+", type=Path, metavar="DIR",
+                     help="folders of normal images (only those under good/ folders when a folder has any; masks "
+                          "left out); needs --target_fpr")
+    src.add_argument("--labelled", nargs="+", type=Path, metavar="DIR",
+                     help="folders with good/ (normal) and defect-type folders (masks, optional, named NAME_mask.* "
+                          "in masks/ or ground_truth/)")
+    src.add_argument("--dataset", metavar="NAME", help="dataset folder with a meta.json under --datasets_root_dir "
+                                                       "(its test split, read as test.py reads it)")
+    src.add_argument("--datasets_root_dir", type=Path, metavar="ROOT",
+                     help="folder holding one folder per dataset (default: $CRANE_DATASETS, else ./datasets/data)")
+    src.add_argument("--classes", nargs="+", metavar="CLASS", help="with --dataset: these classes only "
+                                                                   "(default: all)")
+    c.add_argument("--target_fpr", type=float, metavar="RATE",
+                   help="false-alarm rate to allow on normal images, such as 0.01")
+    c.add_argument("--image_criterion", choices=IMAGE_CRITERIA, default=None,
+                   help="without --target_fpr: f1 (max F1) or youden (max TPR - FPR) (default: f1)")
     c.add_argument("--output", type=Path, metavar="FILE", help="where to write (default: thresholds.json beside "
                                                                 "--checkpoint)")
-    c.add_argument("--workers", type=int, default=0, help="data loading processes (default: 0)")
+    c.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=0,
+                   help="with --dataset: data loading processes (default: 0)")
     _add_model_flags(c)
+
+    export_command.add_parser(sub)
 
     i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
                        description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
@@ -124,108 +168,66 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- model
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that change scores, as recorded in ``thresholds.json``."""
-    options = {k: getattr(args, k) for k in MODEL_OPTIONS}
-    options["features_list"] = list(options["features_list"])
-    return options
-
-
-def build_detector(args: argparse.Namespace):
-    """A :class:`crane.Detector` from the model flags."""
+def build_detector(args: argparse.Namespace, info: CheckpointInfo):
+    """A :class:`crane.Detector` from the model flags (settled by :func:`crane.cli_setup.settle_model`)."""
     from crane.detector import Detector, build_model
     from crane.models.crane import CraneConfig
 
-    model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
-    return Detector(model, _device(args.device), args.precision, args.batch_size, args.compile)
+    print(f"loading the model ({args.checkpoint}): {describe_model(args, info)} ...", file=sys.stderr)
+    try:
+        model = build_model(args.clip_weights, args.checkpoint, args.dino_weights, CraneConfig.from_options(args))
+    except ValueError as e:  # e.g. --features_list outside a tower read from a TorchScript file
+        if isinstance(e, _user_errors()):
+            raise
+        raise CliError(str(e)) from None
+    return Detector(model, args.device, args.precision, args.batch_size, args.compile)
 
 
-# ------------------------------------------------------------------------------ inputs
+class _TorchPredictor:
+    """``predict``'s torch backend: :meth:`Detector.predict_tensor` with the smoothing on the device, as
+    test.py. ``crane.deploy.serving.DeployPredictor`` is the same interface for exported graphs."""
 
+    def __init__(self, args: argparse.Namespace, info: CheckpointInfo) -> None:
+        from crane.data.image import ImageReadError
 
-@dataclass(frozen=True)
-class InputFile:
-    """An image to score: ``path`` as found from the user's input, ``name`` its output name (no suffix)."""
+        self.detector = build_detector(args, info)
+        self.image_size = self.detector.config.image_size
+        self.read_error = ImageReadError
 
-    path: Path
-    name: str
+    @staticmethod
+    def load_rgb(path: Path):
+        """The image as photo viewers show it (EXIF orientation applied)."""
+        from crane.data.image import load_rgb
 
+        return load_rgb(path, exif_orientation=True)
 
-def _walk(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden files and folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
-    return found
+    def preprocess(self, rgb):
+        from crane.data.image import preprocess
 
+        return preprocess(rgb, self.image_size)
 
-def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[InputFile]:
-    """Expand files, folders and globs into a list of images, in the given order without duplicates.
+    def predict(self, batch: list):
+        """Preprocessed images -> (scores ``B``, smoothed maps ``B x S x S``), numpy float32."""
+        import torch
 
-    Files named explicitly are kept whatever their suffix; folders and globs keep
-    image suffixes only. Files inside ``exclude`` (the output folder) are left out.
-    Output names are the paths relative to the deepest folder common to all images,
-    without the suffix (``sub/part.jpg`` -> ``sub/part``), or with it where two images
-    would share a name (``part.jpg``, ``part.png``).
-    Raises ``CliError`` for an input that is neither a file, a folder nor a matching glob.
-    """
-    import glob
-
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            paths += _walk(path)
-        elif path.is_file():
-            paths.append(path)
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            for match in map(Path, matches):
-                if match.is_dir():
-                    paths += _walk(match)
-                elif match.is_file() and match.name.lower().endswith(IMAGE_SUFFIXES):
-                    paths.append(match)
-            if not matches:
-                raise CliError(f"no file matches {item!r}")
-        else:
-            raise CliError(f"no such file or folder: {item}")
-    excluded = exclude.resolve() if exclude is not None else None
-    unique: dict[Path, Path] = {}
-    for path in paths:
-        resolved = path.resolve()
-        if excluded is not None and resolved.is_relative_to(excluded):
-            continue
-        unique.setdefault(resolved, path)
-    if not unique:
-        return []
-    common = Path(os.path.commonpath([r.parent for r in unique]))
-    relative = [resolved.relative_to(common) for resolved in unique]
-    names = [rel.with_suffix("").as_posix() for rel in relative]
-    counts = Counter(names)
-    return [InputFile(path, name if counts[name] == 1 else rel.as_posix())
-            for path, rel, name in zip(unique.values(), relative, names)]
+        scores, maps = self.detector.predict_tensor(torch.stack(batch), smooth=True)
+        return scores.numpy(), maps.numpy()
 
 
 # --------------------------------------------------------------------------- thresholds
 
 
-def resolve_thresholds(args: argparse.Namespace) -> Thresholds:
-    """Thresholds from ``--thresholds`` or beside the checkpoint, then ``--threshold`` overrides."""
-    path = args.thresholds or default_path(args.checkpoint)
-    if args.thresholds is not None or path.is_file():
-        thresholds = load_thresholds(path)
-    else:
-        thresholds = Thresholds()
+def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
+    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or the file beside the
+    checkpoint, then ``--threshold`` overrides."""
+    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
+    try:
+        if args.thresholds is not None or (path is not None and path.is_file()):
+            thresholds = load_thresholds(path)
+        else:
+            thresholds = embedded or Thresholds()
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
     if args.threshold:
         image, pixel = parse_override(args.threshold)
         thresholds.image = thresholds.image if image is None else image
@@ -233,157 +235,113 @@ def resolve_thresholds(args: argparse.Namespace) -> Thresholds:
     return thresholds
 
 
-def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace) -> list[str]:
-    """One-line notes on missing thresholds or a calibration made with other model options."""
+def _file_values_used(thresholds: Thresholds, args: argparse.Namespace) -> bool:
+    """Whether a value of the thresholds file is used (``--threshold`` may override both)."""
+    if thresholds.source is None:
+        return False
+    image, pixel = parse_override(args.threshold) if args.threshold else (None, None)
+    return image is None or pixel is None
+
+
+def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Optional[CheckpointInfo]) -> list[str]:
+    """One-line notes on missing thresholds; a file calibrated with another checkpoint or other model
+    settings is refused (:class:`CliError`), or with ``--force`` gives a warning. ``info`` is ``None``
+    for an exported model, whose embedded thresholds were checked when it was exported."""
     notes = []
-    calibrate = (f"python -m crane calibrate --dataset NAME --datasets_root_dir ROOT --checkpoint {args.checkpoint} "
+    calibrate = (f"python -m crane calibrate --normal DIR --target_fpr 0.01 --checkpoint {args.checkpoint} "
                  "[same model flags]")
     if thresholds.image is None and thresholds.pixel is None:
         where = f"{thresholds.source} has none" if thresholds.source else f"{default_path(args.checkpoint)} not found"
-        notes.append(f"note: no thresholds ({where}), so "
-                     f"`decision` is left empty and the panels outline nothing; calibrate on labelled images with "
-                     f"`{calibrate}`, or pass --threshold IMG[,PIX]")
+        notes.append(f"note: no thresholds ({where}), so `decision` is left empty and the panels outline nothing; "
+                     f"calibrate on normal images with `{calibrate}`, or pass --threshold IMG[,PIX]")
     elif thresholds.image is None:
         notes.append(f"note: no image threshold in {thresholds.source}, so `decision` is left empty; "
                      "pass --threshold IMG")
     elif thresholds.pixel is None:
-        notes.append("note: no pixel threshold, so the panels outline nothing; calibrate on images with masks, "
-                     "or pass --threshold IMG,PIX")
-    calibrated = thresholds.meta.get("model", {})
-    current = model_options(args)
-    differ = [f"{k}={calibrated[k]!r} (now {current[k]!r})" for k in current
-              if k in calibrated and calibrated[k] != current[k]]
-    if differ:
-        notes.append(f"warning: {thresholds.source} was calibrated with other model options: {', '.join(differ)}; "
-                     "scores are not comparable, recalibrate or use the same flags")
+        notes.append("note: no pixel threshold, so the panels outline nothing; calibrate with --target_fpr or on "
+                     "images with masks, or pass --threshold IMG,PIX")
+    if info is not None and _file_values_used(thresholds, args):
+        differ = threshold_differences(thresholds.meta.get("model"), model_record(args, info))
+        if differ:
+            message = (f"{thresholds.source} was calibrated for other scores: {'; '.join(differ)}")
+            if not args.force:
+                raise CliError(f"{message}; calibrate again for this run, use the calibrated settings, or pass "
+                               "--force")
+            notes.append(f"warning: {message} (--force: using it anyway; decisions may be wrong)")
     return notes
 
 
 # ------------------------------------------------------------------------------ predict
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _resize_to(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The ``S x S`` map resized (bilinear) back to the original ``height x width``."""
-    import cv2
-
-    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def _decision(score: float, threshold: Optional[float]) -> str:
-    if threshold is None:
-        return ""
-    return "anomalous" if score >= threshold else "normal"
-
-
-class _Outputs:
-    """Writers for one predict run: the CSV rows (streamed to a temp file) and per-image files."""
-
-    def __init__(self, out: Path, args: argparse.Namespace, thresholds: Thresholds) -> None:
-        self.out, self.args, self.thresholds = out, args, thresholds
-        out.mkdir(parents=True, exist_ok=True)
-        self.csv_path = out / "scores.csv"
-        self._tmp = out / f".scores.csv.{os.getpid()}.tmp"
-        self._file = open(self._tmp, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file, lineterminator="\n")
-        self._csv.writerow(["path", "score", "decision"])
-        self.rows = 0
-        self.anomalous = 0
-
-    def write(self, item: InputFile, image: np.ndarray, score: float, anomaly_map: np.ndarray) -> None:
-        from crane.visualize import save_panel, write_png
-
-        decision = _decision(score, self.thresholds.image)
-        self._csv.writerow([item.path.as_posix(), repr(float(score)), decision])
-        self.rows += 1
-        self.anomalous += decision == "anomalous"
-        if not self.args.no_panels:
-            caption = item.name + (f" | {decision}" if decision else "")
-            save_panel(self.out / "panels" / f"{item.name}.png", image, anomaly_map, self.thresholds.pixel,
-                       score=score, caption=caption)
-        if self.args.save_maps:
-            _atomic_npy(self.out / "maps" / f"{item.name}.npy", anomaly_map.astype(np.float32))
-        if self.args.save_masks:
-            full = _resize_to(anomaly_map, *image.shape[:2])
-            write_png(self.out / "masks" / f"{item.name}.png", (full >= self.thresholds.pixel).astype(np.uint8) * 255)
-
-    def close(self, skipped: list[tuple[InputFile, str]]) -> None:
-        """Publish ``scores.csv`` and ``skipped.csv`` (the latter only when files were skipped)."""
-        self._file.close()
-        os.replace(self._tmp, self.csv_path)
-        skipped_path = self.out / "skipped.csv"
-        if not skipped:
-            skipped_path.unlink(missing_ok=True)
-            return
-        tmp = self.out / f".skipped.csv.{os.getpid()}.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "error"])
-            writer.writerows([item.path.as_posix(), reason] for item, reason in skipped)
-        os.replace(tmp, skipped_path)
-
-
-def _load(item: InputFile, size: int):
-    """``(rgb, preprocessed)`` of one file, or ``(None, reason)`` when it cannot be read."""
-    from crane.data.image import ImageReadError, load_rgb, preprocess
-
+def _load(item: InputFile, predictor):
+    """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
+    when it cannot be read."""
     try:
-        rgb = load_rgb(item.path)
-        return rgb, preprocess(rgb, size)
-    except ImageReadError as e:
+        rgb = predictor.load_rgb(item.path)
+        return rgb, predictor.preprocess(rgb)
+    except predictor.read_error as e:
         return None, str(e)
     except Exception as e:  # any decoder failure (e.g. Pillow's decompression-bomb guard) skips this file only
         return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    items = collect_inputs(args.inputs, exclude=args.out)
+def cmd_predict(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> int:
+    """``predict``; ``info`` is ``None`` with an exported model (``--backend onnxruntime|openvino``)."""
+    from crane.predict_outputs import OutputFolder, PredictOutputs
+
+    collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
+    items = collected.files
+    if collected.masks_left_out:
+        print(f"note: left out {len(collected.masks_left_out)} ground-truth mask file(s) (*_mask.*, masks/, "
+              f"ground_truth/), e.g. {collected.masks_left_out[0]}; --include_masks scores them too", file=sys.stderr)
     if not items:
         raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
-    thresholds = resolve_thresholds(args)
-    if args.save_masks and thresholds.pixel is None:
-        raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate` on labelled images "
-                       "with masks, or pass --threshold IMG,PIX")
-    for note in _threshold_notes(thresholds, args):
-        print(note, file=sys.stderr)
+    deployed = None
+    if args.backend != "torch":
+        from crane.deploy.serving import open_predictor
 
-    import torch
+        deployed = open_predictor(args, {"clip_weights": "openai", **vars(MODEL_DEFAULTS)}, CliError)
+    thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
+    if args.save_masks and thresholds.pixel is None:
+        raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
+                       "--threshold IMG,PIX")
+    for note in _threshold_notes(thresholds, args, info):
+        print(note, file=sys.stderr)
+    folder = OutputFolder(args.out)
+    folder.check()
+
     from tqdm import tqdm
 
-    from crane.models.head import smooth_maps
-
-    print(f"loading the model ({args.checkpoint}, CLIP {args.clip_weights}, D-Attn {args.dino_model}) ...",
-          file=sys.stderr)
-    detector = build_detector(args)
-    size, sigma = detector.config.image_size, detector.config.sigma
-    outputs = _Outputs(args.out, args, thresholds)
-    skipped: list[tuple[InputFile, str]] = []
+    predictor = deployed or _TorchPredictor(args, info)
+    removed = folder.clean()
+    if removed:
+        print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
+    outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel)
+    skipped: list[tuple[Path, str]] = []
     try:
         with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = _load(item, size)
+                    rgb, x = _load(item, predictor)
                     if rgb is None:
-                        skipped.append((item, x))
+                        skipped.append((item.path, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)
                         bar.update(1)
                     else:
                         batch.append((item, rgb, x))
                 if not batch:
                     continue
-                scores, raw = detector.predict_tensor(torch.stack([x for _, _, x in batch]))
-                maps = smooth_maps(raw.numpy(), sigma)
+                scores, maps = predictor.predict([x for _, _, x in batch])
                 for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
-                    outputs.write(item, rgb, score, amap)
+                    outputs.write(item.path, item.name, rgb, score, amap)
                     bar.update(1)
+    except KeyboardInterrupt:
+        outputs.close(skipped)
+        print(f"predict: interrupted; {outputs.csv_path} holds the {outputs.rows} images scored so far (with their "
+              f"panels); run the same command again to score them all", file=sys.stderr)
+        return INTERRUPTED
     except BaseException:
         outputs.close(skipped)
         print(f"stopped: {outputs.csv_path} holds the {outputs.rows} images done before the error", file=sys.stderr)
@@ -393,8 +351,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if skipped else 0
 
 
-def _predict_summary(args: argparse.Namespace, outputs: _Outputs, thresholds: Thresholds,
-                     skipped: list[tuple[InputFile, str]]) -> None:
+def _predict_summary(args: argparse.Namespace, outputs, thresholds: Thresholds,
+                     skipped: list[tuple[Path, str]]) -> None:
     wrote = [f"{outputs.csv_path} ({outputs.rows} images)"]
     if not args.no_panels:
         wrote.append(f"panels in {args.out / 'panels'}/")
@@ -406,90 +364,103 @@ def _predict_summary(args: argparse.Namespace, outputs: _Outputs, thresholds: Th
         print(f"{outputs.anomalous} of {outputs.rows} images anomalous (score >= {thresholds.image:.6g}, from {origin})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s), listed in {args.out / 'skipped.csv'}:", file=sys.stderr)
-        for item, _ in skipped:
-            print(f"  {item.path}", file=sys.stderr)
+        for path, _ in skipped:
+            print(f"  {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- calibrate
 
 
-def _run_dataset(detector, dataset, batch_size: int, workers: int):
-    """Scores, labels, and the maps and masks of the images with pixel ground truth.
+def _calibration_images(args: argparse.Namespace):
+    """The calibration images: ``(CraneDataset or None, folder samples, their labels, what to record
+    about them)``; checks the choice of images and criterion (:class:`CliError`)."""
+    from crane.data.folders import folder_samples
 
-    Returns ``(scores N, labels N, maps M x S x S float32, masks M x S x S bool)``, where the M
-    images are the normal ones and the anomalous ones with a mask. The maps stay in memory
-    (``5 * M * S * S`` bytes: about 1.4 GB for 1000 images at 518).
-    """
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    if args.dataset is not None and (args.normal or args.labelled):
+        raise CliError("pass either --dataset (a meta.json dataset) or --normal/--labelled folders, not both")
+    if args.dataset is None and not (args.normal or args.labelled):
+        raise CliError("calibrate needs images: --normal DIR --target_fpr RATE (normal images only), --labelled DIR "
+                       "(good/ and defect folders) or --dataset NAME (a meta.json dataset)")
+    if args.target_fpr is not None and args.image_criterion is not None:
+        raise CliError("--target_fpr and --image_criterion both choose the image threshold: pass one of them")
+    if args.normal and args.target_fpr is None:
+        raise CliError("--normal images alone set thresholds at a false-alarm rate: pass --target_fpr RATE "
+                       "(such as 0.01)")
+    if args.dataset is not None:
+        from crane.data.dataset import CraneDataset
 
-    from crane.models.head import smooth_maps
+        dataset = CraneDataset(args.datasets_root_dir / args.dataset, "test", image_size=args.image_size,
+                               classes=args.classes)
+        labels = [bool(s["anomaly"]) for s in dataset.samples]
+        record = {"dataset": args.dataset, "datasets_root_dir": str(args.datasets_root_dir), "split": "test",
+                  "classes": dataset.classes}
+        return dataset, [], labels, record
+    samples = []
+    for folder in args.normal or []:
+        found = folder_samples(folder)
+        normal = [s for s in found if not s.anomaly]
+        if len(normal) < len(found):
+            print(f"note: --normal {folder}: using the {len(normal)} images under its good/ folders, not the "
+                  f"{len(found) - len(normal)} in other folders (pass it to --labelled to count them as defects)",
+                  file=sys.stderr)
+        samples += normal
+    for folder in args.labelled or []:
+        samples += folder_samples(folder, labelled=True)
+    samples = list({s.path.resolve(): s for s in samples}.values())
+    record = {"normal_folders": [str(f) for f in args.normal or []],
+              "labelled_folders": [str(f) for f in args.labelled or []]}
+    return None, samples, [bool(s.anomaly) for s in samples], record
 
-    scores, labels, maps, masks = [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    for batch in tqdm(loader, desc="calibrate", unit="batch", file=sys.stderr):
-        s, raw = detector.predict_tensor(batch["img"])
-        smoothed = smooth_maps(raw.numpy(), detector.config.sigma)
-        label = batch["anomaly"].numpy().astype(bool)
-        known = batch["has_mask"].numpy() | ~label
-        scores.append(s.numpy())
-        labels.append(label)
-        maps.append(smoothed[known])
-        masks.append(batch["img_mask"].numpy()[known] > 0.5)
-    return np.concatenate(scores), np.concatenate(labels), np.concatenate(maps), np.concatenate(masks)
 
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def cmd_calibrate(args: argparse.Namespace, info: CheckpointInfo) -> int:
     from tabulate import tabulate
 
-    from crane.data.dataset import CraneDataset
+    from crane.calibration import CalibrationScores, pick_false_alarm, pick_labelled, run_dataset, run_samples
 
-    dataset = CraneDataset(args.datasets_root_dir / args.dataset, "test", image_size=args.image_size,
-                           classes=args.classes)
-    anomalous = sum(s["anomaly"] for s in dataset.samples)
-    if anomalous in (0, len(dataset)):
-        raise CliError(f"{args.dataset}: calibration needs normal and anomalous test images, found "
-                       f"{anomalous} anomalous of {len(dataset)}")
+    dataset, samples, labels, source = _calibration_images(args)
+    anomalous, total = sum(labels), len(labels)
+    where = args.dataset or " ".join(str(f) for f in (args.normal or []) + (args.labelled or []))
+    if args.target_fpr is None and anomalous in (0, total):
+        raise CliError(f"{where}: labelled calibration needs normal and defect images, found {anomalous} defect "
+                       f"images of {total}; with normal images only, pass --target_fpr RATE")
+    if args.target_fpr is not None and anomalous == total:
+        raise CliError(f"{where}: no normal images to set a false-alarm rate on ({total} defect images)")
     output = Path(args.output or default_path(args.checkpoint)).expanduser()
     folder = next(p for p in (output.parent, *output.parent.parents) if p.exists())
     if not os.access(folder, os.W_OK):
         raise CliError(f"cannot write {output} (no write permission in {folder}); pass --output FILE and give "
                        "predict --thresholds FILE")
-    detector = build_detector(args)
-    scores, labels, maps, masks = _run_dataset(detector, dataset, args.batch_size, args.workers)
-    pick = max_f1_threshold if args.image_criterion == "f1" else youden_threshold
-    image_threshold, image_value = pick(labels, scores)
-    image_stats = confusion(labels, scores, image_threshold)
-    rows = [["image", f"{image_threshold:.6g}", "max F1" if args.image_criterion == "f1" else "max Youden J",
-             f"{image_value:.4f}", f"{image_stats['precision']:.4f}", f"{image_stats['recall']:.4f}",
-             f"{image_stats['fpr']:.4f}", f"{labels.size} images ({int(labels.sum())} anomalous)"]]
-    pixel_threshold = None
-    calibration: dict[str, Any] = {
-        "dataset": args.dataset, "datasets_root_dir": str(args.datasets_root_dir), "split": "test",
-        "classes": dataset.classes, "images": int(labels.size), "anomalous": int(labels.sum()),
-        "normal": int((~labels).sum()), "image_f1": image_stats["f1"],
-        "image_precision": image_stats["precision"], "image_recall": image_stats["recall"],
-        "image_fpr": image_stats["fpr"], "pixel_images": int(len(masks)),
-    }
-    if masks.any():
-        pixel_threshold, pixel_f1 = max_f1_threshold(masks, maps)
-        pixel_stats = confusion(masks, maps, pixel_threshold)
-        calibration.update(pixel_f1=pixel_f1, pixel_precision=pixel_stats["precision"],
-                           pixel_recall=pixel_stats["recall"], pixel_fpr=pixel_stats["fpr"])
-        rows.append(["pixel", f"{pixel_threshold:.6g}", "max F1", f"{pixel_f1:.4f}",
-                     f"{pixel_stats['precision']:.4f}", f"{pixel_stats['recall']:.4f}", f"{pixel_stats['fpr']:.4f}",
-                     f"{len(masks)} images, {masks.size} pixels"])
+    detector = build_detector(args, info)
+    scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
+    skipped: list[tuple[Path, str]] = []
+    if dataset is not None:
+        run_dataset(detector, dataset, args.batch_size, args.num_workers, scores)
     else:
-        print(f"note: {args.dataset} has no anomalous images with masks: no pixel threshold", file=sys.stderr)
-    thresholds = Thresholds(image_threshold, pixel_threshold, {
-        "image_criterion": args.image_criterion, "pixel_criterion": "f1", "calibration": calibration,
-        "model": {"checkpoint": str(args.checkpoint), **model_options(args)},
+        skipped = run_samples(detector, samples, args.batch_size, scores)
+    _, kept = scores.arrays()
+    if (~kept).sum() == 0 or (args.target_fpr is None and kept.sum() == 0):
+        raise CliError(f"{where}: too few readable images left to calibrate on ({len(skipped)} unreadable)")
+    picked = pick_labelled(scores, args.image_criterion or "f1") if args.target_fpr is None else \
+        pick_false_alarm(scores, args.target_fpr)
+    calibration = {**source, **picked.record}
+    if skipped:
+        calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
+    thresholds = Thresholds(picked.image, picked.pixel, {
+        **picked.criteria, "calibration": calibration, "model": model_record(args, info),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "crane_version": __version__})
     save_thresholds(thresholds, output)
-    print(tabulate(rows, headers=["threshold", "value", "criterion", "criterion value", "precision", "recall", "FPR",
-                                  "calibrated on"]))
+    for note in picked.notes:
+        print(note, file=sys.stderr)
+    print(tabulate(picked.rows, headers=picked.headers))
+    for line in picked.summary:
+        print(line)
     print(f"wrote {output}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s) (listed in {output}):", file=sys.stderr)
+        for path, _ in skipped:
+            print(f"  {path}", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
@@ -519,25 +490,53 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- main
 
 
-COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "init-checkpoint": cmd_init_checkpoint}
+MODEL_COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate}
+COMMANDS = {"init-checkpoint": cmd_init_checkpoint, "export": export_command.run}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command not in MODEL_COMMANDS:
+        return COMMANDS[args.command](args)
+    exported = getattr(args, "backend", "torch") != "torch"  # an exported graph carries its checkpoint and settings
+    if exported:
+        for key, value in vars(MODEL_DEFAULTS).items():
+            if not hasattr(args, key):
+                setattr(args, key, value)
+    elif args.checkpoint is None:
+        args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
+    if args.command == "calibrate" and args.datasets_root_dir is None:
+        args.datasets_root_dir = Path(default_datasets_root())
+    errors = flag_errors(args)
+    if not exported and getattr(args, "model", None):
+        errors.append("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
+                      "--checkpoint")
+    if errors:
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if exported:
+        return cmd_predict(args, None)
+    info, notes = settle_model(args)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return MODEL_COMMANDS[args.command](args, info)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m crane`` / ``crane``; returns the exit status."""
+    setup_logging()
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        print("error: --batch_size must be at least 1", file=sys.stderr)
-        return 2
-    if hasattr(args, "precision") and precision_error(args.precision, _device(args.device)):
-        print(f"error: {precision_error(args.precision, _device(args.device))}", file=sys.stderr)
-        return 2
-    if args.command in ("predict", "calibrate") and args.checkpoint is None:
-        args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
-    if args.command == "calibrate" and args.datasets_root_dir is None:
-        args.datasets_root_dir = Path(default_datasets_root())
     try:
-        return COMMANDS[args.command](args)
-    except (CliError, OSError, ValueError, RuntimeError) as e:
-        message = str(e).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{args.command}: interrupted before any result was written; run the same command again",
+              file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, (OSError, ValueError, RuntimeError)):
+            print(f"error: {one_line(str(e) or type(e).__name__)}", file=sys.stderr)
+            return EXIT_ERROR
+        raise

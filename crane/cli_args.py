@@ -15,7 +15,8 @@ from crane.choices import ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TY
 
 __all__ = ["ATTN_TYPES", "AUPRO_METHODS", "DINO_MODELS", "IMAGE_TOKEN_TYPES", "MAP_FLAGS", "PRECISIONS", "PROMPT_FLAGS",
            "add_bool_flag", "add_data_flags", "add_model_flags", "add_precision_flags", "add_weight_flags",
-           "default_datasets_root", "explicit_flags", "setup_logging", "str2bool", "INTERRUPTED", "LOG_FORMAT"]
+           "default_datasets_root", "explicit_flags", "HelpFormatter", "setup_logging", "str2bool", "INTERRUPTED",
+           "LOG_FORMAT"]
 
 MAP_FLAGS = ("soft_mean", "sigma")
 """Model flags that only shape the test-time maps (``train.py`` has none of them)."""
@@ -38,6 +39,16 @@ def setup_logging() -> None:
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     logging.getLogger("crane").setLevel(logging.INFO)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default once: not appended where the help already states it, nor when there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def str2bool(value: str) -> bool:

@@ -1,11 +1,11 @@
-"""Crane's training loss (method.md section 6), with the published arithmetic.
+"""Crane's training loss (docs/method.md §6), with the published arithmetic.
 
 Per batch, with ``p_l = softmax(P_l)`` the per-pixel [normal, anomalous]
 probabilities of token set ``l`` upsampled to ``S x S`` (nearest in training):
 
 ``2 * sum_l Focal(p_l, mask) + 2 * sum_l Dice((1 - p_l[0] + p_l[1]) / 2, mask) + 0.2 * CE(z T^T / 0.01, label)``
 
-where ``z`` is the score-pooled image embedding (method.md section 5) and ``T``
+where ``z`` is the score-pooled image embedding (docs/method.md §5) and ``T``
 the (image-conditioned) text features. Shapes: ``B`` images, ``L = g*g`` patches,
 ``E`` embedding width.
 """
@@ -60,7 +60,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def pooled_image_embedding(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
                            image_embedding: torch.Tensor) -> torch.Tensor:
-    """Score-based pooling (method.md section 5): ``z``, ``B x E``, normalised.
+    """Score-based pooling (docs/method.md §5): ``z``, ``B x E``, normalised.
 
     ``w = softmax(mean_l P_l)[..., 1]``; ``c = normalize(sum_L mean_l(tokens_l) * w)``;
     ``z = normalize(0.5 c + 0.5 image_embedding)``. Gradients flow through ``w``.

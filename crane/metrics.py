@@ -1,4 +1,4 @@
-"""Evaluation metrics of the Crane protocol (method.md section 7).
+"""Evaluation metrics of the Crane protocol (docs/method.md §7).
 
 Image level: AUROC, average precision and F1-max of one anomaly score per image.
 Pixel level: AUROC, average precision and F1-max over all pixels of a class, and

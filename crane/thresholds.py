@@ -13,8 +13,12 @@ misses fewest defects).
 
 ``thresholds.json`` (written by ``python -m crane calibrate``) holds
 ``image_threshold`` (for image scores), ``pixel_threshold`` (for anomaly-map
-values; ``null`` when the calibration set had no masks), the criteria and
-metadata on the calibration set and the model options.
+values; ``null`` when it could not be set), the criteria (``f1``, ``youden`` or
+``target_fpr``), what was learnt on the calibration images (``calibration``: counts,
+F1 or the false-alarm statistics of :mod:`crane.calibration`) and the model it was
+calibrated for (``model``: the checkpoint's path and SHA-256, the settings and the
+weights), which ``predict`` compares with its own run
+(:func:`crane.cli_setup.threshold_differences`).
 """
 from __future__ import annotations
 

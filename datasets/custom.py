@@ -1,4 +1,4 @@
-"""Your own data, in the layout of datasets.md "Custom datasets"::
+"""Your own data, in the custom layout of datasets/README.md::
 
     ROOT/train/CLASS/good/*               normal training images (optional)
     ROOT/test/CLASS/good/*                normal test images

@@ -8,7 +8,7 @@ one row per dataset, the industrial and medical averages, and for each method
 the class-mean image AUROC / AP / F1-max and pixel AUROC / AUPRO / F1-max in %.
 Undefined values (image metrics of all-anomalous sets, pixel metrics of
 image-only sets) are shown as ``-``; an average is over the datasets where the
-value is defined. ``--paper`` adds the published numbers (method.md section 8):
+value is defined. ``--paper`` adds the published numbers (docs/method.md §8):
 in parentheses in the Markdown table, as ``paper_*`` columns in the CSV.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The published Crane / Crane+ test-time arithmetic, written plainly (a slow reference).
 
-Written from ``../shared/spec/method.md`` (sections 1-5), independently of
+Written from ``docs/method.md`` (§1-5), independently of
 ``crane.models``, the way the original code computes it:
 
 * sequence-first layout (``N x B x D``) as in OpenAI's CLIP code;

@@ -69,3 +69,44 @@ def synth_weights(synth, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ------------------------------------------------------------------ python -m crane (test_cli, test_calibrate)
+
+CLI_IMAGE_SIZE = 56
+"""Model input side of the command-line tests (four 14-pixel patches)."""
+
+
+@pytest.fixture(scope="module")
+def model_flags(synth_weights) -> list[str]:
+    """Flags of a small Crane model: synthetic CLIP (narrow vision tower, 24 blocks) on the CPU."""
+    return ["--clip_weights", str(synth_weights("clip", vision_width=256, seed=0)), "--image_size",
+            str(CLI_IMAGE_SIZE), "--dino_model", "none", "--device", "cpu", "--batch_size", "3"]
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(conformance_dir) -> Path:
+    """An official Crane checkpoint (recognised by its SHA-256: Crane settings)."""
+    return conformance_dir / "checkpoints" / "trained_on_mvtec_crane" / "epoch_5.pth"
+
+
+@pytest.fixture(scope="module")
+def detectors():
+    """Cache ``crane.cli.build_detector`` by checkpoint content and model options (the first build is the real one)."""
+    import hashlib
+
+    from crane import cli
+
+    cache: dict[str, object] = {}
+    real = cli.build_detector
+
+    def cached(args, info):
+        digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+        key = repr((digest, sorted(cli.model_options(args).items()), args.device, args.precision))
+        if key not in cache:
+            cache[key] = real(args, info)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "build_detector", cached)
+        yield cache

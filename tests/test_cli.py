@@ -2,7 +2,9 @@
 
 The model runs with synthetic CLIP weights (narrow vision tower) and an official
 prompt-learner checkpoint at a small image size; the detector built from the flags
-is cached per checkpoint content and options, so each configuration loads once.
+is cached per checkpoint content and options (fixtures in ``conftest.py``), so each
+configuration loads once. Checks that must happen before any model work replace
+``cli.build_detector`` with a function that fails the test.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ import pytest
 from PIL import Image
 
 from crane import cli
+from crane.data.folders import InputError, collect_inputs
 from crane.thresholds import (Thresholds, load_thresholds, max_f1_threshold, parse_override, save_thresholds,
                               youden_threshold)
 from crane.visualize import PREDICTED, panel_layout
 
-SIZE = 56
+from tests.conftest import CLI_IMAGE_SIZE as SIZE
 
 
 # ------------------------------------------------------------------------- brute force
@@ -115,49 +118,40 @@ def test_collect_inputs_folders_globs_and_files(tmp_path):
     out = root / "results"
     (out / "panels").mkdir(parents=True)
     (out / "panels" / "old.png").write_bytes(b"")
-    found = cli.collect_inputs([str(root)], exclude=out)
+    found = collect_inputs([str(root)], exclude=out).files
     assert [f.name for f in found] == ["a", "b", "sub/c.Tif", "sub/c.png", "sub/deeper/d"]
     assert found[0].path == root / "a.PNG"
-    globbed = cli.collect_inputs([str(root / "**" / "*.bmp"), str(root / "notes.txt"), str(root / "a.PNG")])
+    globbed = collect_inputs([str(root / "**" / "*.bmp"), str(root / "notes.txt"), str(root / "a.PNG")]).files
     assert [f.path for f in globbed] == [root / "sub/deeper/d.bmp", root / "notes.txt", root / "a.PNG"]
     assert [f.name for f in globbed] == ["sub/deeper/d", "notes", "a"]
-    assert [f.name for f in cli.collect_inputs([str(root / "a.PNG"), str(root)])][:2] == ["a", "b"]
-    with pytest.raises(cli.CliError, match="no such file"):
-        cli.collect_inputs([str(root / "missing.png")])
-    with pytest.raises(cli.CliError, match="no file matches"):
-        cli.collect_inputs([str(root / "*.gif")])
+    assert [f.name for f in collect_inputs([str(root / "a.PNG"), str(root)]).files][:2] == ["a", "b"]
+    with pytest.raises(InputError, match="no such file"):
+        collect_inputs([str(root / "missing.png")])
+    with pytest.raises(InputError, match="no file matches"):
+        collect_inputs([str(root / "*.gif")])
+
+
+def test_collect_inputs_leaves_out_ground_truth_masks(tmp_path):
+    root = tmp_path / "data"
+    images = ["test/bottle/crack/001.png", "test/bottle/good/000.JPG", "train/bottle/good/010.png"]
+    masks = ["test/bottle/masks/001_mask.png", "test/bottle/masks/crack/002_mask.png", "ground_truth/crack/003.png",
+             "test/bottle/crack/004_MASK.tif", "Masks/005.png"]
+    for rel in images + masks:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    relative = lambda found: sorted(f.path.relative_to(root).as_posix() for f in found.files)  # noqa: E731
+    for given in ([str(root)], [str(root / "**" / "*.*")], [str(root / "test"), str(root / "train")]):
+        found = collect_inputs(given)
+        assert relative(found) == images, given
+    assert sorted(p.relative_to(root).as_posix() for p in collect_inputs([str(root)]).masks_left_out) == sorted(masks)
+    assert relative(collect_inputs([str(root)], include_masks=True)) == sorted(images + masks)
+    named = collect_inputs([str(root / masks[0])])  # a file named on the command line is what the user asked for
+    assert relative(named) == [masks[0]] and named.masks_left_out == []
+    assert relative(collect_inputs([str(root / "test/bottle/masks")])) == masks[:2]  # so is a masks folder
+    assert relative(collect_inputs([str(root / "**" / "*_mask.*")])) == masks[:2]  # (globs are case-sensitive)
 
 
 # ------------------------------------------------------------------------------- model
-
-
-@pytest.fixture(scope="module")
-def model_flags(conformance_dir, synth_weights):
-    return ["--clip_weights", str(synth_weights("clip", vision_width=256, seed=0)), "--image_size", str(SIZE),
-            "--dino_model", "none", "--device", "cpu", "--batch_size", "3"]
-
-
-@pytest.fixture(scope="module")
-def official_checkpoint(conformance_dir) -> Path:
-    return conformance_dir / "checkpoints" / "trained_on_mvtec_crane" / "epoch_5.pth"
-
-
-@pytest.fixture(scope="module")
-def detectors():
-    """Cache ``cli.build_detector`` by checkpoint content and model options (the first build is the real one)."""
-    cache: dict[str, object] = {}
-    real = cli.build_detector
-
-    def cached(args):
-        digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
-        key = repr((digest, sorted(cli.model_options(args).items()), args.device, args.precision))
-        if key not in cache:
-            cache[key] = real(args)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "build_detector", cached)
-        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +203,9 @@ def test_predict_mixed_formats_skips_the_broken_file(mixed_folder, tmp_path, mod
     assert all(r["decision"] == "" for r in rows)
     assert [r["path"] for r in _rows(out / "skipped.csv")] == [(mixed_folder / "sub" / "broken.jpg").as_posix()]
 
-    (detector,) = detectors.values()
-    assert detector.config.image_size == SIZE and detector.config.features_list == (24,)
+    (detector,) = detectors.values()  # the official Crane checkpoint's settings, no model flag given
+    assert detector.config.image_size == SIZE and detector.config.features_list == (6, 12, 18, 24)
+    assert detector.config.soft_mean is True and detector.config.dino_model == "none"
     expected = detector.predict([mixed_folder / name for name in READABLE], batch_size=1)
     np.testing.assert_allclose([float(r["score"]) for r in rows], expected.scores, rtol=0, atol=1e-6)
     for name, amap in zip(READABLE, expected.maps):
@@ -290,10 +285,29 @@ def test_calibrate_then_predict_uses_thresholds(tmp_path, model_flags, official_
     assert not (override / "panels").exists()
 
 
-def test_predict_argument_errors_fail_before_loading_the_model(tmp_path, official_checkpoint, capsys):
+def _forbid_model(monkeypatch) -> None:
+    def fail(args, info):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(cli, "build_detector", fail)
+
+
+def _one_error_line(err: str, *parts: str) -> str:
+    """The single ``error:`` line of ``err`` (which holds nothing else), checked to name each of ``parts``."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "weights_only" not in err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+def test_predict_argument_errors_fail_before_loading_the_model(tmp_path, official_checkpoint, model_flags,
+                                                               monkeypatch, capsys):
+    _forbid_model(monkeypatch)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    base = ["--out", str(tmp_path / "out"), "--checkpoint", str(official_checkpoint), "--clip_weights", "/nonexistent"]
+    base = ["--out", str(tmp_path / "out"), "--checkpoint", str(official_checkpoint), *model_flags]
     cases = [
         (["predict", str(tmp_path / "missing.png"), *base], "no such file or folder"),
         (["predict", str(image), *base, "--save_masks"], "--save_masks needs a pixel threshold"),
@@ -301,9 +315,251 @@ def test_predict_argument_errors_fail_before_loading_the_model(tmp_path, officia
         (["predict", str(image), *base, "--thresholds", str(tmp_path / "none.json")], "thresholds file not found"),
     ]
     for argv, message in cases:
-        assert cli.main(argv) == cli.EXIT_ERROR
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+        assert cli.main(argv) == cli.EXIT_USAGE
+        _one_error_line(capsys.readouterr().err, message)
+
+
+def test_bad_values_are_one_line_each_exit_2_before_the_model(tmp_path, official_checkpoint, model_flags,
+                                                              monkeypatch, capsys):
+    import torch
+
+    _forbid_model(monkeypatch)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not a checkpoint")
+    with_objects = tmp_path / "objects.pth"
+    torch.save({"prompt_learner": {"where": Path("a")}}, with_objects)
+    unrecorded = tmp_path / "unrecorded.pth"  # a prompt learner recording no settings (not an official one)
+    torch.save({"prompt_learner": torch.load(official_checkpoint, map_location="cpu", weights_only=True)["prompt_learner"]}, unrecorded)
+    predict = ["predict", str(image), "--out", str(tmp_path / "out"), *model_flags]
+    official = ["--checkpoint", str(official_checkpoint)]
+    cases = [
+        (["--checkpoint", str(text_file)], ["notes.pth", "not a Crane checkpoint"]),
+        (["--checkpoint", str(with_objects)], ["objects.pth", "not a Crane checkpoint"]),
+        (["--checkpoint", str(tmp_path / "missing.pth")], ["checkpoint not found"]),
+        (["--checkpoint", str(unrecorded), "--features_list", "12", "25"], ["--features_list 25", "blocks 1 to 24"]),
+        ([*official, "--dino_model", "dinov2"], ["--dino_model dinov2", "--dino_model none", "--force"]),
+        ([*official, "--features_list", "24"], ["--features_list 24", "--features_list 6 12 18 24"]),
+        ([*official, "--precision", "fp16"], ["--precision fp16", "GPU"]),
+        ([*official, "--image_size", "0"], ["--image_size", "got 0"]),
+        ([*official, "--image_size", "-3"], ["--image_size", "got -3"]),
+        ([*official, "--sigma", "-1"], ["--sigma", "got -1"]),
+        ([*official, "--sigma", "nan"], ["--sigma", "got nan"]),
+        ([*official, "--threshold", "1.5"], ["--threshold", "image threshold", "[0, 1]"]),
+        ([*official, "--threshold", "0.5,-0.2"], ["--threshold", "pixel threshold", "[0, 1]"]),
+        ([*official, "--batch_size", "0"], ["--batch_size"]),
+        ([*official, "--device", "tpu"], ["--device", "cpu, cuda, cuda:N, N or auto"]),
+    ]
+    if not torch.cuda.is_available():
+        cases += [([*official, "--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
+                  ([*official, "--device", "1"], ["--device 1", "no CUDA GPU"])]
+    for extra, parts in cases:
+        assert cli.main([*predict, *extra]) == cli.EXIT_USAGE, extra
+        _one_error_line(capsys.readouterr().err, *parts)
+
+    assert cli.main([*predict, *official, "--image_size", "0", "--sigma", "-1", "--threshold", "7"]) == cli.EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()  # one message per bad value
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert [flag in line for flag, line in zip(("--image_size", "--sigma", "--threshold"), lines)] == [True] * 3
+
+    calibrate = ["calibrate", *official, *model_flags, "--output", str(tmp_path / "t.json")]
+    folder = str(tmp_path)
+    for extra, parts in [(["--normal", folder], ["--target_fpr"]),
+                         (["--normal", folder, "--target_fpr", "0"], ["--target_fpr", "(0, 1)"]),
+                         (["--normal", folder, "--target_fpr", "1.5"], ["--target_fpr", "(0, 1)"]),
+                         (["--normal", folder, "--target_fpr", "0.1", "--image_criterion", "f1"], ["--image_criterion"]),
+                         (["--labelled", folder], ["no 'good' folder"]),
+                         (["--normal", str(tmp_path / "none"), "--target_fpr", "0.1"], ["no such folder"]),
+                         ([], ["--normal", "--labelled", "--dataset"]),
+                         (["--dataset", "x", "--normal", folder, "--target_fpr", "0.1"], ["either --dataset"]),
+                         (["--dataset", "missing", "--datasets_root_dir", folder], ["missing"])]:
+        assert cli.main([*calibrate, *extra]) == cli.EXIT_USAGE, extra
+        _one_error_line(capsys.readouterr().err, *parts)
+
+
+def test_flags_may_repeat_the_checkpoint_settings_and_force_overrides_them(tmp_path, official_checkpoint, model_flags,
+                                                                         monkeypatch, capsys):
+    built = []
+
+    def record(args, info):
+        built.append((list(args.features_list), args.soft_mean, args.dino_model, info.official.run_name))
+        raise KeyboardInterrupt  # stop there: Ctrl-C while the model loads
+
+    monkeypatch.setattr(cli, "build_detector", record)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    predict = ["predict", str(image), "--out", str(tmp_path / "out"), "--checkpoint", str(official_checkpoint),
+               *model_flags]
+    assert cli.main([*predict, "--features_list", "6", "12", "18", "24", "--soft_mean"]) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "interrupted" in line or "error" in line] == \
+        ["predict: interrupted before any result was written; run the same command again"]
+    assert "Traceback" not in err
+    assert cli.main([*predict, "--soft_mean", "False", "--force"]) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    assert "warning: --soft_mean False contradicts the official checkpoint" in err and "--force" in err
+    assert built == [([6, 12, 18, 24], True, "none", "trained_on_mvtec_crane"),
+                     ([6, 12, 18, 24], False, "none", "trained_on_mvtec_crane")]
+    assert not (tmp_path / "out").exists()
+
+
+def _only_detector(detectors):
+    (detector,) = detectors.values()
+    return detector
+
+
+class _Loaded(Exception):
+    """Raised instead of building the model: the run got past every check."""
+
+
+def test_predict_refuses_thresholds_of_another_checkpoint_or_other_settings(tmp_path, official_checkpoint,
+                                                                            model_flags, monkeypatch, capsys):
+    from crane.cli_setup import flag_errors, model_record, settle_model
+
+    def loaded(args, info):
+        raise _Loaded
+
+    monkeypatch.setattr(cli, "build_detector", loaded)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    checkpoint = tmp_path / "ckpt" / "epoch_5.pth"
+    checkpoint.parent.mkdir()
+    shutil.copy(official_checkpoint, checkpoint)
+    predict = ["predict", str(image), "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint), *model_flags]
+    args = cli.build_parser().parse_args(predict)
+    assert flag_errors(args) == []
+    record = model_record(args, settle_model(args)[0])
+    assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["features_list"] == [6, 12, 18, 24] and record["weights"]["clip"].startswith("file of ")
+    path = checkpoint.parent / "thresholds.json"
+
+    def write(model):
+        save_thresholds(Thresholds(0.5, 0.5, {} if model is None else {"model": model}), path)
+
+    write(record)
+    with pytest.raises(_Loaded):  # the same settings: accepted
+        cli.main(predict)
+    capsys.readouterr()
+    assert cli.main([*predict, "--image_size", "84"]) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, str(path), f"--image_size {SIZE}", "this run --image_size 84", "--force")
+    write({**record, "checkpoint_sha256": "0" * 64})
+    assert cli.main(predict) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "checkpoint SHA-256 000000000000", record["checkpoint_sha256"][:12])
+    write({**record, "weights": {"clip": "openai", "dino": None}, "clip_weights": "openai"})
+    assert cli.main(predict) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "--clip_weights openai")
+    write(None)
+    assert cli.main(predict) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "records no model settings")
+    with pytest.raises(_Loaded):  # --force: a warning
+        cli.main([*predict, "--force"])
+    assert "warning:" in capsys.readouterr().err
+    with pytest.raises(_Loaded):  # both values overridden: the file's are not used
+        cli.main([*predict, "--threshold", "0.4,0.6"])
+
+
+def test_ctrl_c_while_predicting_keeps_scores_and_panels_in_step(mixed_folder, tmp_path, model_flags,
+                                                                 official_checkpoint, detectors, monkeypatch, capsys):
+    real = cli.build_detector
+
+    def interrupting(args, info):
+        detector = real(args, info)
+        calls = []
+        original = type(detector).predict_tensor
+
+        def predict_tensor(images, image_token_type=None, smooth=False):
+            calls.append(len(images))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(detector, images, image_token_type, smooth)
+
+        monkeypatch.setattr(detector, "predict_tensor", predict_tensor, raising=False)
+        return detector
+
+    monkeypatch.setattr(cli, "build_detector", interrupting)
+    out = tmp_path / "out"
+    status = cli.main(["predict", str(mixed_folder), "--out", str(out), "--checkpoint", str(official_checkpoint),
+                       *model_flags, "--threshold", "0.5"])
+    err = capsys.readouterr().err
+    assert status == cli.INTERRUPTED and "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"predict: interrupted; {out / 'scores.csv'} holds the 3 images scored so far (with their panels); run the "
+        "same command again to score them all"]
+    rows = _rows(out / "scores.csv")
+    assert len(rows) == 3 and len(list((out / "panels").rglob("*.png"))) == 3
+
+
+def _tiny_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_predict_out_folder_holds_one_run(tmp_path, model_flags, official_checkpoint, detectors, capsys):
+    from crane.predict_outputs import MANIFEST
+
+    _tiny_images(tmp_path / "a", ["x.png", "sub/y.png"])
+    _tiny_images(tmp_path / "b", ["z.png"], seed=1)
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--checkpoint", str(official_checkpoint), *model_flags, "--threshold", "0.5,0.5"]
+    assert cli.main(["predict", str(tmp_path / "a"), *base, "--save_maps", "--save_masks"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        MANIFEST, "maps/sub/y.npy", "maps/x.npy", "masks/sub/y.png", "masks/x.png", "panels/sub/y.png",
+        "panels/x.png", "scores.csv"]
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "b"), *base]) == 0
+    assert "removed the 7 files of the earlier predict run" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        MANIFEST, "notes.txt", "panels", "panels/z.png", "scores.csv"]
+    assert [Path(r["path"]).name for r in _rows(out / "scores.csv")] == ["z.png"]
+
+    before = sorted(out.rglob("*"))
+    (out / "panels" / "mine.png").write_bytes(b"")  # a file no run recorded
+    assert cli.main(["predict", str(tmp_path / "a"), *base]) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "panels/mine.png", "did not write")
+    (out / "panels" / "mine.png").unlink()
+    with open(out / "panels" / "z.png", "ab") as f:  # a recorded file changed since
+        f.write(b"edited")
+    assert cli.main(["predict", str(tmp_path / "a"), *base]) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "panels/z.png", "changed since")
+    assert sorted(out.rglob("*")) == before  # nothing deleted
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "scores.csv").write_text("path,score\n")  # results without a record of the run that wrote them
+    assert cli.main(["predict", str(tmp_path / "a"), *base, "--out", str(other)]) == cli.EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "scores.csv", "unknown origin", MANIFEST)
+
+
+def test_predict_turns_photos_as_their_exif_orientation_says(tmp_path, model_flags, official_checkpoint, detectors):
+    from PIL import ImageOps
+
+    from crane.data.image import load_rgb
+
+    stored = (np.random.default_rng(3).random((40, 64, 3)) * 255).astype(np.uint8)
+    photo = tmp_path / "photos" / "rotated.jpg"
+    photo.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(photo, quality=95, exif=exif)
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(photo), "--out", str(out), "--checkpoint", str(official_checkpoint), *model_flags,
+                     "--threshold", "0.5,0.5", "--save_masks"]) == 0
+    with Image.open(photo) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    assert shown.shape == (64, 40, 3)
+    assert np.asarray(Image.open(out / "masks" / "rotated.png")).shape == (64, 40)
+    expected = _only_detector(detectors).predict([shown]).scores[0]
+    assert float(_rows(out / "scores.csv")[0]["score"]) == pytest.approx(float(expected), abs=1e-6)
+    assert load_rgb(photo).shape == (40, 64, 3)  # datasets are read as stored, as published
+    np.testing.assert_array_equal(load_rgb(photo, exif_orientation=True), shown)
 
 
 def test_init_checkpoint_writes_a_loadable_random_checkpoint(tmp_path, synth_weights, capsys):

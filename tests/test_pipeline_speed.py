@@ -21,6 +21,7 @@ import torch
 
 import crane
 from crane import cli
+from crane.data.dataset import CraneDataset
 from crane.engine import evaluate
 from crane.engine import train as engine
 from crane.engine.feature_cache import FrozenImageEncoder
@@ -180,10 +181,10 @@ def test_fp16_on_the_cpu_is_one_line_before_any_model_work(base_args, data_root,
     for main, argv, prefix in runs:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"{prefix}--precision fp16 needs a GPU (CUDA); on the CPU use bf16 or fp32"], err
+        assert len(err) == 1 and err[0].startswith(prefix) and "--precision fp16 needs a GPU" in err[0], err
     assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
-        crane.Detector.__init__(object.__new__(crane.Detector), None, "cpu", "fp16")
+        crane.Detector(None, "cpu", "fp16")
 
 
 def test_predict_and_train_take_the_flags():
@@ -198,7 +199,7 @@ def test_predict_and_train_take_the_flags():
 def test_training_encodes_under_the_precision_and_records_it(data_root, clip_file, tmp_path):
     model = crane.build_model(str(clip_file), None, None,
                               crane.CraneConfig(features_list=(6, 12, 18, 24), image_size=SIZE))
-    dataset = crane.data.dataset.CraneDataset(data_root / "toy", split="test", image_size=SIZE)
+    dataset = CraneDataset(data_root / "toy", split="test", image_size=SIZE)
     images = torch.stack([dataset[i]["img"] for i in range(4)])
     fp32, bf16 = FrozenImageEncoder(model).encode(images), FrozenImageEncoder(model, "bf16").encode(images)
     for a, b in zip(fp32, bf16):

@@ -59,8 +59,18 @@ def _flags(argv: list[str]) -> dict[str, list[str]]:
 
 
 def _tests(commands: list[list[str]]) -> list:
+    """The parsed test.py commands; model flags not given take test.py's defaults (the official Crane+
+    checkpoints record no soft_mean, so the default is what runs)."""
+    from crane.engine.evaluate import EvalOptions
+
     parser = _test_parser()
-    return [parser.parse_args(c[1:]) for c in commands if c[0] == "test.py"]
+    defaults = EvalOptions()
+    parsed = [parser.parse_args(c[1:]) for c in commands if c[0] == "test.py"]
+    for args in parsed:
+        for key in ("dino_model", "features_list", "soft_mean", "attn_type"):
+            if not hasattr(args, key):
+                setattr(args, key, getattr(defaults, key))
+    return parsed
 
 
 def test_test_sh_runs_the_published_test_sh(tmp_path):

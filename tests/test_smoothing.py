@@ -83,8 +83,9 @@ def test_exports_to_onnx_without_custom_ops(tmp_path):
             return gaussian_smooth(x, 4.0)
 
     path = tmp_path / "smooth.onnx"
-    torch.onnx.export(Smooth(), (torch.zeros(2, 23, 23),), str(path), input_names=["maps"], output_names=["out"],
-                      dynamic_axes={"maps": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(Smooth().eval(), (torch.zeros(2, 23, 23),), str(path), input_names=["maps"], output_names=["out"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18, dynamo=True,
+                      verbose=False)
     model = onnx.load(str(path))
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
     maps = _maps((3, 23, 23), seed=5)

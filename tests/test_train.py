@@ -76,7 +76,7 @@ def test_two_epochs_write_loadable_official_checkpoints(reference, clip_file):
     saved = torch.load(run / "epoch_2.pth", weights_only=True)
     assert set(saved) == {"prompt_learner", "crane"}  # the published test.py reads ["prompt_learner"] only
     model = saved["crane"]["model"]
-    assert model["dino_model"] == "none" and model["features_list"] == [24] and model["image_size"] == SIZE
+    assert model["dino_model"] == "none" and model["features_list"] == [24] and saved["crane"]["train"]["image_size"] == SIZE
     assert saved["crane"]["train"]["epoch"] == 2 and saved["crane"]["train"]["dataset"] == ["synth"]
     info = describe(run / "epoch_2.pth", saved["crane"])
     assert info.settings["dino_model"] == "none" and info.run_name == "trained_on_synth_t"

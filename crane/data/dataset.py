@@ -2,7 +2,7 @@
 
 ``meta.json`` (written by ``python -m datasets.generate NAME ROOT``) maps each
 split (``train``, ``test``) to ``{class: [sample, ...]}``; paths are relative to
-the dataset folder (see ``shared/spec/datasets.md``). Everything that can go
+the dataset folder (see ``datasets/README.md``). Everything that can go
 wrong with the listing is checked before any model work and reported as one
 ``DatasetError`` line naming the file and the fix.
 

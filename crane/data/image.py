@@ -4,6 +4,10 @@ Every entry point accepts a path, a PIL image or an ``H x W x C`` / ``H x W``
 numpy array, and returns 8-bit RGB. 16-bit inputs are scaled to 8 bits
 (``value >> 8``) instead of being clipped, alpha channels are dropped and
 palette / grayscale images are expanded to RGB.
+
+Files are read as stored, as the published code reads datasets. ``predict`` and the
+plain-folder calibration ask for ``exif_orientation=True``: the EXIF orientation tag
+of a photo (JPEG, TIFF, PNG) is applied, so images are scored as photo viewers show them.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import os
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so image reading stays torch-free
     import torch
@@ -65,13 +69,13 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _read_file(path: str) -> np.ndarray:
+def _read_file(path: str, exif_orientation: bool = False) -> np.ndarray:
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return _pil_to_rgb(img)
+            return _pil_to_rgb(ImageOps.exif_transpose(img) if exif_orientation else img)
     except (OSError, SyntaxError, ValueError) as pil_error:
         if "truncated" in str(pil_error).lower():  # OpenCV would decode it and fill the missing part with gray
             raise ImageReadError(f"cannot read image {path}: {pil_error}") from None
@@ -85,14 +89,18 @@ def _read_file(path: str) -> np.ndarray:
         return _array_to_rgb(arr)
 
 
-def load_rgb(image: ImageInput) -> np.ndarray:
-    """Return an ``H x W x 3`` uint8 RGB array for a path, PIL image or numpy array."""
+def load_rgb(image: ImageInput, exif_orientation: bool = False) -> np.ndarray:
+    """Return an ``H x W x 3`` uint8 RGB array for a path, PIL image or numpy array.
+
+    ``exif_orientation``: turn a file as its EXIF orientation tag says (as photo viewers show it);
+    off by default, which reads files as stored (the published datasets' reading).
+    """
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
-        return _read_file(os.fspath(image))
+        return _read_file(os.fspath(image), exif_orientation)
     raise TypeError(f"expected a path, PIL.Image or numpy array, got {type(image).__name__}")
 
 

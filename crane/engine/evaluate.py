@@ -2,7 +2,7 @@
 
 For each class of the dataset's ``test`` split: predict every image (sharded
 across processes when several run), gather scores and smoothed maps on rank 0,
-compute the six metrics of method.md section 7 with :mod:`crane.metrics`, and
+compute the six metrics of docs/method.md §7 with :mod:`crane.metrics`, and
 persist the class (``classes/CLASS.json``, plus its maps and panels) atomically.
 A restarted run skips the classes already finished with the same settings.
 Then ``metrics.json``, ``metrics.md`` and ``predictions.csv`` are assembled
@@ -60,7 +60,8 @@ from crane.data.dataset import CraneDataset, DatasetError
 from crane.data.image import PREPROCESSING, load_rgb
 from crane.engine import results
 from crane.engine.timing import StageTimer
-from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_batches, init_distributed,
+from crane.engine.distributed import (DeviceError, DistContext, barrier, broadcast_from_main, gather_batches,
+                                      init_distributed, resolve_device,
                                       launch)
 from crane.models.crane import CraneConfig
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
@@ -89,8 +90,8 @@ class EvalOptions:
     save_path: Optional[str] = None
     clip_weights: str = "openai"
     dino_weights: Optional[str] = None
-    device: str = "cpu"
-    devices: Sequence[int] = (0,)
+    device: str = "auto"
+    devices: Optional[Sequence[int]] = None
     batch_size: int = 8
     num_workers: Optional[int] = None
     precision: str = "fp32"
@@ -261,15 +262,21 @@ def _check_model_options(opts: EvalOptions) -> None:
 
 
 def _check_options(opts: EvalOptions) -> None:
-    choices = {"aupro_method": AUPRO_METHODS, "device": ("cpu", "cuda"), "preprocessing": PREPROCESSING}
+    choices = {"aupro_method": AUPRO_METHODS, "preprocessing": PREPROCESSING}
     for name, allowed in choices.items():
         if getattr(opts, name) not in allowed:
             raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
     if opts.train_with_img_cls_prob not in (0, 1):
         raise EvalError(f"--train_with_img_cls_prob must be 0 (published evaluation: one text pair for all images) "
                         f"or 1 (prompts conditioned on each image) at test, got {opts.train_with_img_cls_prob}")
-    if opts.batch_size < 1 or opts.image_size < 14 or not opts.devices:
-        raise EvalError("--batch_size must be >= 1, --image_size >= 14 and --devices must list at least one index")
+    if opts.batch_size < 1:
+        raise EvalError(f"--batch_size must be >= 1, got {opts.batch_size}")
+    if opts.image_size < 14:
+        raise EvalError(f"--image_size must be >= 14 (one 14-pixel patch), got {opts.image_size}")
+    try:
+        opts.device, opts.devices = resolve_device(opts.device, opts.devices)
+    except DeviceError as e:
+        raise EvalError(str(e)) from None
     if opts.sigma < 0:
         raise EvalError(f"--sigma must be >= 0 (0: no smoothing), got {opts.sigma}")
     problem = precision_error(opts.precision, opts.device)
@@ -683,7 +690,8 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
     """One process of an evaluation (the only one, or one rank of many)."""
     setup_logging()  # a spawned process starts without the parent's logging configuration
     torch_launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    ctx = init_distributed(opts.device, list(opts.devices) if not torch_launched or len(opts.devices) > 1 else None)
+    devices = list(opts.devices) if opts.devices else None
+    ctx = init_distributed(opts.device, devices if not torch_launched or (devices and len(devices) > 1) else None)
     _set_cpu_threads(ctx)
     if plan is None:
         plan = _plan_on_main(opts, ctx)
@@ -745,5 +753,5 @@ def evaluate(opts: EvalOptions) -> Path:
                 dist.destroy_process_group()
         return save_path(opts)
     plan = prepare(opts)
-    launch(worker, len(opts.devices), plan.opts, plan)
+    launch(worker, len(plan.opts.devices), plan.opts, plan)
     return plan.save_path

@@ -1,4 +1,4 @@
-"""Prompt-learner training (method.md section 6), the engine behind ``train.py``.
+"""Prompt-learner training (docs/method.md §6), the engine behind ``train.py``.
 
 One process follows the published ``train.py`` step for step, so that the same data,
 flags and ``--seed`` end with the published checkpoints (to float tolerance):
@@ -64,7 +64,8 @@ from crane.data.dataset import CraneDataset, DatasetError, training_order
 from crane.data.image import load_mask, preprocess
 from crane.detector import build_model
 from crane.engine.augment import MosaicPoolError, draw_mosaic, mosaic
-from crane.engine.distributed import DistContext, barrier, broadcast_from_main, init_distributed, launch
+from crane.engine.distributed import DeviceError, DistContext, barrier, broadcast_from_main, init_distributed, launch
+from crane.engine.distributed import resolve_device as resolve_device_value
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
 from crane.engine.published_init import ClipShapes, replay_published_draws
 from crane.losses import crane_loss
@@ -180,33 +181,14 @@ def model_settings(opts: TrainOptions) -> dict[str, Any]:
 
 
 def resolve_device(opts: TrainOptions) -> tuple[str, list[int]]:
-    """``--device`` / ``--devices`` -> (``"cpu"`` or ``"cuda"``, one index per process).
-
-    ``--device`` takes ``cpu``, ``cuda``, ``cuda:N``, ``N`` (GPU N, as the published flag) or
-    ``auto`` (a GPU when there is one); ``--devices`` lists the indices of several processes.
-    """
-    value = str(opts.device).strip().lower()
-    index: Optional[int] = None
-    if value == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    elif value in ("cpu", "cuda"):
-        kind = value
-    elif re.fullmatch(r"(cuda:)?\d+", value):
-        kind, index = "cuda", int(value.split(":")[-1])
-    else:
-        raise TrainError(f"--device must be cpu, cuda, cuda:N, N or auto, got {opts.device!r}")
-    devices = [int(d) for d in opts.devices] if opts.devices else [index or 0]
-    if opts.devices and index is not None and devices != [index]:
-        raise TrainError(f"--device {opts.device} and --devices {' '.join(map(str, devices))} disagree; give one")
-    if kind == "cuda" and index is not None and not value.startswith("cuda") and not torch.cuda.is_available():
+    """``--device`` / ``--devices`` -> (``"cpu"`` or ``"cuda"``, one index per process); a bare ``N``
+    without a GPU trains on the CPU with a warning, as the published train.py does."""
+    try:
+        kind, devices = resolve_device_value(opts.device, opts.devices, index_falls_back_to_cpu=True)
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
+    if kind == "cpu" and str(opts.device).strip().isdigit():
         log.warning("--device %s: no GPU here, training on the CPU (as the published train.py does)", opts.device)
-        return "cpu", [0] if not opts.devices else devices
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {opts.device} asks for a GPU but CUDA is not available; pass --device cpu")
-        bad = [d for d in devices if not 0 <= d < torch.cuda.device_count()]
-        if bad:
-            raise TrainError(f"GPU {bad[0]} does not exist (this machine has {torch.cuda.device_count()})")
     return kind, devices
 
 

@@ -62,6 +62,8 @@ _DEVICE_CACHE: dict[tuple[int, float, torch.device, torch.dtype], torch.Tensor] 
 
 
 def _matrix(n: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # torch.export / torch.compile trace fake tensors: never cache those
+        return torch.from_numpy(smoothing_matrix(n, float(sigma))).to(device=device, dtype=dtype)
     key = (n, float(sigma), device, dtype)
     if key not in _DEVICE_CACHE:
         if len(_DEVICE_CACHE) >= 32:

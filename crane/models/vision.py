@@ -135,6 +135,8 @@ class CraneVisionEncoder(nn.Module):
         self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def _pos_embed(self, grid: int, ref: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # torch.export / torch.compile trace fake tensors: never cache those
+            return interpolate_pos_embed(self.visual.positional_embedding, grid).to(ref)
         key = (grid, ref.device, ref.dtype)
         if key not in self._pos_cache:
             self._pos_cache[key] = interpolate_pos_embed(self.visual.positional_embedding, grid).to(ref)
