@@ -4,7 +4,9 @@ Stages: ``decode`` (waiting for the next batch from the loader), ``model`` (the 
 ``smoothing``, ``gather`` (collecting every rank's batch on rank 0), ``files`` (maps, class records,
 panels), ``metrics`` (per class; they run in a background thread on rank 0, overlapping the next
 class's prediction, so their seconds are not on the critical path). On a GPU each stage ends with a
-device synchronisation while profiling (and only then), so the seconds belong to the stage.
+device synchronisation while profiling (and only then), so the seconds belong to the stage. The
+evaluation restarts the clock once the model is built (:meth:`StageTimer.restart`): loading weights
+and computing the text features are not throughput.
 """
 from __future__ import annotations
 
