@@ -20,8 +20,8 @@ so the shares need not add up to 100%), and on a GPU the peak memory.
 
 The stand-in is injected in every process: the script runs the evaluation's ``worker``
 itself (in ``--nproc`` spawned processes: gloo on CPU, NCCL on GPU) with the detector
-builder replaced. Model construction (and a warm-up batch, which pays ``--compile``) is
-not counted.
+builder replaced. Model construction (and, on a GPU or with ``--compile``, a warm-up batch,
+which pays the compilation) is not counted.
 
     python scripts/bench_throughput.py --models null --images 64                  # the ceiling at 518
     python scripts/bench_throughput.py --models null full --images 4 --batch_size 2
@@ -92,7 +92,7 @@ def build_null(opts: evaluate.EvalOptions, checkpoint: Path, device: torch.devic
 
 def build_full(opts: evaluate.EvalOptions, checkpoint: Path, device: torch.device, vision: tuple[int, int] = (1024, 24)):
     """The real detector with a random CLIP of ``vision`` = (width, blocks) (ViT-L/14 by default; and a random
-    DINOv2 for Crane+), warmed up on one batch."""
+    DINOv2 for Crane+), warmed up on one batch on a GPU or with ``--compile``."""
     from crane.detector import Detector, build_model
     from crane.models.crane import CraneConfig
     from crane.models.synthetic import synthetic_clip_state_dict
@@ -100,6 +100,8 @@ def build_full(opts: evaluate.EvalOptions, checkpoint: Path, device: torch.devic
     model = build_model(synthetic_clip_state_dict(vision_width=vision[0], vision_layers=vision[1]), str(checkpoint),
                         opts.dino_weights, CraneConfig.from_options(opts))
     detector = Detector(model, device, opts.precision, opts.batch_size, opts.compile)
+    if device.type == "cpu" and not opts.compile:
+        return detector  # nothing to warm up
     images = torch.zeros(opts.batch_size, 3, opts.image_size, opts.image_size)
     start = time.perf_counter()
     detector.forward(images)
@@ -250,10 +252,10 @@ def _row(result: dict[str, Any], decode: Optional[dict[str, Any]]) -> list[Any]:
         return f"{result['seconds'][s]:.2f} ({100 * result['share'][s]:.0f}%)"
 
     peak = result.get("peak_memory")
-    versus = f"{result['images_per_second'] / decode['images_per_second']:.2f}" if decode else ""
+    versus = f"{result['images_per_second'] / decode['images_per_second']:.3g}" if decode else ""
     name = "decoding alone" if result["model"] == "decode" else f"{result['model']} model"
     return [f"{result['variant']}: {name}", result["images"], f"{result['wall_seconds']:.2f}",
-            f"{result['images_per_second']:.2f}", versus, *(stage(s) for s in STAGES),
+            f"{result['images_per_second']:.3g}", versus, *(stage(s) for s in STAGES),
             f"{peak / 2 ** 30:.2f} GiB" if peak else ""]
 
 
