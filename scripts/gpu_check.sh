@@ -15,7 +15,7 @@
 #   5. fp32 speed  scripts/bench_throughput.py, full model in fp32 (Crane, Crane+)
 # Data and weights are generated on the fly (random weights, shipped prompt checkpoints); nothing is
 # downloaded. Figures go to OUT_DIR/figures.md (and the JSON files beside it), logs to OUT_DIR/*.log.
-# Exit status: 0 every step passed, 1 a step failed or timed out, 2 no GPU (nothing run).
+# Exit status: 0 every step passed; 1 a step failed, timed out or was skipped; 2 no GPU (nothing run).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3); BENCH_IMAGES (default 512);
 # COMPILE=1 adds a --compile throughput run; DEADLINE seconds (default 460);
@@ -226,11 +226,14 @@ failed=0
     echo
     for line in "${STATUS[@]}"; do
         echo "    $line"
-        case $line in FAIL*) failed=1 ;; esac
     done
 } >> "$FIG"
+for line in "${STATUS[@]}"; do
+    case $line in FAIL*) failed=1 ;; SKIP*) [ $failed -eq 0 ] && failed=2 ;; esac
+done
+verdict=(PASS FAIL "INCOMPLETE (steps skipped)")
 echo
 echo "gpu_check: $((SECONDS - START)) s; figures in $FIG"
 for line in "${STATUS[@]}"; do echo "  $line"; done
-if [ $failed -eq 0 ]; then echo "gpu_check: PASS"; else echo "gpu_check: FAIL"; fi
-exit $failed
+echo "gpu_check: ${verdict[$failed]}" | tee -a "$FIG"
+[ $failed -eq 0 ]

@@ -22,7 +22,6 @@ import torch
 import crane
 from crane import cli
 from crane.data.dataset import CraneDataset
-from crane.engine import evaluate
 from crane.engine import train as engine
 from crane.engine.feature_cache import FrozenImageEncoder
 from crane.models.precision import CompiledOrEager
