@@ -51,28 +51,17 @@ def one_line(message: str) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N``, ``N`` (= ``cuda:N``) or ``auto`` -> a torch device string.
+    """``cpu``, ``cuda``, ``cuda:N``, ``N`` (= ``cuda:N``) or ``auto`` -> a torch device string
+    (:func:`crane.engine.distributed.resolve_device`, one process). Raises :class:`SetupError`."""
+    from crane.engine.distributed import DeviceError
+    from crane.engine.distributed import resolve_device as resolve
 
-    Raises :class:`SetupError` for another spelling, or a GPU that this machine does not have.
-    """
-    import torch
-
-    text = str(name).strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text.isdigit():
-        text = f"cuda:{text}"
-    match = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if match is None:
-        raise SetupError(f"--device must be cpu, cuda, cuda:N, N or auto, got {name!r}")
-    if not torch.cuda.is_available():
-        raise SetupError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    count = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= count:
-        raise SetupError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return text
+    try:
+        kind, devices = resolve(name)
+    except DeviceError as e:
+        raise SetupError(str(e)) from None
+    explicit = str(name).strip().lower() not in ("auto", "cpu", "cuda")
+    return f"cuda:{devices[0]}" if kind == "cuda" and explicit else kind
 
 
 def _finite(value: float) -> bool:
