@@ -38,7 +38,7 @@ DATTN = -1
 class FrozenImageEncoder:
     """``model.encode_image`` in two steps: :meth:`encode` (per image, cacheable) and :meth:`assemble` (per batch).
 
-    ``precision``: the image side runs under that autocast (``fp32``: none); the embeddings and
+    ``precision``: the image side runs under that autocast (``fp32``: float32, no TF32); the embeddings and
     token sets stay float32 (:mod:`crane.models.precision`). ``compile``: the per-image part runs
     through ``torch.compile`` (uncompiled, with a warning, where compiling fails).
     """
