@@ -14,7 +14,7 @@ from .models.clip_loader import ClipWeights, load_clip
 from .models.crane import CraneConfig, CraneModel
 from .choices import precision_error
 from .models.precision import autocast, maybe_compiled
-from .models.smoothing import gaussian_smooth
+from .models.smoothing import smooth as smooth_on_device
 from .models.prompts import load_prompt_checkpoint
 from .models.vfm import VfmWeights, load_vfm
 
@@ -125,7 +125,7 @@ class Detector:
         """
         scores, maps = self.forward(images, image_token_type)
         if smooth:
-            maps = gaussian_smooth(maps, self.config.sigma)
+            maps = smooth_on_device(maps, self.config.sigma)
         return scores.cpu(), maps.cpu()
 
     @torch.no_grad()

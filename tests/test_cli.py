@@ -349,11 +349,11 @@ def test_bad_values_are_one_line_each_exit_2_before_the_model(tmp_path, official
         ([*official, "--threshold", "1.5"], ["--threshold", "image threshold", "[0, 1]"]),
         ([*official, "--threshold", "0.5,-0.2"], ["--threshold", "pixel threshold", "[0, 1]"]),
         ([*official, "--batch_size", "0"], ["--batch_size"]),
-        ([*official, "--device", "tpu"], ["--device", "cpu, cuda, cuda:N, N or auto"]),
+        ([*official, "--device", "tpu"], ["--device", "cpu, cuda, cuda:N, N (GPU N) or auto"]),
     ]
     if not torch.cuda.is_available():
-        cases += [([*official, "--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
-                  ([*official, "--device", "1"], ["--device 1", "no CUDA GPU"])]
+        cases += [([*official, "--device", "cuda"], ["--device cuda", "CUDA is not available"]),
+                  ([*official, "--device", "1"], ["--device 1", "CUDA is not available"])]
     for extra, parts in cases:
         assert cli.main([*predict, *extra]) == cli.EXIT_USAGE, extra
         _one_error_line(capsys.readouterr().err, *parts)

@@ -49,7 +49,7 @@ class DeviceError(ValueError):
     """A ``--device`` / ``--devices`` value this machine cannot serve (one-line message)."""
 
 
-DEVICE_HELP = "cpu, cuda, cuda:N, N (GPU N) or auto (a GPU when there is one, else the CPU)"
+DEVICE_HELP = "cpu, cuda, cuda:N, N (GPU N) or auto: a GPU when there is one, else the CPU"
 
 
 def resolve_device(device: str, devices: Optional[Sequence[int]] = None, index_falls_back_to_cpu: bool = False

@@ -65,7 +65,7 @@ from crane.engine.distributed import (DeviceError, DistContext, barrier, broadca
                                       launch)
 from crane.models.crane import CraneConfig
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
-from crane.models.smoothing import gaussian_smooth
+from crane.models.smoothing import smooth
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str
     with timer("model"):
         scores, raw = detector.forward(images, image_token_type)
     with timer("smoothing"):
-        maps = gaussian_smooth(raw, detector.config.sigma)
+        maps = smooth(raw, detector.config.sigma)
     return scores, maps
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .smoothing import gaussian_smooth
+from .smoothing import smooth
 
 TAU = 0.07
 
@@ -61,7 +61,6 @@ def image_scores(tokens: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
 
 
 def smooth_maps(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """The published ``scipy.ndimage.gaussian_filter`` per map (``reflect`` border), ``N x S x S`` float32,
-    computed by :func:`crane.models.smoothing.gaussian_smooth` (equal to scipy to 1e-5, and faster)."""
+    """The published ``scipy.ndimage.gaussian_filter`` per map (``reflect`` border): ``N x S x S`` float32."""
     maps = np.asarray(maps, dtype=np.float32)
-    return gaussian_smooth(torch.from_numpy(maps.copy()), sigma).numpy()
+    return smooth(torch.from_numpy(maps.copy()), sigma).numpy()

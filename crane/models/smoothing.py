@@ -10,10 +10,11 @@ edge pixel). A line shorter than ``r`` is mirrored as many times as needed.
 Along one axis of length ``n`` that whole operation (extension + correlation) is a
 linear map, so it is applied as one ``n x n`` matrix built in float64: the maps are
 smoothed as ``A_h @ X @ A_w^T``. Numerically this is the same sum of ``2r + 1`` terms
-as the convolution (the other entries are exact zeros); on CPU it runs ~10x faster
-than ``conv2d`` with a single-channel kernel (and faster than scipy), on a GPU it is
-two batched matmuls, and it exports to ONNX as two ``MatMul`` with constants (no pad
-mode, no custom op).
+as the convolution (the other entries are exact zeros); on CPU it runs several times
+faster than ``conv2d`` with a single-channel kernel (scipy itself is about as fast or
+faster there, so :func:`smooth` uses scipy on the CPU), on a GPU it is two batched
+matmuls, and it exports to ONNX as two ``MatMul`` with constants (no pad mode, no
+custom op).
 """
 from __future__ import annotations
 
@@ -91,3 +92,18 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     rows = _matrix(h, sigma, work.device, work.dtype)
     cols = rows if w == h else _matrix(w, sigma, work.device, work.dtype)
     return (rows @ work @ cols.transpose(0, 1)).to(maps.dtype)
+
+
+def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Smooth ``B x H x W`` maps where they are: on a GPU with :func:`gaussian_smooth`; on the CPU with
+    ``scipy.ndimage.gaussian_filter`` itself (the published function, and faster there than the
+    matrix form: about 5 against 7-8 ms per 518 x 518 map on this project's 2-core machine)."""
+    if maps.device.type != "cpu" or maps.ndim != 3:
+        return gaussian_smooth(maps, sigma)
+    if sigma <= 0:
+        return maps.clone()
+    from scipy.ndimage import gaussian_filter
+
+    work = maps.detach().float().numpy()
+    return torch.from_numpy(np.stack([gaussian_filter(m, sigma=sigma) for m in work]) if len(work) else
+                            work.copy()).to(maps.dtype)
