@@ -23,6 +23,8 @@ from crane.data import image as torch_image
 from crane.deploy import image as deploy_image
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.runtimes  # onnxruntime / OpenVINO: run in their own process (scripts/run_tests.sh)
+
 TINY_CLIP = dict(vision_width=128, vision_layers=6, patch_size=14, text_width=128, text_layers=4, embed_dim=64)
 SIZE = 84
 
