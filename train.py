@@ -19,15 +19,13 @@ per process; the data order is then sharded, not the published one).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from crane.cli_args import (MAP_FLAGS, HelpFormatter, add_bool_flag, add_data_flags, add_model_flags,
-                            add_precision_flags, add_weight_flags)
+from crane.cli_args import (INTERRUPTED, MAP_FLAGS, HelpFormatter, add_bool_flag, add_data_flags, add_model_flags,
+                            add_precision_flags, add_weight_flags, setup_logging)
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, USER_ERRORS, TrainOptions, train
 
-INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and train; return the exit code (2 for unusable input, 130 when interrupted)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         train(TrainOptions(**vars(args)))

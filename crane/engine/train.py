@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from crane.checkpoints import OFFICIAL, metadata_entry, sha256_file
 from crane.choices import PRECISIONS, precision_error
-from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root
+from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root, setup_logging
 from crane.data.dataset import CraneDataset, DatasetError, training_order
 from crane.data.image import load_mask, preprocess
 from crane.detector import build_model
@@ -758,6 +758,7 @@ def _vfm_file(dino_model: str, dino_weights: Optional[str]) -> Optional[str]:
 
 
 def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
+    setup_logging()  # a spawned process starts without the parent's logging configuration
     ctx = init_distributed(device, devices)
     if ctx.device.type == "cpu" and ctx.distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
