@@ -48,26 +48,7 @@ from crane.export.graph import InferenceGraph  # noqa: E402
 from crane.export.writer import default_info, export_graph  # noqa: E402
 from crane.models.smoothing import gaussian_smooth  # noqa: E402
 from crane.models.synthetic import synthetic_clip_state_dict  # noqa: E402
-
-
-def test_image(size: int, seed: int) -> np.ndarray:
-    """A ``size x size x 3`` uint8 texture with a bright blob (deterministic)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    img = 0.5 + 0.25 * np.sin(2 * np.pi * (5 * xx + 3 * yy))[..., None] * rng.uniform(0.5, 1, 3)
-    img += 0.05 * rng.standard_normal((size, size, 3))
-    img[((yy - 0.6) ** 2 + (xx - 0.3) ** 2) < 0.01] = 0.95
-    return np.clip(img * 255, 0, 255).astype(np.uint8)
-
-
-def random_dinov2_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Random timm ``vit_base_patch14_reg4_dinov2`` weights (native 518)."""
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=518)
-    return dict(model.state_dict())
+from scripts.bench_predict import random_dinov2_state_dict, test_image  # noqa: E402
 
 
 def _openvino(path: Path, hint: str | None, threads: int | None):

@@ -110,3 +110,39 @@ def detectors():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "build_detector", cached)
         yield cache
+
+
+def record_predicted_batches(monkeypatch) -> list[list[str]]:
+    """From now on, every batch ``test.py`` predicts, as the ``img_path`` of its images, in order."""
+    from crane.engine import evaluate
+
+    seen: list[list[str]] = []
+    real = evaluate._predict_batches
+
+    def recording(detector, dataset, batches, *args, **kwargs):
+        seen.extend([dataset.samples[i]["img_path"] for i in batch] for batch in batches)
+        return real(detector, dataset, batches, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    return seen
+
+
+def predicted_classes(batches: list[list[str]]) -> list[str]:
+    """The classes of recorded batches (the first folder of each image path), in order, once each."""
+    return list(dict.fromkeys(path.split("/")[0] for batch in batches for path in batch))
+
+
+def interrupt_at_class_metrics(monkeypatch, n: int) -> None:
+    """A simulated Ctrl-C while the ``n``-th class's metrics are computed."""
+    from crane.engine import evaluate
+
+    calls = []
+    real = evaluate.class_metrics
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "class_metrics", interrupting)

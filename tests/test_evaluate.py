@@ -28,7 +28,7 @@ import crane
 from crane import metrics
 from crane.data.image import load_mask
 from crane.engine import evaluate
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_at_class_metrics, predicted_classes, record_predicted_batches
 
 SIZE = 112
 BATCH = 3
@@ -247,33 +247,18 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
     out = tmp_path / "resumed"
     args = [*base_args, "--save_path", str(out)]
     real_metrics = evaluate.class_metrics
-    calls = []
-
-    def crash_on_second_class(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_metrics(*a, **k)
-
-    monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
+    interrupt_at_class_metrics(monkeypatch, 2)
     with one_thread():
         assert SCRIPT.main(args) == 130  # Ctrl-C: one line, exit 130
     assert [p.name for p in (out / "classes").iterdir()] == ["mixed.json"]  # classes run in meta.json order
     assert not (out / "metrics.json").exists()
     assert not list((out / "classes").glob(".*"))  # no temporary leftovers
 
-    predicted = []
-    real_predict = evaluate._predict_batches
-
-    def recording(detector, dataset, batches, *a, **k):
-        predicted.append(dataset.samples[batches[0][0]]["cls_name"])
-        return real_predict(detector, dataset, batches, *a, **k)
-
     monkeypatch.setattr(evaluate, "class_metrics", real_metrics)
-    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    predicted = record_predicted_batches(monkeypatch)
     with one_thread():
         assert SCRIPT.main(args) == 0
-    assert predicted == ["allbad", "imgonly"]
+    assert predicted_classes(predicted) == ["allbad", "imgonly"]
     for name in ("metrics.json", "predictions.csv"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
@@ -283,7 +268,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
 
     predicted.clear()
     assert SCRIPT.main([*args, "--aupro_method", "mvtec", "--visualize", "True"]) == 0  # other settings: recomputed
-    assert predicted == ["mixed", "allbad", "imgonly"]
+    assert predicted_classes(predicted) == ["mixed", "allbad", "imgonly"]
     result = json.loads((out / "metrics.json").read_text())
     assert result["args"]["aupro_method"] == "mvtec"
     root = data_root / "toy"
@@ -388,20 +373,13 @@ def test_resume_keys_on_content_not_names(base_args, data_root, tmp_path, monkey
     state["prompt_learner"]["ctx_pos"] = state["prompt_learner"]["ctx_pos"] + 0.01  # our own (not an official) file
     torch.save(state, ckpt)
     args = [*_without(base_args, "--checkpoint", "--save_maps"), "--checkpoint", str(ckpt)]
-    predicted = []
-    real = evaluate._predict_batches
-
-    def recording(detector, dataset, batches, *a, **k):
-        predicted.append(dataset.samples[batches[0][0]]["cls_name"])
-        return real(detector, dataset, batches, *a, **k)
-
-    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    predicted = record_predicted_batches(monkeypatch)
     monkeypatch.chdir(tmp_path)
     with one_thread():
         assert SCRIPT.main(args) == 0
     out = tmp_path / "results" / "trained_on_toy_mine" / "test_on_toy"  # the checkpoint's run name
     first = json.loads((out / "metrics.json").read_text())
-    assert first["run"]["run_name"] == "trained_on_toy_mine" and len(predicted) == 3
+    assert first["run"]["run_name"] == "trained_on_toy_mine" and len(predicted_classes(predicted)) == 3
     assert oct((out / "metrics.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
     state["prompt_learner"]["ctx_neg"] = state["prompt_learner"]["ctx_neg"] + 0.05  # "retrained" into the same file
@@ -409,7 +387,7 @@ def test_resume_keys_on_content_not_names(base_args, data_root, tmp_path, monkey
     predicted.clear()
     with one_thread():
         assert SCRIPT.main(args) == 0
-    assert predicted == ["mixed", "allbad", "imgonly"]
+    assert predicted_classes(predicted) == ["mixed", "allbad", "imgonly"]
     second = json.loads((out / "metrics.json").read_text())
     assert second["classes"]["mixed"]["image_auroc"] is not None
     assert second["args"]["checkpoint_sha256"] != first["args"]["checkpoint_sha256"]
@@ -419,7 +397,7 @@ def test_resume_keys_on_content_not_names(base_args, data_root, tmp_path, monkey
     predicted.clear()
     with one_thread():
         assert SCRIPT.main(args) == 0
-    assert predicted == ["imgonly"]
+    assert predicted_classes(predicted) == ["imgonly"]
 
 
 def _umask() -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from crane.engine import evaluate
-from tests.conftest import CONFORMANCE, REPO, SKIP_REASON, conformance_available
+from tests.conftest import (CONFORMANCE, REPO, SKIP_REASON, conformance_available, interrupt_at_class_metrics,
+                            record_predicted_batches)
 
 TOL = 1e-4
 PIPELINE = CONFORMANCE / "pipeline"
@@ -69,14 +70,7 @@ def test_test_py_gives_the_published_scripts_numbers(case, pipeline_root, synth_
     expected = json.loads((PIPELINE / f"{case}.json").read_text())
     clip, dino = _weights(expected, synth_weights)
     out = tmp_path / "out"
-    seen_batches: list[list[str]] = []
-    real = evaluate._predict_batches
-
-    def recording(detector, dataset, batches, *a, **k):
-        seen_batches.extend([dataset.samples[i]["img_path"] for i in b] for b in batches)
-        return real(detector, dataset, batches, *a, **k)
-
-    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    seen_batches = record_predicted_batches(monkeypatch)
     script = _load("crane_test_script_pipeline", REPO / "test.py")
     assert script.main(_args(expected, pipeline_root, clip, dino, out)) == 0
 
@@ -107,28 +101,13 @@ def test_published_batching_resumes_a_class_with_its_neighbours_batch_mates(pipe
     assert script.main(_args(expected, pipeline_root, clip, dino, whole)) == 0
 
     real_metrics = evaluate.class_metrics
-    calls = []
-
-    def crash_on_second_class(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_metrics(*a, **k)
-
-    monkeypatch.setattr(evaluate, "class_metrics", crash_on_second_class)
+    interrupt_at_class_metrics(monkeypatch, 2)
     assert script.main(_args(expected, pipeline_root, clip, dino, resumed)) == 130  # interrupted
     assert [p.name for p in (resumed / "classes").iterdir()] == ["bottle.json"]
     (resumed / "classes" / "screw.json").write_text((whole / "classes" / "screw.json").read_text())  # as if done
 
     monkeypatch.setattr(evaluate, "class_metrics", real_metrics)
-    seen: list[list[str]] = []
-    real = evaluate._predict_batches
-
-    def recording(detector, dataset, batches, *a, **k):
-        seen.extend([dataset.samples[i]["img_path"] for i in b] for b in batches)
-        return real(detector, dataset, batches, *a, **k)
-
-    monkeypatch.setattr(evaluate, "_predict_batches", recording)
+    seen = record_predicted_batches(monkeypatch)
     assert script.main(_args(expected, pipeline_root, clip, dino, resumed)) == 0
     assert seen == expected["batches"][:2]  # candle's two batches, with bottle's and screw's images in them
     for name in ("metrics.json", "predictions.csv"):
