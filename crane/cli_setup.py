@@ -34,6 +34,7 @@ MODEL_OPTIONS = ("clip_weights", "dino_model", "features_list", "soft_mean", "im
 MIN_IMAGE_SIZE = 14
 """One ViT patch: the smallest model input."""
 CLIP_DEPTH = 24
+"""Blocks of the vision tower that ``--clip_weights openai`` and ``synthetic`` build."""
 """Blocks of the vision towers of ``--clip_weights openai`` and ``synthetic``."""
 
 

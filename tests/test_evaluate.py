@@ -435,3 +435,15 @@ def test_metrics_as_published(base_args, reference, data_root, tmp_path):
     assert result["classes"]["mixed"]["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-9)
     ours = json.loads((reference / "metrics.json").read_text())["classes"]["mixed"]
     assert ours["pixel_auroc"] != pytest.approx(result["classes"]["mixed"]["pixel_auroc"], abs=1e-6)
+
+
+def test_bad_values_are_one_line_each_before_the_model(base_args, tmp_path, capsys):
+    out = ["--save_path", str(tmp_path / "x")]
+    for extra, words in ((["--features_list", "6", "30", "--force"], ["--features_list 30", "blocks 1..24"]),
+                         (["--sigma", "-1"], ["--sigma"]), (["--device", "tpu"], ["--device"]),
+                         (["--image_size", "0"], ["--image_size"])):
+        flags = {e for e in extra if e.startswith("--")} - {"--force"}
+        assert SCRIPT.main([*_without(base_args, *flags), *extra, *out]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and all(w in err for w in words), (extra, err)
+    assert not (tmp_path / "x").exists()

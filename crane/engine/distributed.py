@@ -136,11 +136,6 @@ def launch(fn: Callable, nprocs: int, *args: Any) -> None:
     mp.spawn(_spawned, args=(nprocs, _free_port(), fn, args), nprocs=nprocs, join=True)
 
 
-def shard_indices(n: int, ctx: DistContext) -> list[int]:
-    """This rank's share of ``range(n)`` (strided, so shards differ by at most one item)."""
-    return list(range(ctx.rank, n, ctx.world_size))
-
-
 def gather_batches(part: Optional[dict], capacity: int, size: int, ctx: DistContext) -> Optional[list[dict]]:
     """Collect one predicted batch from every rank on rank 0, as tensors (NCCL on GPU, gloo on CPU).
 

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from crane import metrics
 from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, read_checkpoint
 from crane.choices import precision_error
+from crane.cli_setup import clip_depth
 from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
                             setup_logging)
 from crane.data.dataset import CraneDataset, DatasetError
@@ -236,10 +237,6 @@ def _sample_identities(root: Path, samples: Sequence[dict]) -> list[list]:
              results.file_identity(root / s["mask_path"]) if s["mask_path"] else None] for s in samples]
 
 
-CLIP_DEPTH = 24
-"""Blocks of the vision towers ``--clip_weights openai`` and ``synthetic`` build (other files are checked at load)."""
-
-
 def _check_model_options(opts: EvalOptions) -> None:
     """The model settings (after the checkpoint's are filled in)."""
     choices = {"dino_model": DINO_MODELS, "attn_type": ATTN_TYPES, "train_with_img_cls_type": IMAGE_TOKEN_TYPES}
@@ -248,10 +245,10 @@ def _check_model_options(opts: EvalOptions) -> None:
             raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
     if not opts.features_list:
         raise EvalError("--features_list needs at least one layer")
-    if opts.clip_weights in ("openai", "synthetic"):
-        bad = [f for f in opts.features_list if not 1 <= int(f) <= CLIP_DEPTH]
-        if bad:
-            raise EvalError(f"--features_list {' '.join(map(str, bad))}: the CLIP vision tower has blocks 1..{CLIP_DEPTH}")
+    depth = clip_depth(str(opts.clip_weights))  # read from the weights file's keys where that is cheap
+    bad = [f for f in opts.features_list if not 1 <= int(f) <= (depth or 10**6)]
+    if bad:
+        raise EvalError(f"--features_list {' '.join(map(str, bad))}: the CLIP vision tower has blocks 1..{depth}")
     if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
             not Path(opts.dino_weights).expanduser().is_file():
         raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
