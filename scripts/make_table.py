@@ -107,9 +107,13 @@ def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: se
     notes = [f"AUPRO: {', '.join(sorted(aupro)) or 'crane'} definition"
              + (" (published 200-threshold)" if aupro <= {"crane"} else "")
              + ("; the paper's numbers in parentheses" if with_paper else "")]
-    if missing:
-        notes.append(f"{len(missing)} result file(s) missing, left out of the table and the averages: "
-                     + ", ".join(missing))
+    if missing:  # "RESULTS/METHOD/DATASET/metrics.json" -> "METHOD: DATASET, ..."
+        by_method: dict[str, list[str]] = {}
+        for path in missing:
+            parts = Path(path).parts
+            by_method.setdefault(parts[-3], []).append(parts[-2])
+        notes.append(f"{len(missing)} result file(s) missing, left out of the table and the averages ("
+                     + "; ".join(f"{METHODS.get(m, m)}: {' '.join(ds)}" for m, ds in by_method.items()) + ")")
     return "# Table 1: zero-shot anomaly detection (class means, %)\n\n" + tabulate(
         body, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + "\n".join(
         f"- {n}" for n in notes) + "\n"
