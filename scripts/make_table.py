@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from crane.engine.results import METRICS, mean_defined, write_csv, write_text
+from crane.engine.results import METRICS, fixed, mean_defined, write_csv, write_text
 
 METHODS = {"crane": "Crane", "cranep": "Crane+"}
 INDUSTRIAL = {"mvtec": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd": "SDD", "dagm": "DAGM",
@@ -92,7 +92,7 @@ def build_rows(table: dict[str, Values]) -> list[tuple[str, Values, Values]]:
 
 
 def _cell(ours: Optional[float], paper: Optional[float], with_paper: bool) -> str:
-    text = "-" if ours is None else f"{ours:.1f}"
+    text = "-" if ours is None else fixed(ours)
     if with_paper and paper is not None:
         text += f" ({paper:.1f})"
     return text

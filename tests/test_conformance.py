@@ -47,7 +47,9 @@ def test_inference_matches_published(case, synth_weights, conformance_dir, synth
     arrays = synth.images_uint8(**case["images"])
     np.testing.assert_array_equal(crane.data.image.load_rgb(paths[0]), arrays[0])
 
-    np.testing.assert_allclose(det.text_features.numpy(), expected["text_features"], atol=TOL, rtol=0)
+    # Bit for bit: a last-bit difference shifts every map the same way and moves the published
+    # on-grid AUPRO by up to ~2e-4 on flat maps (prompts.encode_text, published_rounding).
+    np.testing.assert_array_equal(det.text_features.numpy(), expected["text_features"])
 
     size = case["args"]["image_size"]
     embeddings, probs, raws, scores = [], [], [], []

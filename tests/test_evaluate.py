@@ -303,6 +303,14 @@ def _load_make_table():
     return module
 
 
+def test_tables_never_print_negative_zero():
+    from crane.engine import results
+    assert results.fixed(-0.0, 4) == "0.0000" and results.fixed(-1e-9, 4) == "0.0000"
+    assert results.fixed(-0.5, 4) == "-0.5000" and results.percent(-2e-5) == "0.0" and results.percent(None) == "-"
+    table = results.metrics_table({"a": {"pixel_aupro": -3e-6, "image_auroc": 0.5}}, {"pixel_aupro": -3e-6})
+    assert "-0.0" not in table and "50.0" in table and " - |" in table
+
+
 def test_make_table_collects_metrics_into_the_table1_layout(tmp_path, capsys):
     make_table = _load_make_table()
     means = {"mvtec": dict(zip(METRIC_NAMES, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4))),

@@ -112,3 +112,44 @@ def test_published_batching_resumes_a_class_with_its_neighbours_batch_mates(pipe
     assert seen == expected["batches"][:2]  # candle's two batches, with bottle's and screw's images in them
     for name in ("metrics.json", "predictions.csv"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_published_batching_with_a_class_inside_one_batch(synth_weights, tmp_path, monkeypatch):
+    """Classes of 5, 2 and 7 images: the first batch of 8 holds all three classes (the middle one
+    whole). Every image gets the score of its published batch, also when resuming after the first class."""
+    import numpy as np
+    import torch
+
+    import crane
+    from crane.data.image import preprocess
+
+    maker = _load("crane_pipeline_make_dataset_small", PIPELINE / "make_dataset.py")
+    root = tmp_path / "data"
+    maker.make(str(root), "pipe", classes=3, per_class=7, size=160, seed=3, class_names=["bottle", "candle", "screw"])
+    meta_file = root / "pipe" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["test"] = {c: v[:n] for (c, v), n in zip(meta["test"].items(), (5, 2, 7))}
+    meta_file.write_text(json.dumps(meta))
+    expected = json.loads((PIPELINE / "cranep_test.json").read_text())
+    clip, dino = _weights(expected, synth_weights)
+    script = _load("crane_test_script_small_class", REPO / "test.py")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert script.main(_args(expected, root, clip, dino, whole)) == 0
+
+    det = crane.Detector.from_config(str(clip), REPO_CHECKPOINTS / expected["weights"]["checkpoint"], "dinov2",
+                                     str(dino), features_list=(24,), image_size=112, dattn_batch_mean=True)
+    paths = [s["img_path"] for c in meta["test"].values() for s in c]
+    images = torch.stack([preprocess(root / "pipe" / p, 112) for p in paths])
+    reference = np.concatenate([det.predict_tensor(images[i:i + 8])[0].numpy() for i in range(0, len(paths), 8)])
+    with open(whole / "predictions.csv", newline="") as f:
+        scores = {row["img_path"]: float(row["score"]) for row in csv.DictReader(f)}
+    assert list(scores) == paths
+    np.testing.assert_allclose([scores[p] for p in paths], reference, atol=1e-6, rtol=0)
+
+    interrupt_at_class_metrics(monkeypatch, 2)
+    assert script.main(_args(expected, root, clip, dino, resumed)) == 130
+    monkeypatch.undo()
+    assert script.main(_args(expected, root, clip, dino, resumed)) == 0
+    for name in ("metrics.json", "predictions.csv"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name

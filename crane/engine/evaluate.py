@@ -602,7 +602,16 @@ class _Schedule:
         return [b for todo in self.todo.values() for b in _round_robin(todo, ctx)[0]]
 
     def take_kept(self, plan: EvalPlan, cls_name: str) -> list[dict]:
-        return [self.kept.pop(tuple(b)) for b in plan.batches[cls_name] if tuple(b) in self.kept]
+        """The kept outputs of ``cls_name``'s batches computed for an earlier class; a batch is
+        dropped once no later pending class has an image in it (a batch may span several classes)."""
+        parts = []
+        for batch in plan.batches[cls_name]:
+            key = tuple(batch)
+            if key in self.kept:
+                parts.append(self.kept[key])
+                if not self.later[cls_name].intersection(batch):
+                    del self.kept[key]
+        return parts
 
     def keep(self, cls_name: str, part: dict) -> None:
         if self.later[cls_name].intersection(part["index"]):

@@ -100,6 +100,17 @@ def mean_defined(values: Iterable[Optional[float]]) -> Optional[float]:
     return float(np.mean(kept)) if kept else None
 
 
+def fixed(value: float, digits: int = 1) -> str:
+    """``value`` with ``digits`` decimals; a value that rounds to zero prints as ``0.0``, never ``-0.0``."""
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
+def percent(value: Optional[float], digits: int = 1) -> str:
+    """A metric fraction as a percentage (:func:`fixed`), ``-`` when undefined."""
+    return "-" if value is None else fixed(100.0 * value, digits)
+
+
 def metrics_table(per_class: Mapping[str, Mapping[str, Optional[float]]], mean: Mapping[str, Optional[float]],
                   label: str = "class") -> str:
     """Markdown table (tabulate ``github``): one row per class plus a ``mean`` row, values in %.
@@ -109,7 +120,8 @@ def metrics_table(per_class: Mapping[str, Mapping[str, Optional[float]]], mean: 
     from tabulate import tabulate
 
     def row(name: str, values: Mapping[str, Optional[float]]) -> list:
-        return [name] + [None if values.get(m) is None else 100.0 * values[m] for m in METRICS]
+        return [name] + [percent(values.get(m)) for m in METRICS]
 
     rows = [row(name, values) for name, values in per_class.items()] + [row("mean", mean)]
-    return tabulate(rows, headers=[label, *METRICS], tablefmt="github", floatfmt=".1f", missingval="-")
+    return tabulate(rows, headers=[label, *METRICS], tablefmt="github", disable_numparse=True,
+                    colalign=("left",) + ("right",) * len(METRICS))

@@ -68,6 +68,7 @@ from crane.engine.distributed import DeviceError, DistContext, barrier, broadcas
 from crane.engine.distributed import resolve_device as resolve_device_value
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
 from crane.engine.published_init import ClipShapes, replay_published_draws
+from crane.engine.results import fixed
 from crane.losses import crane_loss
 from crane.models.crane import CraneConfig, CraneModel
 from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
@@ -339,7 +340,7 @@ class PromptTextEncoder(nn.Module):
 
     def forward(self, image_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``B x E`` normalised image embeddings (or ``None``) -> ``B x 2 x E`` (or ``1 x 2 x E``)."""
-        return self._frozen[0].text_features(image_embedding, self.image_token_type)
+        return self._frozen[0].text_features(image_embedding, self.image_token_type, published_rounding=False)
 
 
 def _needs_published_draws(opts: TrainOptions) -> bool:
@@ -440,11 +441,6 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
         rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
     return [row for row in rows if set(row) == set(LOG_FIELDS)]
 
-
-def _number(value: float, digits: int = 4) -> str:
-    """``value`` with ``digits`` decimals; a value that rounds to zero prints as ``0.0000``, never ``-0.0000``."""
-    text = f"{value:.{digits}f}"
-    return text.lstrip("-") if float(text) == 0 else text
 
 
 def _epoch_files(folder: Path) -> list[Path]:
@@ -713,14 +709,14 @@ class Trainer:
                     opened = True
                 if epoch % self.opts.save_freq == 0:
                     self._save_checkpoint(epoch)
-                rows.append({"epoch": epoch, **{k: _number(v, 6) for k, v in stats.items() if k != "images"},
+                rows.append({"epoch": epoch, **{k: fixed(v, 6) for k, v in stats.items() if k != "images"},
                              "images": stats["images"], "seconds": f"{seconds:.3f}",
                              "encode_seconds": f"{encode_seconds:.3f}"})
                 _write_log(self.dir / "log.csv", rows)
                 _save_state(self.dir / STATE_FILE, epoch, self.learner, self.optimizer, self.settings)
                 log.info("epoch [%d/%d] loss %s = focal x2 %s + dice x2 %s + 0.2 x image CE %s (%d images, %.1f s, "
-                         "encoding %.1f s)", epoch, self.opts.epoch, _number(stats["loss"]), _number(stats["focal_x2"]),
-                         _number(stats["dice_x2"]), _number(stats["image_ce"]), stats["images"], seconds,
+                         "encoding %.1f s)", epoch, self.opts.epoch, fixed(stats["loss"], 4), fixed(stats["focal_x2"], 4),
+                         fixed(stats["dice_x2"], 4), fixed(stats["image_ce"], 4), stats["images"], seconds,
                          encode_seconds)
             barrier(self.ctx)
             encode_seconds = 0.0

@@ -88,12 +88,14 @@ class CraneModel(nn.Module):
         if bad:
             raise ValueError(f"features_list {bad} outside the vision tower's blocks 1..{depth}")
 
-    def text_features(self, image_embedding: Optional[torch.Tensor] = None, image_token_type: str = "pad_suffix"
-                      ) -> torch.Tensor:
+    def text_features(self, image_embedding: Optional[torch.Tensor] = None, image_token_type: str = "pad_suffix",
+                      published_rounding: bool = True) -> torch.Tensor:
         """Normalised [normal, anomalous] text features: ``1 x 2 x E``, or ``B x 2 x E`` when
-        conditioned on normalised image embeddings ``B x E``."""
+        conditioned on normalised image embeddings ``B x E``. ``published_rounding``: see
+        :func:`~crane.models.prompts.encode_text` (training passes ``False``, the faster order)."""
         prompts, ids = self.prompt_learner(image_embedding, image_token_type)
-        feats = encode_text(self.clip, prompts, ids, self.prompt_learner.compound_prompts_text).float()
+        feats = encode_text(self.clip, prompts, ids, self.prompt_learner.compound_prompts_text,
+                            published_rounding).float()
         feats = torch.stack(feats.chunk(2, dim=0), dim=1)
         return F.normalize(feats, dim=-1)
 
