@@ -48,6 +48,7 @@ from crane.export.graph import InferenceGraph  # noqa: E402
 from crane.export.writer import default_info, export_graph  # noqa: E402
 from crane.models.smoothing import gaussian_smooth  # noqa: E402
 from crane.models.synthetic import synthetic_clip_state_dict  # noqa: E402
+from crane.deploy.runtime import kept_signal_stack  # noqa: E402
 from scripts.bench_predict import random_dinov2_state_dict, test_image  # noqa: E402
 
 
@@ -58,7 +59,8 @@ def _openvino(path: Path, hint: str | None, threads: int | None):
     config = {"INFERENCE_PRECISION_HINT": hint} if hint else {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    with kept_signal_stack():
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     outputs = [compiled.output(n) for n in ("scores", "maps")]
 
     def run(batch: np.ndarray):

@@ -23,8 +23,6 @@ from crane.data import image as torch_image
 from crane.deploy import image as deploy_image
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.runtimes  # onnxruntime / OpenVINO: run in their own process (scripts/run_tests.sh)
-
 TINY_CLIP = dict(vision_width=128, vision_layers=6, patch_size=14, text_width=128, text_layers=4, embed_dim=64)
 SIZE = 84
 
@@ -249,6 +247,27 @@ def test_deploy_runs_where_torch_cannot_be_imported(served, photos, tmp_path):
         np.testing.assert_allclose(got["scores"], expected.scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(got["maps"], expected.maps, rtol=0, atol=1e-5)
         assert np.array_equal(got["anomalous"], expected.anomalous)
+
+
+def test_ctrl_c_after_several_openvino_models_is_a_keyboard_interrupt(served, tmp_path):
+    """OpenVINO's CPU plugin left a freed alternate signal stack on the thread after two models
+    (two Cores) were released: the next Ctrl-C was a segmentation fault (runtime.kept_signal_stack)."""
+    script = tmp_path / "two_models.py"
+    script.write_text(
+        "import faulthandler, gc, os, signal, sys\n"
+        "faulthandler.enable()  # an alternate signal stack, as pytest and many programs have\n"
+        "from crane.deploy import load_model\n"
+        "first = load_model(sys.argv[1], 'openvino')\n"
+        "second = load_model(sys.argv[1], 'openvino')\n"
+        "del first, second\n"
+        "gc.collect()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n")
+    run = subprocess.run([sys.executable, str(script), str(served["onnx"])], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0 and run.stdout.strip() == "interrupted", (run.returncode, run.stderr[-2000:])
 
 
 def test_command_line_errors(served, photos, tmp_path, capsys):

@@ -24,8 +24,6 @@ from crane.export.graph import InferenceGraph  # noqa: E402
 from crane.export.writer import OPSET, default_info, export_graph, onnx_to_openvino, to_fp16  # noqa: E402
 from crane.models.crane import CraneConfig, CraneModel  # noqa: E402
 
-pytestmark = pytest.mark.runtimes  # onnxruntime / OpenVINO: run in their own process (scripts/run_tests.sh)
-
 TOL = 1e-4
 TINY_CLIP = dict(vision_width=128, vision_layers=6, patch_size=14, text_width=128, text_layers=4, embed_dim=64)
 

@@ -74,7 +74,6 @@ def test_dtypes_and_leading_dimensions():
         gaussian_smooth(torch.zeros(5), 1.0)
 
 
-@pytest.mark.runtimes
 def test_exports_to_onnx_without_custom_ops(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

@@ -11,7 +11,10 @@ know (``S``, the thresholds, the model settings) is in its metadata.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -70,6 +73,35 @@ class _OnnxRuntime:
         return scores, maps
 
 
+class _SignalStack(ctypes.Structure):  # glibc's stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def kept_signal_stack():
+    """Keep the calling thread's alternate signal stack across an OpenVINO ``compile_model``.
+
+    Workaround (OpenVINO 2026.4 CPU plugin, Linux): compiling installs the plugin's own
+    alternate signal stack on the calling thread, and releasing a ``Core`` puts back the stack
+    it found, which may be one that another ``Core`` has freed since. The next signal with a
+    Python handler (Ctrl-C, a ``SIGCHLD`` handler) then finds an unmapped stack, and the
+    kernel kills the process with a segmentation fault. With the thread's own stack kept,
+    the plugin only ever puts that one back.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
 class _OpenVino:
     def __init__(self, path: Path, device: str, threads: Optional[int], spin: bool) -> None:
         import openvino as ov
@@ -89,7 +121,8 @@ class _OpenVino:
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
-        self.compiled = core.compile_model(model, target, config)
+        with kept_signal_stack():
+            self.compiled = core.compile_model(model, target, config)
         self.outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
