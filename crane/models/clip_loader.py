@@ -15,6 +15,7 @@ from the tensors, so narrow synthetic towers build as well as ViT-L/14.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping, Union
@@ -62,7 +63,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 
         return dict(load_file(str(path), device="cpu"))
     if _is_torchscript(path):
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # OpenAI's file is TorchScript; only its tensors are read
+            warnings.filterwarnings("ignore", message=r"`?torch\.jit\.load`? is deprecated", category=FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
