@@ -442,7 +442,6 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     return [row for row in rows if set(row) == set(LOG_FIELDS)]
 
 
-
 def _epoch_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.glob("epoch_*.pth") if EPOCH_FILE.match(p.name)),
                   key=lambda p: int(EPOCH_FILE.match(p.name).group(1)))
@@ -714,10 +713,9 @@ class Trainer:
                              "encode_seconds": f"{encode_seconds:.3f}"})
                 _write_log(self.dir / "log.csv", rows)
                 _save_state(self.dir / STATE_FILE, epoch, self.learner, self.optimizer, self.settings)
+                terms = [fixed(stats[k], 4) for k in ("loss", "focal_x2", "dice_x2", "image_ce")]
                 log.info("epoch [%d/%d] loss %s = focal x2 %s + dice x2 %s + 0.2 x image CE %s (%d images, %.1f s, "
-                         "encoding %.1f s)", epoch, self.opts.epoch, fixed(stats["loss"], 4), fixed(stats["focal_x2"], 4),
-                         fixed(stats["dice_x2"], 4), fixed(stats["image_ce"], 4), stats["images"], seconds,
-                         encode_seconds)
+                         "encoding %.1f s)", epoch, self.opts.epoch, *terms, stats["images"], seconds, encode_seconds)
             barrier(self.ctx)
             encode_seconds = 0.0
 
