@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import PurePosixPath
 
-from crane.data.meta import SAMPLE_KEYS, DatasetError
+from crane.data.meta import DatasetError, check_sample
 from datasets.common import Listing, Meta, Tree, child, image_files, subdirs
 
 SPLITS = ("train", "test")
@@ -52,7 +52,7 @@ def validate(tree: Tree, masks_required: bool, origin: str = "as distributed",
                 raise DatasetError(f"{shown}: {split}/{cls_name} is not a list of samples; {fix}")
             for i, sample in enumerate(samples):
                 where = f"{shown}: {split}/{cls_name}[{i}]"
-                _check_sample(sample, where, cls_name, fix)
+                check_sample(sample, where, cls_name, fix, posix_paths=True)
                 if sample["img_path"] in seen:
                     raise DatasetError(f"{where} lists {sample['img_path']} a second time; {fix}")
                 seen.add(sample["img_path"])
@@ -71,25 +71,6 @@ def validate(tree: Tree, masks_required: bool, origin: str = "as distributed",
         meta = _prefixed(meta, PurePosixPath(tree.rel(tree.base)))
         notes.append(f"wrote a copy with paths prefixed by {tree.rel(tree.base)}/ as the dataset folder's meta.json")
     return Listing(meta, notes, accepted=tree.base == tree.root, repair=fix)
-
-
-def _check_sample(sample: object, where: str, cls_name: str, fix: str) -> None:
-    if not isinstance(sample, dict):
-        raise DatasetError(f"{where} is not an object; {fix}")
-    for key, kind in SAMPLE_KEYS.items():
-        if key not in sample:
-            raise DatasetError(f"{where} lacks the key '{key}'; {fix}")
-        if not isinstance(sample[key], kind) or isinstance(sample[key], bool):
-            raise DatasetError(f"{where}['{key}'] should be a {kind.__name__}, got {sample[key]!r}; {fix}")
-    if sample["anomaly"] not in (0, 1):
-        raise DatasetError(f"{where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {fix}")
-    if sample["cls_name"] != cls_name:
-        raise DatasetError(f"{where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {fix}")
-    for key in ("img_path", "mask_path"):
-        rel = PurePosixPath(sample[key])
-        if rel.is_absolute() or ".." in rel.parts or "\\" in sample[key] or (key == "img_path" and not sample[key]):
-            raise DatasetError(f"{where}['{key}'] must be a path relative to the dataset folder, got "
-                               f"{sample[key]!r}; {fix}")
 
 
 def _check_pairing(sample: dict, where: str, fix: str) -> None:

@@ -43,32 +43,34 @@ def read_meta(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
         found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise DatasetError(f"{meta_path}: expected an object with keys 'train' and 'test' mapping class names "
                            f"to sample lists, found {found}; {_regenerate_hint(root)}")
+    hint = _regenerate_hint(root)
     for split in SPLITS:
         for cls_name, samples in meta[split].items():
             if not isinstance(samples, list):
-                raise DatasetError(f"{meta_path}: {split}/{cls_name} is not a list of samples; "
-                                   f"{_regenerate_hint(root)}")
+                raise DatasetError(f"{meta_path}: {split}/{cls_name} is not a list of samples; {hint}")
             for i, sample in enumerate(samples):
-                _check_sample(sample, f"{split}/{cls_name}[{i}]", cls_name, meta_path)
+                check_sample(sample, f"{meta_path}: {split}/{cls_name}[{i}]", cls_name, hint)
     return meta
 
 
-def _check_sample(sample: Any, where: str, cls_name: str, meta_path: Path) -> None:
-    hint = _regenerate_hint(meta_path.parent)
+def check_sample(sample: Any, where: str, cls_name: str, fix: str, posix_paths: bool = False) -> None:
+    """Raise :class:`DatasetError` unless ``sample`` is a well-formed ``meta.json`` sample of
+    class ``cls_name`` with paths relative to the dataset folder. Messages start with
+    ``where`` and end with ``fix``; ``posix_paths`` also rejects backslashes in the paths."""
     if not isinstance(sample, dict):
-        raise DatasetError(f"{meta_path}: {where} is not an object; {hint}")
+        raise DatasetError(f"{where} is not an object; {fix}")
     for key, kind in SAMPLE_KEYS.items():
         if key not in sample:
-            raise DatasetError(f"{meta_path}: {where} lacks the key '{key}'; {hint}")
+            raise DatasetError(f"{where} lacks the key '{key}'; {fix}")
         if not isinstance(sample[key], kind) or isinstance(sample[key], bool):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] should be a {kind.__name__}, "
-                               f"got {sample[key]!r}; {hint}")
+            raise DatasetError(f"{where}['{key}'] should be a {kind.__name__}, got {sample[key]!r}; {fix}")
     if sample["anomaly"] not in (0, 1):
-        raise DatasetError(f"{meta_path}: {where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {hint}")
+        raise DatasetError(f"{where}['anomaly'] must be 0 or 1, got {sample['anomaly']!r}; {fix}")
     if sample["cls_name"] != cls_name:
-        raise DatasetError(f"{meta_path}: {where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {hint}")
+        raise DatasetError(f"{where} has cls_name {sample['cls_name']!r} under class {cls_name!r}; {fix}")
     for key in ("img_path", "mask_path"):
         path = PurePosixPath(sample[key])
-        if path.is_absolute() or ".." in path.parts or (key == "img_path" and not sample[key]):
-            raise DatasetError(f"{meta_path}: {where}['{key}'] must be a path relative to the dataset folder, "
-                               f"got {sample[key]!r}; {hint}")
+        if (path.is_absolute() or ".." in path.parts or (posix_paths and "\\" in sample[key])
+                or (key == "img_path" and not sample[key])):
+            raise DatasetError(f"{where}['{key}'] must be a path relative to the dataset folder, "
+                               f"got {sample[key]!r}; {fix}")
