@@ -14,8 +14,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import crane
+from crane.data.image import preprocess
 from crane.engine import evaluate
 from tests.conftest import (CONFORMANCE, REPO, SKIP_REASON, conformance_available, interrupt_at_class_metrics,
                             record_predicted_batches)
@@ -118,12 +122,6 @@ def test_published_batching_resumes_a_class_with_its_neighbours_batch_mates(pipe
 def test_published_batching_with_a_class_inside_one_batch(synth_weights, tmp_path, monkeypatch):
     """Classes of 5, 2 and 7 images: the first batch of 8 holds all three classes (the middle one
     whole). Every image gets the score of its published batch, also when resuming after the first class."""
-    import numpy as np
-    import torch
-
-    import crane
-    from crane.data.image import preprocess
-
     maker = _load("crane_pipeline_make_dataset_small", PIPELINE / "make_dataset.py")
     root = tmp_path / "data"
     maker.make(str(root), "pipe", classes=3, per_class=7, size=160, seed=3, class_names=["bottle", "candle", "screw"])

@@ -88,18 +88,14 @@ def kept_signal_stack():
     kernel kills the process with a segmentation fault. With the thread's own stack kept,
     the plugin only ever puts that one back.
     """
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     saved = _SignalStack()
-    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
-        yield
-        return
+    kept = libc is not None and libc.sigaltstack(None, ctypes.byref(saved)) == 0
     try:
         yield
     finally:
-        libc.sigaltstack(ctypes.byref(saved), None)
+        if kept:
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 class _OpenVino:
