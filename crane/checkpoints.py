@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from crane.errors import CraneError
+from crane.settings import CHECKPOINT_KEYS, flag_value, same
+
 METADATA_KEY = "crane"
 """Extra top-level key of our checkpoints (ignored by the published ``test.py``)."""
 
-MODEL_SETTING_KEYS = ("dino_model", "features_list", "soft_mean", "attn_type", "both_eattn_dattn",
-                      "use_scorebase_pooling", "n_ctx", "t_n_ctx", "depth")
-"""Model settings a checkpoint may record (flag names); they become the defaults of the model flags."""
 
 CRANE = {"dino_model": "none", "features_list": [6, 12, 18, 24], "soft_mean": True}
 """Published settings of the official Crane checkpoints (``test.sh``)."""
@@ -94,7 +94,7 @@ def sha256_file(path: Union[str, os.PathLike]) -> str:
 class CheckpointInfo:
     """What is known about a checkpoint file without building a model.
 
-    ``settings``: model settings (flag names, :data:`MODEL_SETTING_KEYS`) the checkpoint
+    ``settings``: model settings (flag names, :data:`CHECKPOINT_KEYS`) the checkpoint
     records or, for an official checkpoint, its published settings; empty when unknown.
     ``official``: the official checkpoint it is, if any. ``run_name``: the folder name
     results go under (the official run name, else the checkpoint's parent folder).
@@ -130,7 +130,7 @@ def describe(path: Union[str, os.PathLike], metadata: Optional[Mapping[str, Any]
         return CheckpointInfo(path, sha, dict(official.settings), official)
     metadata = metadata or {}
     model = metadata.get("model", {}) if isinstance(metadata, Mapping) else {}
-    settings = {k: model[k] for k in MODEL_SETTING_KEYS if k in model}
+    settings = {k: model[k] for k in CHECKPOINT_KEYS if k in model}
     train = dict(metadata.get("train", {})) if isinstance(metadata, Mapping) else {}
     return CheckpointInfo(path, sha, settings, None, train)
 
@@ -138,11 +138,11 @@ def describe(path: Union[str, os.PathLike], metadata: Optional[Mapping[str, Any]
 def metadata_entry(model_settings: Mapping[str, Any], train_settings: Optional[Mapping[str, Any]] = None
                    ) -> dict[str, Any]:
     """The ``"crane"`` entry our ``train.py`` writes beside ``"prompt_learner"``."""
-    model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_settings.items() if k in MODEL_SETTING_KEYS}
+    model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_settings.items() if k in CHECKPOINT_KEYS}
     return {"model": model, "train": dict(train_settings or {})}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CraneError):
     """A file is not a usable prompt-learner checkpoint, or contradicts the flags given (one-line message)."""
 
 
@@ -181,21 +181,6 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], Chec
     return ckpt["prompt_learner"], describe(path, ckpt.get(METADATA_KEY))
 
 
-def flag_value(key: str, value: Any) -> str:
-    """A setting as it is written on the command line (``--features_list 6 12 18 24``)."""
-    if isinstance(value, (list, tuple)):
-        return f"--{key} {' '.join(str(v) for v in value)}"
-    return f"--{key} {value}"
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return [int(v) for v in a] == [int(v) for v in b]
-    if isinstance(a, bool) or isinstance(b, bool):
-        return bool(a) == bool(b)
-    return a == b
-
-
 def apply_settings(options: Any, explicit: Any, info: CheckpointInfo, force: bool = False) -> list[str]:
     """Fill ``options`` (attributes named as the flags) from the checkpoint's model settings.
 
@@ -205,10 +190,8 @@ def apply_settings(options: Any, explicit: Any, info: CheckpointInfo, force: boo
     """
     notes = []
     for key, value in info.settings.items():
-        if not hasattr(options, key):
-            continue
         if key in explicit:
-            if not _same(getattr(options, key), value):
+            if not same(getattr(options, key), value):
                 clash = (f"{flag_value(key, getattr(options, key))} contradicts the {info.source}, which was "
                          f"trained/published with {flag_value(key, value)}")
                 if not force:

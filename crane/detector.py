@@ -1,22 +1,26 @@
 """The public inference API: :class:`Detector` and :class:`Prediction`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from types import SimpleNamespace
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .checkpoints import apply_settings, read_checkpoint
 from .data.image import ImageInput, preprocess
-from .models.clip_loader import ClipWeights, load_clip
+from .device import precision_error
+from .errors import CraneError
+from .models.build import build_model
+from .models.clip_loader import ClipWeights
 from .models.crane import CraneConfig, CraneModel
-from .choices import precision_error
 from .models.precision import autocast, maybe_compiled
 from .models.smoothing import smooth as smooth_on_device
-from .models.prompts import load_prompt_checkpoint
-from .models.vfm import VfmWeights, load_vfm
+from .models.vfm import VfmWeights
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +33,23 @@ class Prediction:
     maps: np.ndarray
 
 
-def _tokenizer():
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-L-14-336")
-
-
-def build_model(clip_weights: Union[ClipWeights, str] = "openai", checkpoint: Union[None, str, os.PathLike, Mapping] = None,
-                dino_weights: VfmWeights = None, config: Optional[CraneConfig] = None) -> CraneModel:
-    """Build a :class:`CraneModel` on CPU from weights and an optional prompt-learner checkpoint.
-
-    ``clip_weights``: ``"openai"``, a file, an OpenAI-format state dict, or ``"synthetic"``
-    (random weights; meaningless numbers, for pipeline demos).
-    """
-    config = config or CraneConfig()
-    random_parts = [f"--{flag} synthetic" for flag, w in (("clip_weights", clip_weights), ("dino_weights", dino_weights))
-                    if isinstance(w, str) and w == "synthetic" and (flag == "clip_weights" or config.dino_model != "none")]
-    if random_parts:
-        log.warning("RANDOM WEIGHTS (%s): the numbers are meaningless; this run only exercises the pipeline",
-                    ", ".join(random_parts))
-    if isinstance(clip_weights, str) and clip_weights == "synthetic":
-        from .models.synthetic import synthetic_clip_state_dict
-
-        clip_weights = synthetic_clip_state_dict()
-    clip = load_clip(clip_weights)
-    vfm = None if config.dino_model == "none" else load_vfm(config.dino_model, dino_weights, config.image_size)
-    model = CraneModel(clip, _tokenizer(), config, vfm)
+def build_detector(options: Any, checkpoint: Union[None, str, os.PathLike, Mapping] = None) -> "Detector":
+    """The :class:`Detector` of ``options`` (any object with attributes named as the settings and the run
+    flags: ``clip_weights``, ``dino_weights``, the :class:`CraneConfig` fields, ``device``, ``precision``,
+    ``batch_size``, ``compile``), with ``checkpoint`` (a state dict already read, or a file; default
+    ``options.checkpoint``). The one builder behind every entry point; an unusable setting or weights file
+    raises :class:`~crane.errors.CraneError`."""
+    checkpoint = options.checkpoint if checkpoint is None else checkpoint
     if checkpoint is None:
         log.warning("no prompt-learner checkpoint given: the prompts are untrained (random)")
-    else:
-        sd = checkpoint if isinstance(checkpoint, Mapping) else load_prompt_checkpoint(checkpoint)
-        model.prompt_learner.load_official(sd, source=str(checkpoint) if not isinstance(checkpoint, Mapping) else "checkpoint")
-    return model.eval()
+    try:
+        model = build_model(options.clip_weights, checkpoint, options.dino_weights, CraneConfig.from_options(options))
+    except ValueError as e:  # e.g. a weights file that is not a CLIP state dict: the input's fault
+        if isinstance(e, CraneError):
+            raise
+        raise CraneError(str(e)) from None
+    return Detector(model, options.device, getattr(options, "precision", "fp32"), getattr(options, "batch_size", 8),
+                    getattr(options, "compile", False))
 
 
 class Detector:
@@ -92,17 +81,29 @@ class Detector:
 
     @classmethod
     def from_config(cls, clip_weights: Union[ClipWeights, str] = "openai",
-                    checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_model: str = "none",
-                    dino_weights: VfmWeights = None, features_list: Sequence[int] = (24,), soft_mean: bool = False,
-                    image_size: int = 518, attn_type: str = "qq+kk+vv", sigma: float = 4,
-                    dattn_batch_mean: bool = False, device: str = "cpu", precision: str = "fp32",
-                    batch_size: int = 8, compile: bool = False, **options) -> "Detector":
-        """Build a detector. ``options`` are further :class:`CraneConfig` fields
-        (``both_eattn_dattn``, ``use_scorebase_pooling``, ``layer_aliasing``, ``n_ctx``, ...)."""
-        config = CraneConfig(features_list=tuple(int(f) for f in features_list), dino_model=dino_model,
-                             soft_mean=soft_mean, image_size=image_size, attn_type=attn_type, sigma=sigma,
-                             dattn_batch_mean=dattn_batch_mean, **options)
-        return cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size, compile)
+                    checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_weights: VfmWeights = None,
+                    device: str = "cpu", precision: str = "fp32", batch_size: int = 8, compile: bool = False,
+                    force: bool = False, **model_settings: Any) -> "Detector":
+        """Build a detector. ``model_settings`` are :class:`CraneConfig` fields (``dino_model``,
+        ``features_list``, ``soft_mean``, ``image_size``, ``sigma``, ``attn_type``, ...).
+
+        With a checkpoint file, the settings it records (the published ones for the official checkpoints)
+        are used where no argument gives them, as on the command line; an argument that contradicts them
+        raises :class:`~crane.checkpoints.CheckpointError` unless ``force=True`` (then a warning). The
+        rest take the ``api`` defaults of :mod:`crane.settings` (``dino_model="none"``: Crane).
+        """
+        fields = {f.name for f in dataclasses.fields(CraneConfig)}
+        unknown = sorted(set(model_settings) - fields)
+        if unknown:
+            raise TypeError(f"unknown model setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        options = SimpleNamespace(**{**{f.name: f.default for f in dataclasses.fields(CraneConfig)}, **model_settings})
+        state = checkpoint
+        if checkpoint is not None and not isinstance(checkpoint, Mapping):
+            state, info = read_checkpoint(checkpoint)
+            for note in apply_settings(options, set(model_settings), info, force):
+                log.warning("%s", note)
+        return cls(build_model(clip_weights, state, dino_weights, CraneConfig.from_options(options)), device,
+                   precision, batch_size, compile)
 
     @property
     def config(self) -> CraneConfig:
@@ -132,13 +133,15 @@ class Detector:
     def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
-        maps ``B x S x S``, float32. The copy of ``images`` to the device does not block."""
+        maps ``B x S x S``, float32. The copy of ``images`` to the device does not block.
+
+        :meth:`CraneModel.forward <crane.models.crane.CraneModel.forward>` with the image side under the
+        chosen precision (and compiled, if asked); the head stays float32."""
         with autocast(self.device.type, self.precision):
             features = self._encode_image(images.to(self.device, non_blocking=True))
         text = self.text_features if image_token_type is None else \
             self.model.text_features(features.image_embedding, image_token_type)
-        logits = self.model.patch_logits(features, text)
-        return self.model.scores(features, logits, text).float(), self.model.maps(logits).float()
+        return self.model.head(features, text)
 
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
                 progress: bool = False) -> Prediction:

@@ -50,9 +50,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from crane.choices import PRECISIONS, precision_error  # noqa: E402
+from crane.device import precision_error  # noqa: E402
+from crane.settings import PRECISIONS  # noqa: E402
 from crane.engine import evaluate  # noqa: E402
-from crane.engine.distributed import barrier, init_distributed, launch  # noqa: E402
+from crane.engine.distributed import barrier, launch  # noqa: E402
 from crane.engine.timing import STAGES  # noqa: E402
 
 VARIANTS = {"crane": "trained_on_mvtec_crane", "cranep": "trained_on_mvtec_cranep"}
@@ -84,20 +85,22 @@ class NullDetector:
         return self._scores[:len(images)], self._maps[:len(images)]
 
 
-def build_null(opts: evaluate.EvalOptions, checkpoint: Path, device: torch.device) -> NullDetector:
+def build_null(opts: evaluate.EvalOptions, checkpoint: dict) -> NullDetector:
     from crane.models.crane import CraneConfig
 
-    return NullDetector(CraneConfig.from_options(opts), device, opts.batch_size)
+    return NullDetector(CraneConfig.from_options(opts), torch.device(opts.device), opts.batch_size)
 
 
-def build_full(opts: evaluate.EvalOptions, checkpoint: Path, device: torch.device, vision: tuple[int, int] = (1024, 24)):
+def build_full(opts: evaluate.EvalOptions, checkpoint: dict, vision: tuple[int, int] = (1024, 24)):
     """The real detector with a random CLIP of ``vision`` = (width, blocks) (ViT-L/14 by default; and a random
     DINOv2 for Crane+), warmed up on one batch on a GPU or with ``--compile``."""
-    from crane.detector import Detector, build_model
+    from crane.detector import Detector
+    from crane.models.build import build_model
     from crane.models.crane import CraneConfig
     from crane.models.synthetic import synthetic_clip_state_dict
 
-    model = build_model(synthetic_clip_state_dict(vision_width=vision[0], vision_layers=vision[1]), str(checkpoint),
+    device = torch.device(opts.device)
+    model = build_model(synthetic_clip_state_dict(vision_width=vision[0], vision_layers=vision[1]), checkpoint,
                         opts.dino_weights, CraneConfig.from_options(opts))
     detector = Detector(model, device, opts.precision, opts.batch_size, opts.compile)
     if device.type == "cpu" and not opts.compile:
@@ -120,30 +123,23 @@ def _peak_memory(device: torch.device) -> Optional[int]:
 
 def pipeline_worker(opts: evaluate.EvalOptions, plan: evaluate.EvalPlan, model: str, vision: tuple[int, int],
                     out: str) -> None:
-    """One process of a benchmark run: the evaluation's worker with the detector builder replaced."""
-    real = evaluate.build_detector
-    evaluate.build_detector = build_null if model == "null" else functools.partial(build_full, vision=vision)
-    try:
-        if opts.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        evaluate.worker(opts, plan)
-        rank = int(os.environ.get("RANK", "0"))
-        device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_memory": _peak_memory(device)}))
-    finally:
-        evaluate.build_detector = real
+    """One process of a benchmark run: the evaluation's worker with the benchmark's detector builder."""
+    if opts.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    evaluate.worker(opts, plan, build_null if model == "null" else functools.partial(build_full, vision=vision))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_memory": _peak_memory(device)}))
 
 
 def decode_worker(opts: evaluate.EvalOptions, plan: evaluate.EvalPlan, out: str) -> None:
     """One process of "decoding alone": this rank's batches through the evaluation's loader, copied to the device."""
-    ctx = init_distributed(opts.device, list(opts.devices))
-    evaluate._set_cpu_threads(ctx)
-    dataset = evaluate._dataset(opts, plan.root, validate=False)
-    batches = evaluate._Schedule(plan, dataset).rank_batches(ctx)
+    ctx = evaluate.join(opts)
+    loader = evaluate.rank_loader(plan, ctx)
     barrier(ctx)
     start = time.perf_counter()
     images = 0
-    for batch in evaluate._loader(dataset, batches, opts, ctx):
+    for batch in loader:
         batch["img"].to(ctx.device, non_blocking=True)
         batch["img_mask"].to(ctx.device, non_blocking=True)
         images += len(batch["img"])
@@ -319,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if problem:
         print(f"bench_throughput.py: error: {problem}", file=sys.stderr)
         return 2
-    from crane.cli_args import setup_logging
+    from crane.logs import setup_logging
 
     setup_logging()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="crane_bench_"))

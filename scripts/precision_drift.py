@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from crane.choices import PRECISIONS, precision_error  # noqa: E402
+from crane.device import precision_error  # noqa: E402
+from crane.settings import PRECISIONS  # noqa: E402
 
 CHECKPOINTS = {"crane": "trained_on_mvtec_crane", "cranep": "trained_on_mvtec_cranep"}
 

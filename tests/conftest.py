@@ -92,23 +92,24 @@ def official_checkpoint(conformance_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def detectors():
-    """Cache ``crane.cli.build_detector`` by checkpoint content and model options (the first build is the real one)."""
+    """Cache ``crane.cli.common.load_detector`` by checkpoint content and model options (the first build is the real one)."""
     import hashlib
 
-    from crane import cli
+    from crane import settings
+    from crane.cli import common
 
     cache: dict[str, object] = {}
-    real = cli.build_detector
+    real = common.load_detector
 
-    def cached(args, info):
+    def cached(args, state, info):
         digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
-        key = repr((digest, sorted(cli.model_options(args).items()), args.device, args.precision))
+        key = repr((digest, sorted(settings.recorded(args, "thresholds").items()), args.device, args.precision))
         if key not in cache:
-            cache[key] = real(args, info)
+            cache[key] = real(args, state, info)
         return cache[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "build_detector", cached)
+        mp.setattr(common, "load_detector", cached)
         yield cache
 
 

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from crane import cli
-from crane.calibration import (CalibrationScores, TopValues, false_alarm_threshold, images_needed, pick_false_alarm,
+from crane.cli import dispatch as cli
+from crane.inspection.calibration import (CalibrationScores, TopValues, false_alarm_threshold, images_needed, pick_false_alarm,
                                pick_labelled)
 from crane.data.folders import FolderSample, InputError, folder_samples
 from tests.conftest import CLI_IMAGE_SIZE as SIZE

@@ -4,7 +4,7 @@ The model runs with synthetic CLIP weights (narrow vision tower) and an official
 prompt-learner checkpoint at a small image size; the detector built from the flags
 is cached per checkpoint content and options (fixtures in ``conftest.py``), so each
 configuration loads once. Checks that must happen before any model work replace
-``cli.build_detector`` with a function that fails the test.
+``crane.cli.common.load_detector`` with a function that fails the test.
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crane import cli
+from crane.cli import common
+from crane.cli import dispatch as cli
 from crane.data.folders import InputError, collect_inputs
-from crane.thresholds import (Thresholds, load_thresholds, max_f1_threshold, parse_override, save_thresholds,
+from crane.inspection.thresholds import (Thresholds, load_thresholds, max_f1_threshold, parse_override, save_thresholds,
                               youden_threshold)
-from crane.visualize import PREDICTED, panel_layout
+from crane.inspection.visualize import PREDICTED, panel_layout
 
 from tests.conftest import CLI_IMAGE_SIZE as SIZE
 
@@ -286,10 +287,10 @@ def test_calibrate_then_predict_uses_thresholds(tmp_path, model_flags, official_
 
 
 def _forbid_model(monkeypatch) -> None:
-    def fail(args, info):
+    def fail(args, state, info):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(cli, "build_detector", fail)
+    monkeypatch.setattr(common, "load_detector", fail)
 
 
 def _one_error_line(err: str, *parts: str) -> str:
@@ -382,21 +383,21 @@ def test_flags_may_repeat_the_checkpoint_settings_and_force_overrides_them(tmp_p
                                                                          monkeypatch, capsys):
     built = []
 
-    def record(args, info):
+    def record(args, state, info):
         built.append((list(args.features_list), args.soft_mean, args.dino_model, info.official.run_name))
         raise KeyboardInterrupt  # stop there: Ctrl-C while the model loads
 
-    monkeypatch.setattr(cli, "build_detector", record)
+    monkeypatch.setattr(common, "load_detector", record)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     predict = ["predict", str(image), "--out", str(tmp_path / "out"), "--checkpoint", str(official_checkpoint),
                *model_flags]
-    assert cli.main([*predict, "--features_list", "6", "12", "18", "24", "--soft_mean"]) == cli.INTERRUPTED
+    assert cli.main([*predict, "--features_list", "6", "12", "18", "24", "--soft_mean"]) == cli.EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "interrupted" in line or "error" in line] == \
         ["predict: interrupted before any result was written; run the same command again"]
     assert "Traceback" not in err
-    assert cli.main([*predict, "--soft_mean", "False", "--force"]) == cli.INTERRUPTED
+    assert cli.main([*predict, "--soft_mean", "False", "--force"]) == cli.EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "warning: --soft_mean False contradicts the official checkpoint" in err and "--force" in err
     assert built == [([6, 12, 18, 24], True, "none", "trained_on_mvtec_crane"),
@@ -415,12 +416,13 @@ class _Loaded(Exception):
 
 def test_predict_refuses_thresholds_of_another_checkpoint_or_other_settings(tmp_path, official_checkpoint,
                                                                             model_flags, monkeypatch, capsys):
-    from crane.cli_setup import flag_errors, model_record, settle_model
+    from crane.cli.setup import flag_errors, settle_model
+    from crane.inspection.thresholds import model_record
 
-    def loaded(args, info):
+    def loaded(args, state, info):
         raise _Loaded
 
-    monkeypatch.setattr(cli, "build_detector", loaded)
+    monkeypatch.setattr(common, "load_detector", loaded)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     checkpoint = tmp_path / "ckpt" / "epoch_5.pth"
@@ -429,7 +431,7 @@ def test_predict_refuses_thresholds_of_another_checkpoint_or_other_settings(tmp_
     predict = ["predict", str(image), "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint), *model_flags]
     args = cli.build_parser().parse_args(predict)
     assert flag_errors(args) == []
-    record = model_record(args, settle_model(args)[0])
+    record = model_record(args, settle_model(args)[1])
     assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert record["features_list"] == [6, 12, 18, 24] and record["weights"]["clip"].startswith("file of ")
     path = checkpoint.parent / "thresholds.json"
@@ -461,10 +463,10 @@ def test_predict_refuses_thresholds_of_another_checkpoint_or_other_settings(tmp_
 
 def test_ctrl_c_while_predicting_keeps_scores_and_panels_in_step(mixed_folder, tmp_path, model_flags,
                                                                  official_checkpoint, detectors, monkeypatch, capsys):
-    real = cli.build_detector
+    real = common.load_detector
 
-    def interrupting(args, info):
-        detector = real(args, info)
+    def interrupting(args, state, info):
+        detector = real(args, state, info)
         calls = []
         original = type(detector).predict_tensor
 
@@ -477,12 +479,12 @@ def test_ctrl_c_while_predicting_keeps_scores_and_panels_in_step(mixed_folder, t
         monkeypatch.setattr(detector, "predict_tensor", predict_tensor, raising=False)
         return detector
 
-    monkeypatch.setattr(cli, "build_detector", interrupting)
+    monkeypatch.setattr(common, "load_detector", interrupting)
     out = tmp_path / "out"
     status = cli.main(["predict", str(mixed_folder), "--out", str(out), "--checkpoint", str(official_checkpoint),
                        *model_flags, "--threshold", "0.5"])
     err = capsys.readouterr().err
-    assert status == cli.INTERRUPTED and "Traceback" not in err
+    assert status == cli.EXIT_INTERRUPTED and "Traceback" not in err
     assert [line for line in err.splitlines() if "interrupted" in line] == [
         f"predict: interrupted; {out / 'scores.csv'} holds the 3 images scored so far (with their panels); run the "
         "same command again to score them all"]
@@ -502,7 +504,7 @@ def _tiny_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
 
 
 def test_predict_out_folder_holds_one_run(tmp_path, model_flags, official_checkpoint, detectors, capsys):
-    from crane.predict_outputs import MANIFEST
+    from crane.inspection.outputs import MANIFEST
 
     _tiny_images(tmp_path / "a", ["x.png", "sub/y.png"])
     _tiny_images(tmp_path / "b", ["z.png"], seed=1)

@@ -118,11 +118,11 @@ def served(tmp_path_factory, synth_weights, photos):
     import open_clip
     import torch
 
-    from crane import cli
+    from crane.cli import dispatch as cli
     from crane.checkpoints import metadata_entry
     from crane.models.clip_loader import load_clip
     from crane.models.prompts import PromptLearner
-    from crane.thresholds import Thresholds, save_thresholds
+    from crane.inspection.thresholds import Thresholds, save_thresholds
 
     root = tmp_path_factory.mktemp("served")
     clip_path = synth_weights("clip", **TINY_CLIP)
@@ -141,11 +141,12 @@ def served(tmp_path_factory, synth_weights, photos):
     maps = np.stack([np.load(p) for p in sorted((torch_out / "maps").glob("*.npy"))])
     image_t = float((scores[1] + scores[2]) / 2)  # halfway between two scores: a robust decision
     pixel_t = float(np.quantile(maps, 0.9))
-    from crane.cli_setup import flag_errors, model_record, settle_model
+    from crane.cli.setup import flag_errors, settle_model
+    from crane.inspection.thresholds import model_record
 
     args = cli.build_parser().parse_args(["predict", "x", "--out", "y", "--checkpoint", str(checkpoint), *flags])
     assert not flag_errors(args)
-    info, _ = settle_model(args)  # what calibrate records: checkpoint SHA-256 and settings
+    _, info, _ = settle_model(args)  # what calibrate records: checkpoint SHA-256 and settings
     save_thresholds(Thresholds(image_t, pixel_t, {"model": model_record(args, info)}), checkpoint.parent /
                     "thresholds.json")
     onnx_path = root / "graph" / "crane.onnx"
@@ -170,7 +171,7 @@ def test_export_records_settings_checkpoint_and_thresholds(served):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_predict_backends_match_the_torch_backend(backend, served, photos):
-    from crane import cli
+    from crane.cli import dispatch as cli
 
     root = served["root"]
     reference, out = root / f"torch_{backend}", root / backend
@@ -199,7 +200,7 @@ def test_predict_backends_match_the_torch_backend(backend, served, photos):
 
 
 def test_openvino_ir_from_the_command_line(served, photos, capsys):
-    from crane import cli
+    from crane.cli import dispatch as cli
     from crane.deploy import load_model
 
     xml = served["root"] / "ir" / "crane.xml"
@@ -273,7 +274,7 @@ def test_ctrl_c_after_several_openvino_models_is_a_keyboard_interrupt(served, tm
 def test_command_line_errors(served, photos, tmp_path, capsys):
     import onnx
 
-    from crane import cli
+    from crane.cli import dispatch as cli
 
     plain = tmp_path / "plain.onnx"  # an ONNX file that is not a Crane export
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import crane
-from crane import cli
+from crane.cli import dispatch as cli
 from crane.data.dataset import CraneDataset
 from crane.engine import train as engine
 from crane.engine.feature_cache import FrozenImageEncoder

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from crane.visualize import (GAP, GROUND_TRUTH, MAX_TILE, MIN_TILE, PREDICTED, heat_colors, panel_layout, render_panel,
+from crane.inspection.visualize import (GAP, GROUND_TRUTH, MAX_TILE, MIN_TILE, PREDICTED, heat_colors, panel_layout, render_panel,
                              save_panel)
 
 

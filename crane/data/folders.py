@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Optional, Sequence
 
+from crane.errors import CraneError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_FOLDERS = ("masks", "ground_truth")
 MASK_SUFFIX = "_mask"
 NORMAL_FOLDER = "good"
 
 
-class InputError(ValueError):
+class InputError(CraneError):
     """An input path, folder or glob is unusable (one-line message)."""
 
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from crane.errors import CraneError
+
 if TYPE_CHECKING:  # torch is imported where tensors are made, so image reading stays torch-free
     import torch
 
@@ -26,7 +28,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(CraneError):
     """An image or mask file is missing, truncated or in a format we cannot read."""
 
 

@@ -8,14 +8,22 @@ line naming the file and the fix.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from crane.errors import CraneError
 
 SPLITS = ("train", "test")
 SAMPLE_KEYS = {"img_path": str, "mask_path": str, "cls_name": str, "specie_name": str, "anomaly": int}
 
 
-class DatasetError(ValueError):
+def default_datasets_root() -> str:
+    """``$CRANE_DATASETS``, else ``./datasets/data``."""
+    return os.environ.get("CRANE_DATASETS", os.path.join(".", "datasets", "data"))
+
+
+class DatasetError(CraneError):
     """A dataset folder or its ``meta.json`` is missing, malformed or inconsistent."""
 
 

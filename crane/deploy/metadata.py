@@ -9,13 +9,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from crane.errors import CraneError
+
 FORMAT = "crane-export/1"
 PREFIX = "crane."
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "maps")
 
 
-class NotACraneExport(ValueError):
+class NotACraneExport(CraneError):
     """The file is not a graph written by ``python -m crane export`` (or of an unknown version)."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from crane.data.image import ImageInput
+from crane.errors import CraneError
 
 MOSAIC_CLASSES = ("hazelnut", "pill", "zipper", "bottle", "screw", "metal_nut", "cable")
 """Published quirk: the only class names the mosaic applies to (MVTec AD names)."""
@@ -32,7 +33,7 @@ STATUSES = ("normal", "abnormal")
 STATUS_WEIGHTS = (0.8, 0.2)
 
 
-class MosaicPoolError(ValueError):
+class MosaicPoolError(CraneError):
     """A mosaic drew a status of which its class has no sample (the published loader fails there too)."""
 
 

@@ -51,37 +51,34 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crane import metrics
-from crane.checkpoints import CheckpointError, CheckpointInfo, apply_settings, read_checkpoint
-from crane.choices import precision_error
-from crane.cli_setup import clip_depth
-from crane.cli_args import (ATTN_TYPES, AUPRO_METHODS, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root,
-                            setup_logging)
-from crane.data.dataset import CraneDataset, DatasetError
+from crane import metrics, settings
+from crane.checkpoints import CheckpointInfo, apply_settings, read_checkpoint
+from crane.data.dataset import CraneDataset
 from crane.data.image import PREPROCESSING, load_rgb
+from crane.data.meta import default_datasets_root
+from crane.detector import build_detector
+from crane.device import precision_error, resolve_device
 from crane.engine import results
-from crane.engine.timing import StageTimer
-from crane.engine.distributed import (DeviceError, DistContext, barrier, broadcast_from_main, gather_batches,
-                                      init_distributed, resolve_device,
+from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_batches, init_distributed,
                                       launch)
-from crane.models.crane import CraneConfig
-from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
+from crane.engine.timing import StageTimer
+from crane.errors import CraneError
+from crane.files import file_identity, is_identity
+from crane.logs import setup_logging
 from crane.models.smoothing import smooth
+from crane.models.weights import clip_depth, weights_file, weights_problems
+from crane.settings import AUPRO_METHODS
 
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(CraneError):
     """A setting of the evaluation is unusable (missing checkpoint or weights, bad option)."""
 
 
-USER_ERRORS = (EvalError, DatasetError, WeightsNotFoundError, CheckpointMismatchError, CheckpointError)
-"""Errors caused by the input (reported as one message, exit code 2 in ``test.py``)."""
-
-
 @dataclass
-class EvalOptions:
-    """Everything ``test.py`` accepts, named as its flags (see ``python test.py --help``)."""
+class EvalRun:
+    """Everything ``test.py`` accepts besides the model settings, named as its flags."""
 
     dataset: str = "mvtec"
     datasets_root_dir: str = field(default_factory=default_datasets_root)
@@ -89,28 +86,12 @@ class EvalOptions:
     epoch: int = 5
     checkpoint: Optional[str] = None
     save_path: Optional[str] = None
-    clip_weights: str = "openai"
-    dino_weights: Optional[str] = None
     device: str = "auto"
     devices: Optional[Sequence[int]] = None
     batch_size: int = 8
     num_workers: Optional[int] = None
     precision: str = "fp32"
     compile: bool = False
-    features_list: Sequence[int] = (24,)
-    dino_model: str = "dinov2"
-    soft_mean: bool = False
-    image_size: int = 518
-    sigma: float = 4
-    attn_type: str = "qq+kk+vv"
-    both_eattn_dattn: bool = True
-    use_scorebase_pooling: bool = True
-    dattn_batch_mean: bool = False
-    train_with_img_cls_prob: float = 0.0
-    train_with_img_cls_type: str = "pad_suffix"
-    n_ctx: int = 12
-    depth: int = 9
-    t_n_ctx: int = 4
     k_shot: int = 0
     portion: float = 1.0
     seed: int = 111
@@ -125,6 +106,11 @@ class EvalOptions:
     metrics_as_published: bool = False
     profile: Optional[str] = None
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
+
+
+EvalOptions = settings.with_settings(EvalRun, "test")
+"""Everything ``test.py`` accepts, named as its flags (see ``python test.py --help``): :class:`EvalRun` and
+the model settings of the ``test`` context (:data:`crane.settings.SETTINGS`)."""
 
 
 PUBLISHED_BATCH = 8
@@ -146,6 +132,7 @@ class EvalPlan:
     batches: dict[str, list[list[int]]]  # pending class -> its batches (dataset indices)
     inputs: dict[str, list[list]]  # pending class -> identities of the images its numbers depend on
     run: dict[str, Any] = field(default_factory=dict)  # names and places, recorded in metrics.json
+    checkpoint_state: dict[str, Any] = field(default_factory=dict)  # the prompt learner, read once in prepare
 
 
 
@@ -173,20 +160,11 @@ def save_path(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> Path:
 
 
 def weights_identity(weights: Optional[str], kind: str) -> Optional[str]:
-    """What identifies the CLIP (``kind="clip"``) or VFM (the ``dino_model``) weights a run uses:
-    ``size:mtime`` of the file (the cached file for ``openai`` / ``None``), or the tag ``synthetic``."""
-    if weights == "synthetic":
-        return "synthetic"
-    if weights in (None, "openai"):
-        if kind == "clip":
-            from crane.models.clip_loader import resolve_openai_weights
-
-            weights = resolve_openai_weights()
-        else:
-            from crane.models.vfm import resolve_vfm_weights
-
-            weights = resolve_vfm_weights(kind)
-    return results.file_identity(Path(str(weights)).expanduser())
+    """What identifies the CLIP (``kind="clip"``) or VFM (the ``dino_model``) weights a run uses: the
+    :func:`crane.files.file_identity` of the file (the cached file for ``openai`` / ``None``), or the tag
+    ``synthetic``."""
+    path = weights_file(kind, weights)
+    return path if path in (None, "synthetic") else file_identity(Path(path).expanduser())
 
 
 def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
@@ -199,98 +177,62 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
     batching, where it changes the maps. The precision counts (bf16 / fp16 change the numbers);
     ``compile`` does not (it only reorders float operations, as other thread counts do).
     """
-    settings = {
-        "dataset": opts.dataset,
-        "checkpoint_sha256": info.sha256,
-        "clip_weights": weights_identity(opts.clip_weights, "clip"),
-        "dino_model": opts.dino_model,
-        "dino_weights": None if opts.dino_model == "none" else weights_identity(opts.dino_weights, opts.dino_model),
-        "features_list": [int(f) for f in opts.features_list],
-        "soft_mean": bool(opts.soft_mean),
-        "image_size": int(opts.image_size),
-        "sigma": float(opts.sigma),
-        "attn_type": opts.attn_type,
-        "both_eattn_dattn": bool(opts.both_eattn_dattn),
-        "use_scorebase_pooling": bool(opts.use_scorebase_pooling),
-        "dattn_batch_mean": bool(opts.dattn_batch_mean),
-        "train_with_img_cls_prob": float(opts.train_with_img_cls_prob),
-        "train_with_img_cls_type": opts.train_with_img_cls_type,
-        "n_ctx": int(opts.n_ctx),
-        "depth": int(opts.depth),
-        "t_n_ctx": int(opts.t_n_ctx),
-        "k_shot": int(opts.k_shot),
-        "portion": float(opts.portion),
-        "seed": int(opts.seed),
-        "aupro_method": opts.aupro_method,
-        "preprocessing": opts.preprocessing,
-        "metrics_as_published": bool(opts.metrics_as_published),
-        "precision": opts.precision,
-    }
+    recorded = settings.recorded(opts, "results")
+    recorded["clip_weights"] = weights_identity(opts.clip_weights, "clip")
+    recorded["dino_weights"] = None if opts.dino_model == "none" else weights_identity(opts.dino_weights,
+                                                                                       opts.dino_model)
+    run_settings = {"dataset": opts.dataset, "checkpoint_sha256": info.sha256, **recorded,
+                    "k_shot": int(opts.k_shot), "portion": float(opts.portion), "seed": int(opts.seed),
+                    "aupro_method": opts.aupro_method, "preprocessing": opts.preprocessing,
+                    "metrics_as_published": bool(opts.metrics_as_published), "precision": opts.precision}
     if published_batching(opts):
-        settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
-    return settings
+        run_settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
+    return run_settings
 
 
 def _sample_identities(root: Path, samples: Sequence[dict]) -> list[list]:
-    """``[img_path, image size:mtime, mask size:mtime]`` of each sample (what a class's numbers depend on)."""
-    return [[s["img_path"], results.file_identity(root / s["img_path"]),
-             results.file_identity(root / s["mask_path"]) if s["mask_path"] else None] for s in samples]
-
-
-def _check_model_options(opts: EvalOptions) -> None:
-    """The model settings (after the checkpoint's are filled in)."""
-    choices = {"dino_model": DINO_MODELS, "attn_type": ATTN_TYPES, "train_with_img_cls_type": IMAGE_TOKEN_TYPES}
-    for name, allowed in choices.items():
-        if getattr(opts, name) not in allowed:
-            raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
-    if not opts.features_list:
-        raise EvalError("--features_list needs at least one layer")
-    depth = clip_depth(str(opts.clip_weights))  # read from the weights file's keys where that is cheap
-    bad = [f for f in opts.features_list if not 1 <= int(f) <= (depth or 10**6)]
-    if bad:
-        raise EvalError(f"--features_list {' '.join(map(str, bad))}: the CLIP vision tower has blocks 1..{depth}")
-    if opts.dino_model != "none" and opts.dino_weights not in (None, "synthetic") and \
-            not Path(opts.dino_weights).expanduser().is_file():
-        raise EvalError(f"--dino_weights file not found: {opts.dino_weights}")
-    if opts.dino_model != "none" and opts.dino_weights is None:
-        from crane.models.vfm import resolve_vfm_weights
-
-        resolve_vfm_weights(opts.dino_model)
+    """``[img_path, image identity, mask identity]`` of each sample (what a class's numbers depend on; the
+    identities by content, :func:`crane.files.file_identity`)."""
+    return [[s["img_path"], file_identity(root / s["img_path"]),
+             file_identity(root / s["mask_path"]) if s["mask_path"] else None] for s in samples]
 
 
 def _check_options(opts: EvalOptions) -> None:
+    """The run flags, the checkpoint's existence and the weights: all problems in one :class:`EvalError`."""
+    problems = []
     choices = {"aupro_method": AUPRO_METHODS, "preprocessing": PREPROCESSING}
     for name, allowed in choices.items():
         if getattr(opts, name) not in allowed:
-            raise EvalError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
-    if opts.train_with_img_cls_prob not in (0, 1):
-        raise EvalError(f"--train_with_img_cls_prob must be 0 (published evaluation: one text pair for all images) "
-                        f"or 1 (prompts conditioned on each image) at test, got {opts.train_with_img_cls_prob}")
+            problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
     if opts.batch_size < 1:
-        raise EvalError(f"--batch_size must be >= 1, got {opts.batch_size}")
-    if opts.image_size < 14:
-        raise EvalError(f"--image_size must be >= 14 (one 14-pixel patch), got {opts.image_size}")
+        problems.append(f"--batch_size must be >= 1, got {opts.batch_size}")
     try:
         opts.device, opts.devices = resolve_device(opts.device, opts.devices)
-    except DeviceError as e:
-        raise EvalError(str(e)) from None
-    if opts.sigma < 0:
-        raise EvalError(f"--sigma must be >= 0 (0: no smoothing), got {opts.sigma}")
-    problem = precision_error(opts.precision, opts.device)
-    if problem:
-        raise EvalError(problem)
+    except CraneError as e:
+        problems.append(str(e))
+    else:
+        problem = precision_error(opts.precision, opts.device)
+        if problem:
+            problems.append(problem)
     checkpoint = checkpoint_path(opts)
     if not checkpoint.is_file():
-        hint = ("pass --checkpoint FILE, or --model_name NAME --epoch N for checkpoints/NAME/epoch_N.pth (shipped: "
-                "trained_on_{mvtec,visa}_{crane,cranep}, epochs 1-5)")
-        raise EvalError(f"checkpoint not found: {checkpoint}; {hint}")
-    if opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file():
-        raise EvalError(f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached "
-                        f"download), a ViT-L-14-336px.pt file, or synthetic")
-    if opts.clip_weights == "openai":
-        from crane.models.clip_loader import resolve_openai_weights
+        problems.append(f"checkpoint not found: {checkpoint}; pass --checkpoint FILE, or --model_name NAME --epoch N "
+                        "for checkpoints/NAME/epoch_N.pth (shipped: trained_on_{mvtec,visa}_{crane,cranep}, epochs 1-5)")
+    problems += weights_problems(opts.clip_weights, "none", None)
+    if problems:
+        raise EvalError("; ".join(problems))
 
-        resolve_openai_weights()  # raises WeightsNotFoundError (what to fetch, where) before any process starts
+
+def _check_model_options(opts: EvalOptions) -> None:
+    """The model settings, after the checkpoint's are filled in (:func:`crane.settings.problems`), the
+    layers against the tower read from the weights file, and the VFM weights."""
+    problems = settings.problems(opts, "test")
+    if not problems:
+        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
+                                            str(opts.clip_weights))
+    problems += weights_problems("synthetic", opts.dino_model, opts.dino_weights)
+    if problems:
+        raise EvalError("; ".join(problems))
 
 
 def published_batching(opts: EvalOptions) -> bool:
@@ -340,12 +282,18 @@ def _batch_paths(dataset: CraneDataset, batches: list[list[int]], opts: EvalOpti
 def _finished(record: Optional[dict], settings: dict, img_paths: list[str], inputs: list[list],
               batches: Optional[list[list[str]]], opts: EvalOptions) -> bool:
     """Whether a saved class record can be reused for this run: same settings (checkpoint and weights
-    by content), same images and masks (by size and modification time), same batches."""
+    by content), same images and masks (by content, :func:`crane.files.file_identity`), same batches."""
     return (isinstance(record, dict) and record.get("settings") == settings
             and [p["img_path"] for p in record.get("predictions", [])] == img_paths
             and record.get("inputs") == inputs and record.get("batches") == batches
             and (record.get("maps_saved") or not opts.save_maps)
             and (record.get("visualized") or not opts.visualize))
+
+
+def _old_format(record: Optional[dict]) -> bool:
+    """Whether a class record keys its images in the format before content identities (``size:mtime``)."""
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    return bool(inputs) and not all(is_identity(row[1]) for row in inputs if isinstance(row, list) and len(row) > 1)
 
 
 def _dataset(opts: EvalOptions, root: Path, classes: Optional[list[str]] = None, validate: bool = True) -> CraneDataset:
@@ -359,15 +307,15 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     with a clear message."""
     opts = dataclasses.replace(opts)
     _check_options(opts)
-    _, info = read_checkpoint(checkpoint_path(opts))
+    state, info = read_checkpoint(checkpoint_path(opts))
     for note in apply_settings(opts, opts.explicit, info, opts.force):
         log.warning("%s", note)
     _check_model_options(opts)
     root = Path(opts.datasets_root_dir) / opts.dataset
     dataset = _dataset(opts, root)
-    settings = result_settings(opts, info)
+    recorded = result_settings(opts, info)
     save = save_path(opts, info)
-    pending, stale, identities = [], [], {}
+    pending, stale, old, identities = [], [], [], {}
     every = class_batches(dataset, dataset.classes, opts)
     for cls_name in dataset.classes:
         mine = [s for s in dataset.samples if s["cls_name"] == cls_name]
@@ -375,11 +323,16 @@ def prepare(opts: EvalOptions) -> EvalPlan:
                                     [dataset.samples[i] for i in sorted({i for b in every[cls_name] for i in b})])
         identities[cls_name] = inputs
         record = results.read_json(_class_file(save, cls_name))
-        if not _finished(record, settings, [s["img_path"] for s in mine], inputs,
+        if not _finished(record, recorded, [s["img_path"] for s in mine], inputs,
                          _batch_paths(dataset, every[cls_name], opts), opts):
             pending.append(cls_name)
-            if record is not None:
+            if _old_format(record):
+                old.append(cls_name)
+            elif record is not None:
                 stale.append(cls_name)
+    if old:
+        log.warning("%s holds results of %s recorded by an older crane, which compared images by size and "
+                    "modification time: recomputing them once, now keyed on content", save, ", ".join(old))
     if stale:
         log.warning("%s holds results of %s from other settings, images or outputs: recomputing them",
                     save, ", ".join(stale))
@@ -389,24 +342,11 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     run = {"run_name": run_name(opts, info), "checkpoint": str(checkpoint_path(opts)), "checkpoint_source": info.source,
            "dataset_dir": str(root), "clip_weights": str(opts.clip_weights), "dino_weights": opts.dino_weights,
            "why": opts.why}
-    return EvalPlan(opts, root, checkpoint_path(opts), save, settings, dataset.classes, pending, batches,
-                    {c: identities[c] for c in pending}, run)
+    return EvalPlan(opts, root, checkpoint_path(opts), save, recorded, dataset.classes, pending, batches,
+                    {c: identities[c] for c in pending}, run, state)
 
 
 # -------------------------------------------------------------------------- inference
-
-
-def build_detector(opts: EvalOptions, checkpoint: Path, device: torch.device):
-    """The :class:`crane.Detector` for these options on ``device``."""
-    from crane.detector import Detector, build_model
-
-    try:
-        model = build_model(opts.clip_weights, str(checkpoint), opts.dino_weights, CraneConfig.from_options(opts))
-    except ValueError as e:  # e.g. --features_list outside a tower read from a file
-        if isinstance(e, USER_ERRORS):
-            raise
-        raise EvalError(str(e)) from None
-    return Detector(model, device, opts.precision, opts.batch_size, opts.compile)
 
 
 def predict_batch(detector, images: torch.Tensor, image_token_type: Optional[str] = None,
@@ -567,8 +507,8 @@ def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> N
     The predicted region is outlined at the class's pixel F1-max threshold (the operating
     point of the ``pixel_f1`` metric), the ground truth in green; no outline without masks.
     """
-    from crane.thresholds import max_f1_threshold
-    from crane.visualize import save_panel
+    from crane.inspection.thresholds import max_f1_threshold
+    from crane.inspection.visualize import save_panel
 
     masks = collector.masks
     threshold = max_f1_threshold(masks, collector.pixel_maps)[0] if masks.any() and not masks.all() else None
@@ -678,7 +618,7 @@ def _plan_on_main(opts: EvalOptions, ctx: DistContext) -> EvalPlan:
     if ctx.is_main:
         try:
             plan = prepare(opts)
-        except USER_ERRORS as e:
+        except CraneError as e:
             error = str(e)
     plan, error = broadcast_from_main((plan, error), ctx)
     if error:
@@ -692,13 +632,29 @@ def _set_cpu_threads(ctx: DistContext) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
-    """One process of an evaluation (the only one, or one rank of many)."""
-    setup_logging()  # a spawned process starts without the parent's logging configuration
+def join(opts: EvalOptions) -> DistContext:
+    """This process's place in the evaluation (joining the process group when there are several), with its
+    CPU threads shared fairly among the processes of the machine."""
     torch_launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     devices = list(opts.devices) if opts.devices else None
     ctx = init_distributed(opts.device, devices if not torch_launched or (devices and len(devices) > 1) else None)
     _set_cpu_threads(ctx)
+    return ctx
+
+
+def rank_loader(plan: EvalPlan, ctx: DistContext) -> DataLoader:
+    """The loader of this rank's batches of ``plan``: preprocessed images and masks, in the order
+    :func:`worker` predicts them (for measuring decoding alone)."""
+    dataset = _dataset(plan.opts, plan.root, validate=False)
+    return _loader(dataset, _Schedule(plan, dataset).rank_batches(ctx), plan.opts, ctx)
+
+
+def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None,
+           build: Callable[[EvalOptions, dict], Any] = build_detector) -> None:
+    """One process of an evaluation (the only one, or one rank of many). ``build(options, checkpoint_state)``
+    makes the detector (:func:`crane.detector.build_detector`; benchmarks pass their own)."""
+    setup_logging()  # a spawned process starts without the parent's logging configuration
+    ctx = join(opts)
     if plan is None:
         plan = _plan_on_main(opts, ctx)
     opts = plan.opts
@@ -710,7 +666,7 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None) -> None:
     timer = StageTimer(enabled=opts.profile is not None, device=ctx.device)
     if plan.pending:
         torch.manual_seed(opts.seed)
-        detector = build_detector(opts, plan.checkpoint, ctx.device)
+        detector = build(dataclasses.replace(opts, device=ctx.device), plan.checkpoint_state)
         timer.restart()  # stages and images/s count from here: building the model is not throughput
         dataset = _dataset(opts, plan.root, validate=False)
         schedule = _Schedule(plan, dataset)

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from crane.files import save_torch
 from crane.models.crane import CraneModel, ImageFeatures
 from crane.models.precision import autocast, maybe_compiled
 
@@ -105,17 +106,6 @@ def _entry(embedding: torch.Tensor, sets: Sequence[Optional[torch.Tensor]]) -> E
     return {"embedding": embedding.detach().cpu().clone(), "sets": distinct, "layout": layout}
 
 
-def file_identity(path: Union[str, os.PathLike, None]) -> Optional[str]:
-    """``realpath:size:mtime_ns`` of a file, or the value itself for tags (``openai``, ``synthetic``) and ``None``."""
-    if path is None:
-        return None
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_file():
-        return str(path)
-    st = p.stat()
-    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def options_key(settings: Mapping[str, Any]) -> str:
     """A short stable hash of the settings that determine the features."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -145,10 +135,7 @@ class FeatureCache:
         if self.folder is None:
             self._memory[key] = entry
             return
-        path = self._file(key)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
+        save_torch(entry, self._file(key))
 
     def update(self, entries: Mapping[str, Entry]) -> None:
         for key, entry in entries.items():

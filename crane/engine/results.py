@@ -1,63 +1,33 @@
-"""Result files written atomically: a reader never sees a half-written file.
-
-Every writer goes through a temporary file in the target's folder and
-``os.replace``, so an interrupted run leaves either the old file or the new one.
-"""
+"""Result files (metrics, predictions, tables), written atomically through :mod:`crane.files`: a reader
+never sees a half-written file."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from crane import files
+from crane.files import write_text
+
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_aupro", "pixel_f1")
 PREDICTION_COLUMNS = ("img_path", "cls_name", "specie_name", "anomaly", "score")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders."""
-    _write_atomic(path, text.encode("utf-8"))
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (non-finite floats are not allowed: use ``None``)."""
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    files.write_json(path, obj, allow_nan=False)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Save one array as ``.npy`` atomically."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    _write_atomic(path, buffer.getvalue())
+    files.write_bytes(path, buffer.getvalue())
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
@@ -67,15 +37,6 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, An
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
-
-
-def file_identity(path: Path) -> Optional[str]:
-    """``size:mtime_ns`` of a file (what resume compares), or ``None`` when it does not exist."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def read_json(path: Path) -> Optional[Any]:

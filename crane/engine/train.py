@@ -57,22 +57,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from crane.checkpoints import OFFICIAL, metadata_entry, sha256_file
-from crane.choices import PRECISIONS, precision_error
-from crane.cli_args import ATTN_TYPES, DINO_MODELS, IMAGE_TOKEN_TYPES, default_datasets_root, setup_logging
-from crane.data.dataset import CraneDataset, DatasetError, training_order
+from crane import settings
+from crane.checkpoints import OFFICIAL, metadata_entry, read_checkpoint, sha256_file
+from crane.data.dataset import CraneDataset, training_order
 from crane.data.image import load_mask, preprocess
-from crane.detector import build_model
-from crane.engine.augment import MosaicPoolError, draw_mosaic, mosaic
-from crane.engine.distributed import DeviceError, DistContext, barrier, broadcast_from_main, init_distributed, launch
-from crane.engine.distributed import resolve_device as resolve_device_value
-from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, file_identity, options_key
+from crane.data.meta import default_datasets_root
+from crane.device import precision_error
+from crane.device import resolve_device as resolve_device_value
+from crane.engine.augment import draw_mosaic, mosaic
+from crane.engine.distributed import DistContext, barrier, broadcast_from_main, init_distributed, launch
+from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, options_key
 from crane.engine.published_init import ClipShapes, replay_published_draws
 from crane.engine.results import fixed
+from crane.files import file_identity, save_torch, write_text
+from crane.logs import setup_logging
 from crane.losses import crane_loss
+from crane.models.build import build_model
 from crane.models.crane import CraneConfig, CraneModel
-from crane.models.errors import CheckpointMismatchError, WeightsNotFoundError
-from crane.models.prompts import load_prompt_checkpoint, save_prompt_checkpoint
+from crane.models.errors import ModelSettingsError
+from crane.models.weights import clip_depth, weights_file, weights_problems
+from crane.models.prompts import save_prompt_checkpoint
+from crane.settings import PRECISIONS
+from crane.errors import CraneError
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +95,22 @@ PUBLISHED_WORKERS = 16
 """Worker processes of the published training DataLoader (``num_workers=16``)."""
 PUBLISHED_WORKER_SEED = 111
 """Published quirk: ``seed_worker`` seeds each worker's ``random`` with ``111 + worker id``, not ``--seed``."""
+CACHE_FORMAT = 3
+"""Version of the disk cache's key: 3 keys files by content (2 by size and modification time)."""
 DISK_CACHE_FOLDER = ".feature_cache"
 """``--feature_cache disk`` keeps entries under ``SAVE_PATH/.feature_cache/KEY`` (shared by the runs of a save
 path; KEY covers the weights and options, each entry's name the image and mask files)."""
-VIT_L_BLOCKS = 24
-"""Blocks of the ViT-L/14 vision tower (and of ``--clip_weights synthetic``)."""
 NO_EFFECT_FLAGS = {"why": "a note for the run's records", "train_data_path": "replaced by DATASETS_ROOT_DIR/DATASET"}
 """Published flags that change nothing here (as in the published script); said once when given."""
 
 
-class TrainError(ValueError):
+class TrainError(CraneError):
     """A training setting is unusable (bad option, missing file, resume that does not fit)."""
 
 
-USER_ERRORS = (TrainError, DatasetError, CheckpointMismatchError, WeightsNotFoundError, MosaicPoolError)
-
-
 @dataclass
-class TrainOptions:
-    """Everything ``train.py`` accepts, named as its flags (see ``python train.py --help``)."""
+class TrainRun:
+    """Everything ``train.py`` accepts besides the model settings, named as its flags."""
 
     dataset: Sequence[str] = ("mvtec",)
     datasets_root_dir: str = field(default_factory=default_datasets_root)
@@ -121,23 +124,9 @@ class TrainOptions:
     aug_rate: float = 0.0
     k_shot: int = 0
     portion: float = 1.0
-    image_size: int = 518
-    features_list: Sequence[int] = (24,)
     interpolation: str = "nearest"
-    depth: int = 9
-    n_ctx: int = 12
-    t_n_ctx: int = 4
-    train_with_img_cls_prob: float = 1.0
-    train_with_img_cls_type: str = "pad_suffix"
-    dino_model: str = "dinov2"
-    both_eattn_dattn: bool = True
-    use_scorebase_pooling: bool = True
-    attn_type: str = "qq+kk+vv"
-    dattn_batch_mean: bool = True
     device: str = "auto"
     devices: Optional[Sequence[int]] = None
-    clip_weights: str = "openai"
-    dino_weights: Optional[str] = None
     init_checkpoint: Optional[str] = None
     resume: bool = False
     overwrite: bool = False
@@ -148,6 +137,11 @@ class TrainOptions:
     type: str = "train"
     why: Optional[str] = None
     train_data_path: Optional[Sequence[str]] = None
+
+
+TrainOptions = settings.with_settings(TrainRun, "train")
+"""Everything ``train.py`` accepts, named as its flags (see ``python train.py --help``): :class:`TrainRun` and
+the model settings of the ``train`` context (:data:`crane.settings.SETTINGS`)."""
 
 
 def run_dir(opts: TrainOptions) -> Path:
@@ -162,23 +156,10 @@ def result_settings(opts: TrainOptions, world_size: int) -> dict[str, Any]:
     checkpoints are kept, the cache mode, the data-loading workers, the devices and ``compile``.
     The image side's ``precision`` is included (bf16 / fp16 change the features).
     """
-    keep = ("dataset", "seed", "learning_rate", "batch_size", "aug_rate", "k_shot", "portion", "image_size",
-            "features_list", "interpolation", "depth", "n_ctx", "t_n_ctx", "train_with_img_cls_prob",
-            "train_with_img_cls_type", "dino_model", "both_eattn_dattn", "use_scorebase_pooling", "attn_type",
-            "dattn_batch_mean", "clip_weights", "dino_weights", "init_checkpoint", "type", "precision")
-    settings = {k: getattr(opts, k) for k in keep}
-    settings["dataset"] = list(opts.dataset)
-    settings["features_list"] = list(opts.features_list)
-    settings["world_size"] = world_size
-    return settings
-
-
-def model_settings(opts: TrainOptions) -> dict[str, Any]:
-    """The model settings a checkpoint of this run records (``crane.checkpoints`` names)."""
-    return {"dino_model": opts.dino_model, "features_list": [int(f) for f in opts.features_list],
-            "attn_type": opts.attn_type, "both_eattn_dattn": opts.both_eattn_dattn,
-            "use_scorebase_pooling": opts.use_scorebase_pooling, "n_ctx": opts.n_ctx, "t_n_ctx": opts.t_n_ctx,
-            "depth": opts.depth, "image_size": opts.image_size}
+    keep = ("seed", "learning_rate", "batch_size", "aug_rate", "k_shot", "portion", "interpolation",
+            "init_checkpoint", "type", "precision")
+    return {"dataset": list(opts.dataset), **{k: getattr(opts, k) for k in keep},
+            **settings.recorded(opts, "train"), "world_size": world_size}
 
 
 def resolve_device(opts: TrainOptions) -> tuple[str, list[int]]:
@@ -186,7 +167,7 @@ def resolve_device(opts: TrainOptions) -> tuple[str, list[int]]:
     without a GPU trains on the CPU with a warning, as the published train.py does."""
     try:
         kind, devices = resolve_device_value(opts.device, opts.devices, index_falls_back_to_cpu=True)
-    except DeviceError as e:
+    except CraneError as e:
         raise TrainError(str(e)) from None
     if kind == "cpu" and str(opts.device).strip().isdigit():
         log.warning("--device %s: no GPU here, training on the CPU (as the published train.py does)", opts.device)
@@ -194,7 +175,7 @@ def resolve_device(opts: TrainOptions) -> tuple[str, list[int]]:
 
 
 def _check_options(opts: TrainOptions) -> None:
-    """Reject unusable options with one clear line, before any model work."""
+    """Reject unusable options before any model work: every problem, in one :class:`TrainError`."""
     checks = [
         (not opts.dataset, "--dataset needs at least one dataset key"),
         (opts.epoch < 1, f"--epoch must be >= 1, got {opts.epoch}"),
@@ -204,32 +185,20 @@ def _check_options(opts: TrainOptions) -> None:
         (not 0.0 <= opts.aug_rate <= 1.0, f"--aug_rate must be in [0, 1], got {opts.aug_rate}"),
         (opts.k_shot < 0, f"--k_shot must be >= 0, got {opts.k_shot}"),
         (not 0.0 < opts.portion <= 1.0, f"--portion must be in (0, 1], got {opts.portion}"),
-        (not 0.0 <= opts.train_with_img_cls_prob <= 1.0,
-         f"--train_with_img_cls_prob must be in [0, 1], got {opts.train_with_img_cls_prob}"),
-        (opts.image_size < 14, f"--image_size must be >= 14, got {opts.image_size}"),
-        (not opts.features_list, "--features_list needs at least one layer"),
-        (opts.clip_weights in ("openai", "synthetic") and any(not 1 <= int(f) <= VIT_L_BLOCKS for f in opts.features_list),
-         f"--features_list must name blocks 1..{VIT_L_BLOCKS} of the CLIP vision tower, got "
-         f"{' '.join(map(str, opts.features_list))}"),
         (opts.interpolation not in INTERPOLATIONS, f"--interpolation must be one of {', '.join(INTERPOLATIONS)}"),
-        (opts.dino_model not in DINO_MODELS, f"--dino_model must be one of {', '.join(DINO_MODELS)}"),
-        (opts.attn_type not in ATTN_TYPES, f"--attn_type must be one of {', '.join(ATTN_TYPES)}"),
-        (opts.train_with_img_cls_type not in IMAGE_TOKEN_TYPES,
-         f"--train_with_img_cls_type must be one of {', '.join(IMAGE_TOKEN_TYPES)}"),
         (opts.feature_cache not in FEATURE_CACHES, f"--feature_cache must be one of {', '.join(FEATURE_CACHES)}"),
         (opts.precision not in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}"),
         (opts.resume and opts.overwrite, "--resume and --overwrite exclude each other: continue the run or replace it"),
         (opts.init_checkpoint is not None and not Path(opts.init_checkpoint).expanduser().is_file(),
          f"--init_checkpoint file not found: {opts.init_checkpoint}"),
-        (opts.clip_weights not in ("openai", "synthetic") and not Path(opts.clip_weights).expanduser().is_file(),
-         f"CLIP weights file not found: {opts.clip_weights}; pass --clip_weights openai (cached download), "
-         "a ViT-L-14-336px.pt file, or synthetic"),
-        (opts.dino_weights not in (None, "synthetic") and not Path(opts.dino_weights).expanduser().is_file(),
-         f"--dino_weights file not found: {opts.dino_weights}"),
     ]
-    for bad, message in checks:
-        if bad:
-            raise TrainError(message)
+    problems = [message for bad, message in checks if bad] + settings.problems(opts, "train")
+    if not problems:
+        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
+                                            str(opts.clip_weights))
+    problems += weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights)
+    if problems:
+        raise TrainError("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------ data
@@ -352,17 +321,10 @@ def build_training_model(opts: TrainOptions) -> CraneModel:
     """Frozen CLIP (+ VFM) with a prompt learner holding the published initial prompts of ``seed`` (or
     ``init_checkpoint``); the global torch generator is left where the published one is."""
     config = CraneConfig.from_options(opts)
-    quiet = logging.getLogger("crane.detector")  # its "prompts are untrained" warning is the point of training
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
         model = build_model(opts.clip_weights, None, opts.dino_weights, config)
-    except ValueError as e:
-        if "features_list" in str(e):  # blocks outside a weights file's tower (known once it is read)
-            raise TrainError(f"--features_list: {e}") from None
-        raise
-    finally:
-        quiet.setLevel(level)
+    except ModelSettingsError as e:  # blocks outside a weights file's tower (known once it is read)
+        raise TrainError(f"--features_list: {e}") from None
     if _needs_published_draws(opts):
         torch.manual_seed(opts.seed)
         if not replay_published_draws(ClipShapes.of(model.clip), opts.dino_model):
@@ -370,7 +332,7 @@ def build_training_model(opts: TrainOptions) -> CraneModel:
                         "prompts differ from the published run's", opts.dino_model)
         model.prompt_learner.reset_parameters()
     if opts.init_checkpoint is not None:
-        model.prompt_learner.load_official(load_prompt_checkpoint(opts.init_checkpoint), source=str(opts.init_checkpoint))
+        model.prompt_learner.load_official(read_checkpoint(opts.init_checkpoint)[0], source=str(opts.init_checkpoint))
     model.prompt_learner.requires_grad_(True)
     return model
 
@@ -394,20 +356,12 @@ def published_determinism() -> Iterator[None]:
 # ------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_state(path: Path, epoch: int, learner: nn.Module, optimizer: torch.optim.Optimizer,
                 settings: dict[str, Any]) -> None:
     """``last.pt``: everything a resumed run needs after ``epoch`` complete epochs (atomic)."""
     state = {"epoch": epoch, "settings": settings, "prompt_learner": learner.state_dict(),
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)
 
 
 def _load_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +385,7 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
@@ -519,7 +473,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=opts.learning_rate, betas=ADAM_BETAS)
         self.encoder = FrozenImageEncoder(self.model, opts.precision, opts.compile)
         self.cache = self._make_cache()
-        self.metadata = metadata_entry(model_settings(opts), {**self.settings, "epochs": opts.epoch})
+        self.metadata = metadata_entry(settings.recorded(opts, "checkpoint"), {**self.settings, "epochs": opts.epoch})
 
     def _make_cache(self) -> Optional[FeatureCache]:
         if self.opts.feature_cache == "off":
@@ -675,7 +629,7 @@ class Trainer:
             for path in _epoch_files(self.dir) + [self.dir / name for name in RUN_FILES]:
                 path.unlink(missing_ok=True)
         args = {**asdict(self.opts), "world_size": self.ctx.world_size, "crane": self.metadata}
-        _write_atomic(self.dir / "args.json", json.dumps(args, indent=2, default=list) + "\n")
+        write_text(self.dir / "args.json", json.dumps(args, indent=2, default=list) + "\n")
         if run_log is not None:
             run_log.open(self.dir / "train.log", append=done > 0)
 
@@ -721,34 +675,25 @@ class Trainer:
 
 
 def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
-    """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (resolved path, size and
-    modification time) and every option that changes the features; entries inside are named by their
-    image's and mask's identities, so changed files or weights are never served from the cache."""
-    key = options_key({"format": 2, "clip": file_identity(_weights_file(opts.clip_weights)),
-                       "dino": file_identity(_vfm_file(opts.dino_model, opts.dino_weights)),
+    """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (by content,
+    :func:`crane.files.file_identity`) and every option that changes the features; entries inside are named by
+    their image's and mask's identities, so changed files or weights are never served from the cache."""
+    key = options_key({"format": CACHE_FORMAT, "clip": file_identity_of(weights_file("clip", opts.clip_weights)),
+                       "dino": file_identity_of(weights_file(opts.dino_model, opts.dino_weights)),
                        "dino_model": opts.dino_model, "image_size": opts.image_size,
                        "features_list": list(opts.features_list), "attn_type": opts.attn_type,
                        "both_eattn_dattn": opts.both_eattn_dattn, "dattn_batch_mean": opts.dattn_batch_mean,
                        "precision": opts.precision, "config": asdict(config)})
-    return Path(opts.save_path) / DISK_CACHE_FOLDER / key
+    folder = Path(opts.save_path) / DISK_CACHE_FOLDER
+    if folder.is_dir() and not (folder / key).is_dir() and any(p.is_dir() for p in folder.iterdir()):
+        log.info("%s holds features of other weights or settings, or keyed by an older crane (on size and "
+                 "modification time): the features of this run are computed once and kept under %s", folder, key)
+    return folder / key
 
 
-def _weights_file(clip_weights: str) -> str:
-    """The CLIP weights file behind ``clip_weights`` (``openai`` resolved to the cached file)."""
-    if clip_weights == "openai":
-        from crane.models.clip_loader import resolve_openai_weights
-
-        return resolve_openai_weights()
-    return clip_weights
-
-
-def _vfm_file(dino_model: str, dino_weights: Optional[str]) -> Optional[str]:
-    """The VFM weights file (the hub/HF cache file when none is given), ``None`` for Crane."""
-    if dino_model == "none" or dino_weights is not None:
-        return dino_weights
-    from crane.models.vfm import VFMS, _resolve_file
-
-    return _resolve_file(dino_model, VFMS[dino_model])
+def file_identity_of(weights: Optional[str]) -> Optional[str]:
+    """:func:`crane.files.file_identity` of a weights file; a tag (``synthetic``) or ``None`` as it is."""
+    return weights if weights in (None, "synthetic") else file_identity(Path(weights).expanduser())
 
 
 def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
@@ -779,7 +724,7 @@ def _check_init_checkpoint(opts: TrainOptions) -> None:
 
     from crane.models.prompts import PromptLearner
 
-    state = load_prompt_checkpoint(opts.init_checkpoint)
+    state, _ = read_checkpoint(opts.init_checkpoint)
     ctx = state.get("ctx_pos")
     width = ctx.shape[-1] if isinstance(ctx, torch.Tensor) and ctx.ndim else 768
     learner = PromptLearner(nn.Embedding(49408, width), open_clip.get_tokenizer("ViT-L-14-336"), opts.n_ctx,
@@ -799,7 +744,7 @@ def _say_no_effect(opts: TrainOptions) -> None:
 def train(opts: TrainOptions) -> Path:
     """Check the options, the data and the run folder, then train (one process per device); return the run folder.
 
-    Every unusable input raises one of :data:`USER_ERRORS` before any model is built.
+    Every unusable input raises a :class:`~crane.errors.CraneError` before any model is built.
     """
     _check_options(opts)
     device, devices = resolve_device(opts)

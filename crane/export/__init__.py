@@ -3,7 +3,7 @@
 * :mod:`crane.export.graph`: :class:`InferenceGraph`, the module that is exported
   (images -> scores, smoothed maps).
 * :mod:`crane.export.writer`: ONNX / OpenVINO IR files with their metadata (exporter and opset choice).
-* :mod:`crane.export.command`: ``python -m crane export`` (torch-free on import).
+* ``python -m crane export`` itself is :mod:`crane.cli.export`.
 
 The exported files are run by :mod:`crane.deploy`, which needs no torch.
 """

@@ -32,8 +32,5 @@ class InferenceGraph(nn.Module):
         return self.model.config.image_size
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model, text = self.model, self.text_features
-        features = model.encode_image(images)
-        logits = model.patch_logits(features, text)
-        scores = model.scores(features, logits, text)
-        return scores.float(), gaussian_smooth(model.maps(logits).float(), model.config.sigma)
+        scores, maps = self.model(images, self.text_features)
+        return scores, gaussian_smooth(maps, self.model.config.sigma)

@@ -1,51 +1,38 @@
 """The Crane / Crane+ model: frozen CLIP (+ VFM) with E-Attn, D-Attn and learnable prompts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
+from .errors import ModelSettingsError
 from .head import TAU, anomaly_probability_maps, image_scores, patch_logits
 from .prompts import PromptLearner, encode_text
 from .vfm import VisionFoundationModel, dattn_attention
 from .vision import CraneVisionEncoder, resample_tokens
 
 
-@dataclass
-class CraneConfig:
-    """Test-time options, named as the original flags.
+def _config_from_options(cls, options: Any) -> "CraneConfig":
+    """The config of any object whose attributes are named as the settings (parsed arguments,
+    ``EvalOptions``, ``TrainOptions``); fields it lacks keep their defaults."""
+    values = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+    if "features_list" in values:
+        values["features_list"] = tuple(int(i) for i in values["features_list"])
+    return cls(**values)
 
-    ``layer_aliasing`` reproduces quirk 1 (all E-Attn layers return the last refined
-    stream); ``dattn_batch_mean`` quirk 3 (D-Attn mean over the whole batch).
-    """
 
-    features_list: tuple[int, ...] = (24,)
-    dino_model: str = "none"
-    soft_mean: bool = False
-    image_size: int = 518
-    attn_type: str = "qq+kk+vv"
-    sigma: float = 4.0
-    both_eattn_dattn: bool = True
-    use_scorebase_pooling: bool = True
-    dattn_batch_mean: bool = False
-    layer_aliasing: bool = True
-    eattn_layers: int = 19
-    n_ctx: int = 12
-    t_n_ctx: int = 4
-    depth: int = 9
-    dattn_gamma: float = 3.0
-
-    @classmethod
-    def from_options(cls, options: Any) -> "CraneConfig":
-        """The config of any object whose attributes are named as the flags (parsed arguments,
-        ``EvalOptions``, ``TrainOptions``); fields it lacks keep their defaults."""
-        values = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
-        if "features_list" in values:
-            values["features_list"] = tuple(int(i) for i in values["features_list"])
-        return cls(**values)
+CraneConfig = make_dataclass(
+    "CraneConfig",
+    [(s.name, s.type if not s.many else tuple, field(default=s.default_for("api")))
+     for s in settings.SETTINGS if "config" in s.records],
+    namespace={"from_options": classmethod(_config_from_options), "__module__": __name__,
+               "__doc__": "The model's settings: the ``config`` settings of :data:`crane.settings.SETTINGS`, with "
+                          "their ``api`` defaults (``layer_aliasing`` reproduces quirk 1, ``dattn_batch_mean`` "
+                          "quirk 3)."})
 
 
 @dataclass
@@ -86,7 +73,7 @@ class CraneModel(nn.Module):
         depth = self.vision.depth
         bad = [i for i in config.features_list if not 1 <= i <= depth]
         if bad:
-            raise ValueError(f"features_list {bad} outside the vision tower's blocks 1..{depth}")
+            raise ModelSettingsError(f"features_list {bad} outside the vision tower's blocks 1..{depth}")
 
     def text_features(self, image_embedding: Optional[torch.Tensor] = None, image_token_type: str = "pad_suffix",
                       published_rounding: bool = True) -> torch.Tensor:
@@ -178,3 +165,14 @@ class CraneModel(nn.Module):
     def maps(self, logits: list[torch.Tensor], mode: str = "bilinear") -> torch.Tensor:
         """Unsmoothed anomaly maps ``B x S x S`` (channel 1 of the probability maps)."""
         return anomaly_probability_maps(logits, self.config.image_size, self.config.soft_mean, mode)[:, 1]
+
+    def head(self, features: ImageFeatures, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded images and text features (``1 x 2 x E``, or ``B x 2 x E`` image-conditioned) ->
+        (image scores ``B``, unsmoothed maps ``B x S x S``), float32."""
+        logits = self.patch_logits(features, text)
+        return self.scores(features, logits, text).float(), self.maps(logits).float()
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B x 3 x S x S`` CLIP-normalised images and text features -> (scores ``B``, unsmoothed maps
+        ``B x S x S``), float32: the test-time path that :class:`crane.Detector` and the export graph share."""
+        return self.head(self.encode_image(images), text)

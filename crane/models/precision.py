@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 
-from ..choices import PRECISIONS as PRECISION_NAMES
+from ..settings import PRECISIONS as PRECISION_NAMES
 
 log = logging.getLogger(__name__)
 

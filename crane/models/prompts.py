@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crane.files import save_torch
+
 from .errors import CheckpointMismatchError
 
 IMAGE_TOKEN_TYPES = ("pad_suffix", "pad_prefix", "replace_prefix", "replace_suffix")
@@ -194,19 +196,15 @@ def load_prompt_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Ten
 
 def save_prompt_checkpoint(learner: PromptLearner, path: Union[str, os.PathLike],
                            extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Write ``{"prompt_learner": state_dict, **extra}`` atomically (temp file + rename).
+    """Write ``{"prompt_learner": state_dict, **extra}`` atomically (:func:`crane.files.save_torch`).
 
     ``extra`` holds further top-level entries (``train.py`` adds ``"crane"``, the settings it
     trained with; see :mod:`crane.checkpoints`); readers of the official format use
     ``["prompt_learner"]`` only.
     """
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     state = {"prompt_learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}
     for key, value in (extra or {}).items():
         if key in state:
             raise ValueError(f"extra checkpoint entry {key!r} would replace the prompt learner")
         state[key] = value
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)

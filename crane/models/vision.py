@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import ATTN_TYPES
+from ..settings import ATTN_TYPES
 
 _TERMS = {"qq+kk+vv": "vkq", "qq+kk": "kq", "qq": "q", "kk": "k", "vv": "v"}
 

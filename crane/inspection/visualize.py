@@ -27,6 +27,8 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
+from crane.files import write_bytes
+
 MIN_TILE = 256
 MAX_TILE = 640
 GAP = 8
@@ -176,20 +178,13 @@ def render_panel(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: Opti
 
 
 def write_png(path: Union[str, os.PathLike], image: np.ndarray) -> None:
-    """Write an RGB (``H x W x 3``) or gray (``H x W``) uint8 array as PNG atomically (temp file + rename)."""
+    """Write an RGB (``H x W x 3``) or gray (``H x W``) uint8 array as PNG atomically (:mod:`crane.files`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = image[..., ::-1] if image.ndim == 3 else image
     ok, data = cv2.imencode(".png", np.ascontiguousarray(array))
     if not ok:
         raise OSError(f"cannot encode PNG for {path}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data.tobytes())
 
 
 def save_panel(path: Union[str, os.PathLike], image_rgb: np.ndarray, anomaly_map: np.ndarray,

@@ -4,7 +4,7 @@ Two ways:
 
 * **labelled images** (normal and defect images): the image threshold maximising F1
   (or Youden's J) and the pixel threshold maximising F1 over the pixels of the images
-  whose ground truth is known (:mod:`crane.thresholds`);
+  whose ground truth is known (:mod:`crane.inspection.thresholds`);
 * **a false-alarm rate on normal images** (``--target_fpr``): the thresholds that flag
   that fraction of the normal images, and of their pixels.
 
@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from crane.thresholds import confusion, max_f1_threshold, youden_threshold
+from crane.inspection.thresholds import confusion, max_f1_threshold, youden_threshold
 
 CONFIDENCE = 0.95
 _EPS = 1e-9  # so that target * (n + 1) = 7.000000000000001 or 6.999999999999999 both give k = 7

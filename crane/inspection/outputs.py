@@ -13,21 +13,20 @@ Other files in the folder are left alone.
 from __future__ import annotations
 
 import csv
-import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from crane.errors import CraneError
+from crane.files import TEMP_NAME, AtomicFile, atomic_write
+
 MANIFEST = ".crane_predict_files.tsv"
 RESULT_FILES = ("scores.csv", "skipped.csv")
 RESULT_FOLDERS = ("panels", "maps", "masks")
-_TMP = re.compile(r"^\..+\.\d+\.tmp$")  # our atomic writers' temporary files: .NAME.PID.tmp
-_ROOT_TMP = re.compile(r"^\.(scores|skipped)\.csv\.\d+\.tmp$")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(CraneError):
     """The ``--out`` folder holds results predict cannot attribute to an earlier run (one-line message)."""
 
 
@@ -65,7 +64,8 @@ class OutputFolder:
 
     def _result_files(self) -> list[Path]:
         found = [self.root / name for name in RESULT_FILES if (self.root / name).is_file()]
-        found += [p for p in self.root.iterdir() if p.is_file() and _ROOT_TMP.match(p.name)]
+        found += [p for p in self.root.iterdir() if p.is_file() and TEMP_NAME.match(p.name)
+                  and p.name.split(".")[1] in ("scores", "skipped")]
         for folder in RESULT_FOLDERS:
             if (self.root / folder).is_dir():
                 found += sorted(p for p in (self.root / folder).rglob("*") if p.is_file() or p.is_symlink())
@@ -80,7 +80,7 @@ class OutputFolder:
         listed = self._listed()
         ours, foreign = [], []
         for path in self._result_files():
-            if _TMP.match(path.name) or (path in listed and not path.is_symlink() and _stat(path) == listed[path]):
+            if TEMP_NAME.match(path.name) or (path in listed and not path.is_symlink() and _stat(path) == listed[path]):
                 ours.append(path)
             else:
                 foreign.append(path)
@@ -129,14 +129,6 @@ def _resize_to(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def decision(score: float, threshold: Optional[float]) -> str:
     """``anomalous`` (score >= threshold), ``normal``, or empty without a threshold."""
     if threshold is None:
@@ -157,16 +149,15 @@ class PredictOutputs:
         self.folder, self.out, self.options = folder, folder.root, options
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
         self.csv_path = self.out / "scores.csv"
-        self._tmp = self.out / f".scores.csv.{os.getpid()}.tmp"
-        self._file = open(self._tmp, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file, lineterminator="\n")
+        self._file = AtomicFile(self.csv_path, "w", newline="")
+        self._csv = csv.writer(self._file.file, lineterminator="\n")
         self._csv.writerow(["path", "score", "decision"])
         self.rows = 0
         self.anomalous = 0
 
     def write(self, path: Path, name: str, image: np.ndarray, score: float, anomaly_map: np.ndarray) -> None:
         """One scored image: its CSV row, panel, map and mask (as the options ask)."""
-        from crane.visualize import save_panel, write_png
+        from crane.inspection.visualize import save_panel, write_png
 
         result = decision(score, self.image_threshold)
         self._csv.writerow([path.as_posix(), repr(float(score)), result])
@@ -179,7 +170,8 @@ class PredictOutputs:
             self.folder.record(target)
         if self.options.save_maps:
             target = self.out / "maps" / f"{name}.npy"
-            _atomic_npy(target, anomaly_map.astype(np.float32))
+            with atomic_write(target, "wb") as f:
+                np.save(f, anomaly_map.astype(np.float32))
             self.folder.record(target)
         if self.options.save_masks:
             target = self.out / "masks" / f"{name}.png"
@@ -189,16 +181,13 @@ class PredictOutputs:
 
     def close(self, skipped: list[tuple[Path, str]]) -> None:
         """Publish ``scores.csv`` and ``skipped.csv`` (the latter only when files were skipped)."""
-        self._file.close()
-        os.replace(self._tmp, self.csv_path)
+        self._file.commit()
         self.folder.record(self.csv_path)
         if skipped:
             skipped_path = self.out / "skipped.csv"
-            tmp = self.out / f".skipped.csv.{os.getpid()}.tmp"
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+            with atomic_write(skipped_path, "w", newline="") as f:
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(["path", "error"])
                 writer.writerows([path.as_posix(), reason] for path, reason in skipped)
-            os.replace(tmp, skipped_path)
             self.folder.record(skipped_path)
         self.folder.close()

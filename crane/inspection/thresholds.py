@@ -15,10 +15,10 @@ misses fewest defects).
 ``image_threshold`` (for image scores), ``pixel_threshold`` (for anomaly-map
 values; ``null`` when it could not be set), the criteria (``f1``, ``youden`` or
 ``target_fpr``), what was learnt on the calibration images (``calibration``: counts,
-F1 or the false-alarm statistics of :mod:`crane.calibration`) and the model it was
+F1 or the false-alarm statistics of :mod:`crane.inspection.calibration`) and the model it was
 calibrated for (``model``: the checkpoint's path and SHA-256, the settings and the
 weights), which ``predict`` compares with its own run
-(:func:`crane.cli_setup.threshold_differences`).
+(:func:`threshold_differences`).
 """
 from __future__ import annotations
 
@@ -26,9 +26,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
+
+from crane import settings
+from crane.checkpoints import CheckpointInfo
+from crane.errors import CraneError
+from crane.files import write_json
 
 FORMAT = "crane-thresholds/1"
 FILENAME = "thresholds.json"
@@ -119,6 +124,10 @@ def confusion(labels, scores, threshold: float) -> dict[str, float]:
             "fpr": fp / n_neg if n_neg else float("nan")}
 
 
+class ThresholdsError(CraneError):
+    """A thresholds file is unusable (one-line message)."""
+
+
 @dataclass
 class Thresholds:
     """Image and pixel thresholds (``None``: not available) plus the file's metadata."""
@@ -143,14 +152,7 @@ def save_thresholds(thresholds: Thresholds, path: Union[str, os.PathLike]) -> Pa
     """Write ``thresholds`` as JSON to ``path`` atomically (temp file + rename); return the path."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(thresholds.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, thresholds.to_json())
 
 
 def _optional_float(data: dict[str, Any], key: str, path: Path) -> Optional[float]:
@@ -158,7 +160,7 @@ def _optional_float(data: dict[str, Any], key: str, path: Path) -> Optional[floa
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ValueError(f"{path}: '{key}' must be a number or null, got {value!r}")
+        raise ThresholdsError(f"{path}: '{key}' must be a number or null, got {value!r}")
     return float(value)
 
 
@@ -170,9 +172,9 @@ def load_thresholds(path: Union[str, os.PathLike]) -> Thresholds:
     except FileNotFoundError:
         raise FileNotFoundError(f"thresholds file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read thresholds file {path}: {e}; recreate it with `python -m crane calibrate`") from None
+        raise ThresholdsError(f"cannot read thresholds file {path}: {e}; recreate it with `python -m crane calibrate`") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a Crane thresholds file (expected \"format\": \"{FORMAT}\"); "
+        raise ThresholdsError(f"{path} is not a Crane thresholds file (expected \"format\": \"{FORMAT}\"); "
                          "recreate it with `python -m crane calibrate`")
     meta = {k: v for k, v in data.items() if k not in ("format", "rule", "image_threshold", "pixel_threshold")}
     return Thresholds(_optional_float(data, "image_threshold", path), _optional_float(data, "pixel_threshold", path),
@@ -198,3 +200,59 @@ def parse_override(text: str) -> tuple[Optional[float], Optional[float]]:
             raise ValueError(f"--threshold values must be finite, got {text!r}")
         values.append(value)
     return values[0], values[1] if len(values) == 2 else None
+
+
+# ------------------------------------------------------------------ the model a file was calibrated for
+
+
+def weights_tag(weights: Optional[str], default: str) -> str:
+    """How ``thresholds.json`` identifies weights: ``openai`` / ``synthetic`` / the default cache, or a file
+    by its size (a copy or a move keeps it; other weights of the same architecture are rare)."""
+    if weights in (None, "openai"):
+        return default
+    if weights == "synthetic":
+        return "synthetic"
+    path = Path(weights).expanduser()
+    return f"file of {path.stat().st_size} bytes" if path.is_file() else f"missing file {weights}"
+
+
+def model_record(options: Any, info: CheckpointInfo) -> dict[str, Any]:
+    """The ``"model"`` entry of ``thresholds.json``: the checkpoint (``options.checkpoint``, its SHA-256), the
+    settings the thresholds record (:data:`crane.settings.THRESHOLD_KEYS`, read from ``options``) and the
+    weights, as :func:`threshold_differences` compares them."""
+    record = {"checkpoint": str(options.checkpoint), "checkpoint_sha256": info.sha256,
+              "checkpoint_source": info.source, **settings.recorded(options, "thresholds"),
+              "weights": {"clip": weights_tag(options.clip_weights, "openai"),
+                          "dino": None if options.dino_model == "none" else weights_tag(options.dino_weights,
+                                                                                        "published")},
+              "precision": options.precision}
+    if options.dattn_batch_mean and options.dino_model != "none":
+        record["batch_size"] = int(options.batch_size)  # the batch-wide D-Attn mean makes maps depend on it
+    return record
+
+
+def threshold_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How the run's :func:`model_record` ``current`` differs from the ``recorded`` one, one phrase per setting
+    that changes the scores (the checkpoint by SHA-256; the weights by :func:`weights_tag`)."""
+    if not isinstance(recorded, Mapping) or "checkpoint_sha256" not in recorded:
+        return ["it records no model settings or checkpoint SHA-256 (made by an older crane, or by hand)"]
+    out = []
+    if recorded["checkpoint_sha256"] != current["checkpoint_sha256"]:
+        out.append(f"checkpoint SHA-256 {str(recorded['checkpoint_sha256'])[:12]} ({recorded.get('checkpoint')}), "
+                   f"this run {current['checkpoint_sha256'][:12]} ({current['checkpoint']})")
+    for key in settings.names("thresholds"):
+        if settings.BY_NAME[key].role == "weights":
+            continue
+        if key not in recorded:
+            out.append(f"it records no --{key}")
+        elif not settings.same(recorded[key], current[key]):
+            out.append(f"{settings.flag_value(key, recorded[key])}, this run {settings.flag_value(key, current[key])}")
+    if "batch_size" in recorded and "batch_size" in current and recorded["batch_size"] != current["batch_size"]:
+        out.append(f"--batch_size {recorded['batch_size']} with the batch-wide D-Attn mean, this run "
+                   f"--batch_size {current['batch_size']}")
+    weights = recorded.get("weights") if isinstance(recorded.get("weights"), Mapping) else {}
+    for kind, flag in (("clip", "clip_weights"), ("dino", "dino_weights")):
+        if weights.get(kind) != current["weights"][kind] and current["weights"][kind] is not None:
+            out.append(f"--{flag} {recorded.get(flag)} ({weights.get(kind)}), this run "
+                       f"{current.get(flag)} ({current['weights'][kind]})")
+    return out

@@ -16,18 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crane.cli_args import PROMPT_FLAGS, add_model_flags, add_weight_flags
+from crane import settings
+from crane.cli.common import add_model_flags, checkpoint_of, settle
+from crane.errors import CraneError
 
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 CHECK_TOLERANCE = 1e-4  # fp32 graph against torch on one image, scores and maps
-
-
-class _Unset:
-    """Defaults of the model flags of ``export``: ``None`` (= not given) for every flag."""
-
-    def __getattr__(self, name: str) -> None:
-        return None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "settings, S, the checkpoint's SHA-256 and the thresholds (thresholds.json beside the "
                     "checkpoint) go into the file's metadata; `predict --backend onnxruntime|openvino --model PATH` "
                     "and crane.deploy read them from there.")
-    e.add_argument("--checkpoint", required=True, metavar="FILE", help="prompt-learner checkpoint")
     e.add_argument("--out", required=True, type=Path, metavar="PATH",
                    help="file to write: .onnx (ONNX), .xml (OpenVINO IR, with a .bin beside it)")
     e.add_argument("--format", choices=FORMATS, help="onnx or openvino (default: from the suffix of --out)")
@@ -50,53 +44,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="thresholds.json to embed (default: the one beside --checkpoint, when present)")
     e.add_argument("--no_check", action="store_true",
                    help="do not run the written file once against the torch model")
-    e.add_argument("--force", action="store_true",
-                   help="let model flags that contradict the checkpoint's settings win (with a warning)")
-    g = e.add_argument_group("model", "Defaults: what the checkpoint records (our checkpoints; official ones are "
-                                      "recognised by SHA-256), else the defaults of `predict`.")
-    add_weight_flags(g, "openai", defaults_in_help=True)
-    add_model_flags(g, _Unset(), skip=PROMPT_FLAGS)
+    add_model_flags(e, run_flags=False)
 
 
 def _format(args: argparse.Namespace) -> str:
-    from crane.cli import CliError
-
     by_suffix = SUFFIXES.get(args.out.suffix.lower())
     fmt = args.format or by_suffix
     if fmt is None:
-        raise CliError(f"--out {args.out}: use a .onnx or .xml file name, or pass --format onnx|openvino")
+        raise CraneError(f"--out {args.out}: use a .onnx or .xml file name, or pass --format onnx|openvino")
     if by_suffix != fmt:
         wanted = next(s for s, f in SUFFIXES.items() if f == fmt)
-        raise CliError(f"--format {fmt} writes a {wanted} file, but --out is {args.out}")
+        raise CraneError(f"--format {fmt} writes a {wanted} file, but --out is {args.out}")
     return fmt
 
 
-def resolve_settings(args: argparse.Namespace, checkpoint: Path) -> tuple[argparse.Namespace, dict[str, str]]:
-    """The model options (flag names) and where each comes from: ``flag``, the checkpoint, or ``default``.
-
-    As ``test.py``: the checkpoint's settings (:func:`crane.checkpoints.apply_settings`) fill what no flag
-    gives; a flag that contradicts them is an error unless ``--force``.
-    """
-    from crane.checkpoints import apply_settings, read_checkpoint
-    from crane.cli import MODEL_DEFAULTS
-    from crane.models.crane import CraneConfig
-
-    _, info = read_checkpoint(checkpoint)
-    config = CraneConfig()
-    defaults = {**vars(MODEL_DEFAULTS), "n_ctx": config.n_ctx, "t_n_ctx": config.t_n_ctx, "depth": config.depth}
-    explicit = {k for k in defaults if getattr(args, k, None) is not None}
-    options = argparse.Namespace(**{k: getattr(args, k) if k in explicit else v for k, v in defaults.items()})
-    for note in apply_settings(options, explicit, info, args.force):
-        print(note, file=sys.stderr)
-    sources = {k: "flag" if k in explicit else info.source if k in info.settings else "default" for k in defaults}
-    options.features_list = [int(i) for i in options.features_list]
-    options.clip_weights, options.dino_weights, options.checkpoint = args.clip_weights, args.dino_weights, \
-        str(checkpoint)
-    return options, sources
-
-
 def _thresholds(args: argparse.Namespace, checkpoint: Path):
-    from crane.thresholds import default_path, load_thresholds
+    from crane.inspection.thresholds import default_path, load_thresholds
 
     path = args.thresholds or default_path(checkpoint)
     if args.thresholds is None and not path.is_file():
@@ -130,13 +93,11 @@ def _check(graph, files: list[Path], fmt: str, fp16: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``python -m crane export``."""
-    from crane.cli import MODEL_OPTIONS
-
     fmt = _format(args)
-    checkpoint = Path(args.checkpoint).expanduser()
+    checkpoint = Path(checkpoint_of(args)).expanduser()
+    state, info = settle(args)
     thresholds = _thresholds(args, checkpoint)
-    options, sources = resolve_settings(args, checkpoint)
-    model_options = {k: getattr(options, k) for k in MODEL_OPTIONS}
+    model_options = settings.recorded(args, "thresholds")
     if thresholds is not None:
         calibrated = thresholds.meta.get("model", {})
         differ = [f"{k}={calibrated[k]!r} (export: {v!r})" for k, v in model_options.items()
@@ -145,20 +106,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {thresholds.source} was calibrated with other model options: {', '.join(differ)}",
                   file=sys.stderr)
 
-    from crane.checkpoints import sha256_file
-    from crane.detector import Detector, build_model
-    from crane.models.crane import CraneConfig
+    from crane.detector import build_detector
+    from crane.export.graph import InferenceGraph
+    from crane.export.writer import default_info, export_graph
 
-    from .graph import InferenceGraph
-    from .writer import default_info, export_graph
-
-    shown = ", ".join(f"{k}={getattr(options, k)!r}" + ("" if sources[k] == "default" else f" ({sources[k]})")
-                      for k in sources)
-    print(f"model: {shown}", file=sys.stderr)
-    config = CraneConfig.from_options(options)
-    detector = Detector(build_model(options.clip_weights, str(checkpoint), options.dino_weights, config))
-    graph = InferenceGraph.from_detector(detector)
-    info = default_info(graph, str(checkpoint), sha256_file(checkpoint), model_options,
+    args.device = "cpu"
+    print(f"model: {', '.join(f'{k}={v!r}' for k, v in model_options.items())} (from {info.source} where no flag "
+          "gives them)", file=sys.stderr)
+    graph = InferenceGraph.from_detector(build_detector(args, state))
+    info = default_info(graph, str(checkpoint), info.sha256, model_options,
                         None if thresholds is None else {**thresholds.to_json(), "source": thresholds.source},
                         args.fp16)
     files = export_graph(graph, args.out, fmt, info, args.fp16)

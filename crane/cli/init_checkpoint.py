@@ -1,0 +1,40 @@
+"""``python -m crane init-checkpoint OUT``: a randomly initialised prompt-learner checkpoint (for pipeline
+demos only: predictions made with it are meaningless)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``init-checkpoint`` subcommand."""
+    i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
+                       description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
+                                   "it exists so the pipeline can run without the official checkpoints.")
+    i.add_argument("out", type=Path, metavar="OUT", help="checkpoint file to write")
+    i.add_argument("--clip_weights", default="synthetic", metavar="W",
+                   help="CLIP whose token embedding builds the prompt buffers (default: synthetic)")
+    i.add_argument("--seed", type=int, default=0, help="(default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m crane init-checkpoint``."""
+    import open_clip
+    import torch
+
+    from crane.models.clip_loader import load_clip
+    from crane.models.prompts import PromptLearner, save_prompt_checkpoint
+
+    weights = args.clip_weights
+    if weights == "synthetic":
+        from crane.models.synthetic import synthetic_clip_state_dict
+
+        weights = synthetic_clip_state_dict()
+    clip = load_clip(weights)
+    torch.manual_seed(args.seed)
+    learner = PromptLearner(clip.token_embedding, open_clip.get_tokenizer("ViT-L-14-336"))
+    save_prompt_checkpoint(learner, args.out)
+    print(f"wrote {args.out} (random prompts: predictions made with it are meaningless)")
+    return 0
+
+

@@ -1,0 +1,245 @@
+"""``python -m crane predict INPUT... --out DIR``: score image files, folders (searched recursively) and
+globs; write ``DIR/scores.csv`` and one panel per image. ``--backend onnxruntime|openvino --model PATH``
+runs a graph written by ``python -m crane export`` (:mod:`crane.cli.serving`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from crane.checkpoints import CheckpointInfo
+from crane.cli.args import add_bool_flag
+from crane.cli import common
+from crane.cli.common import EXIT_SKIPPED, add_model_flags
+from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs
+from crane.errors import EXIT_INTERRUPTED, CraneError
+from crane.inspection.thresholds import Thresholds, default_path, load_thresholds, model_record, parse_override, \
+    threshold_differences
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``predict`` subcommand."""
+    p = sub.add_parser("predict", help="score images and draw anomaly panels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score images, folders (recursive) and globs; write DIR/scores.csv (path, score, "
+                                   "decision) and DIR/panels/<name>.png (original | heat map | overlay).",
+                       epilog="Thresholds: thresholds.json beside the checkpoint (from `python -m crane calibrate`) "
+                              "gives `decision` (anomalous when score >= image threshold) and the outlined region "
+                              "(map >= pixel threshold); it must have been calibrated with this checkpoint and "
+                              "these model settings. --thresholds FILE reads another file; --threshold overrides "
+                              "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
+                              "outlined.\nImages are turned as their EXIF orientation says (as photo viewers show "
+                              "them). Ground-truth masks (*_mask.*, files under masks/ or ground_truth/) found in "
+                              "folders and globs are left out unless --include_masks.\nAn --out folder holding an "
+                              "earlier run's files is cleaned of them first.\nExit status: 0 ok, 1 error, 2 unusable "
+                              "input, 3 some files were unreadable and skipped, 130 interrupted.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=f"image file, folder (searched recursively for {' '.join(IMAGE_SUFFIXES)}, any case) or "
+                        "quoted glob such as 'photos/**/*.jpg'")
+    p.add_argument("--out", "--save_path", dest="out", required=True, type=Path, metavar="DIR",
+                   help="output folder (created)")
+    p.add_argument("--thresholds", type=Path, metavar="FILE",
+                   help="thresholds.json to use (default: the one beside --checkpoint, when present)")
+    p.add_argument("--threshold", metavar="IMG[,PIX]",
+                   help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only); "
+                        "values in [0, 1]")
+    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/<name>.npy (S x S float32 map)", True)
+    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/<name>.png (0/255 at the image's size; needs a "
+                                            "pixel threshold)", True)
+    add_bool_flag(p, "--no_panels", False, "skip the panels (scores only)", True)
+    add_bool_flag(p, "--include_masks", False, "also score ground-truth mask files found in folders and globs", True)
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="torch: build the model from --checkpoint and the model flags; onnxruntime / openvino: run "
+                        "the graph --model written by `python -m crane export` (settings, size and thresholds from "
+                        "its metadata) (default: torch)")
+    p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
+    add_model_flags(p)
+
+
+
+class _TorchPredictor:
+    """``predict``'s torch backend: :meth:`Detector.predict_tensor` with the smoothing on the device, as
+    test.py. ``crane.cli.serving.DeployPredictor`` is the same interface for exported graphs."""
+
+    def __init__(self, args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo) -> None:
+        from crane.data.image import ImageReadError
+
+        self.detector = common.load_detector(args, state, info)
+        self.image_size = self.detector.config.image_size
+        self.read_error = ImageReadError
+
+    @staticmethod
+    def load_rgb(path: Path):
+        """The image as photo viewers show it (EXIF orientation applied)."""
+        from crane.data.image import load_rgb
+
+        return load_rgb(path, exif_orientation=True)
+
+    def preprocess(self, rgb):
+        from crane.data.image import preprocess
+
+        return preprocess(rgb, self.image_size)
+
+    def predict(self, batch: list):
+        """Preprocessed images -> (scores ``B``, smoothed maps ``B x S x S``), numpy float32."""
+        import torch
+
+        scores, maps = self.detector.predict_tensor(torch.stack(batch), smooth=True)
+        return scores.numpy(), maps.numpy()
+
+
+
+
+def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
+    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or the file beside the
+    checkpoint, then ``--threshold`` overrides."""
+    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
+    try:
+        if args.thresholds is not None or (path is not None and path.is_file()):
+            thresholds = load_thresholds(path)
+        else:
+            thresholds = embedded or Thresholds()
+    except (OSError, ValueError) as e:
+        raise CraneError(str(e)) from None
+    if args.threshold:
+        image, pixel = parse_override(args.threshold)
+        thresholds.image = thresholds.image if image is None else image
+        thresholds.pixel = thresholds.pixel if pixel is None else pixel
+    return thresholds
+
+
+def _file_values_used(thresholds: Thresholds, args: argparse.Namespace) -> bool:
+    """Whether a value of the thresholds file is used (``--threshold`` may override both)."""
+    if thresholds.source is None:
+        return False
+    image, pixel = parse_override(args.threshold) if args.threshold else (None, None)
+    return image is None or pixel is None
+
+
+def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Optional[CheckpointInfo]) -> list[str]:
+    """One-line notes on missing thresholds; a file calibrated with another checkpoint or other model
+    settings is refused (:class:`CraneError`), or with ``--force`` gives a warning. ``info`` is ``None``
+    for an exported model, whose embedded thresholds were checked when it was exported."""
+    notes = []
+    calibrate = (f"python -m crane calibrate --normal DIR --target_fpr 0.01 --checkpoint {args.checkpoint} "
+                 "[same model flags]")
+    if thresholds.image is None and thresholds.pixel is None:
+        where = f"{thresholds.source} has none" if thresholds.source else f"{default_path(args.checkpoint)} not found"
+        notes.append(f"note: no thresholds ({where}), so `decision` is left empty and the panels outline nothing; "
+                     f"calibrate on normal images with `{calibrate}`, or pass --threshold IMG[,PIX]")
+    elif thresholds.image is None:
+        notes.append(f"note: no image threshold in {thresholds.source}, so `decision` is left empty; "
+                     "pass --threshold IMG")
+    elif thresholds.pixel is None:
+        notes.append("note: no pixel threshold, so the panels outline nothing; calibrate with --target_fpr or on "
+                     "images with masks, or pass --threshold IMG,PIX")
+    if info is not None and _file_values_used(thresholds, args):
+        differ = threshold_differences(thresholds.meta.get("model"),
+                                       model_record(args, info))
+        if differ:
+            message = (f"{thresholds.source} was calibrated for other scores: {'; '.join(differ)}")
+            if not args.force:
+                raise CraneError(f"{message}; calibrate again for this run, use the calibrated settings, or pass "
+                               "--force")
+            notes.append(f"warning: {message} (--force: using it anyway; decisions may be wrong)")
+    return notes
+
+
+
+
+def _load(item: InputFile, predictor):
+    """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
+    when it cannot be read."""
+    try:
+        rgb = predictor.load_rgb(item.path)
+        return rgb, predictor.preprocess(rgb)
+    except predictor.read_error as e:
+        return None, str(e)
+    except Exception as e:  # any decoder failure (e.g. Pillow's decompression-bomb guard) skips this file only
+        return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
+
+
+def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Optional[CheckpointInfo]) -> int:
+    """``predict`` on a settled run; ``state`` and ``info`` are ``None`` with an exported model
+    (``--backend onnxruntime|openvino``)."""
+    from crane.inspection.outputs import OutputFolder, PredictOutputs
+
+    collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
+    items = collected.files
+    if collected.masks_left_out:
+        print(f"note: left out {len(collected.masks_left_out)} ground-truth mask file(s) (*_mask.*, masks/, "
+              f"ground_truth/), e.g. {collected.masks_left_out[0]}; --include_masks scores them too", file=sys.stderr)
+    if not items:
+        raise CraneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
+    deployed = None
+    if args.backend != "torch":
+        from crane.cli.serving import open_predictor
+
+        deployed = open_predictor(args)
+    thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
+    if args.save_masks and thresholds.pixel is None:
+        raise CraneError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
+                       "--threshold IMG,PIX")
+    for note in _threshold_notes(thresholds, args, info):
+        print(note, file=sys.stderr)
+    folder = OutputFolder(args.out)
+    folder.check()
+
+    from tqdm import tqdm
+
+    predictor = deployed or _TorchPredictor(args, state, info)
+    removed = folder.clean()
+    if removed:
+        print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
+    outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel)
+    skipped: list[tuple[Path, str]] = []
+    try:
+        with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
+            for start in range(0, len(items), args.batch_size):
+                batch = []
+                for item in items[start:start + args.batch_size]:
+                    rgb, x = _load(item, predictor)
+                    if rgb is None:
+                        skipped.append((item.path, x))
+                        bar.write(f"skipped: {x}", file=sys.stderr)
+                        bar.update(1)
+                    else:
+                        batch.append((item, rgb, x))
+                if not batch:
+                    continue
+                scores, maps = predictor.predict([x for _, _, x in batch])
+                for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
+                    outputs.write(item.path, item.name, rgb, score, amap)
+                    bar.update(1)
+    except KeyboardInterrupt:
+        outputs.close(skipped)
+        print(f"predict: interrupted; {outputs.csv_path} holds the {outputs.rows} images scored so far (with their "
+              f"panels); run the same command again to score them all", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        outputs.close(skipped)
+        print(f"stopped: {outputs.csv_path} holds the {outputs.rows} images done before the error", file=sys.stderr)
+        raise
+    outputs.close(skipped)
+    _predict_summary(args, outputs, thresholds, skipped)
+    return EXIT_SKIPPED if skipped else 0
+
+
+def _predict_summary(args: argparse.Namespace, outputs, thresholds: Thresholds,
+                     skipped: list[tuple[Path, str]]) -> None:
+    wrote = [f"{outputs.csv_path} ({outputs.rows} images)"]
+    if not args.no_panels:
+        wrote.append(f"panels in {args.out / 'panels'}/")
+    wrote += [f"{folder} in {args.out / folder}/" for folder in ("maps", "masks") if getattr(args, f"save_{folder}")]
+    print("wrote " + ", ".join(wrote))
+    if thresholds.image is not None:
+        overridden = args.threshold and parse_override(args.threshold)[0] is not None
+        origin = "--threshold" if overridden else thresholds.source
+        print(f"{outputs.anomalous} of {outputs.rows} images anomalous (score >= {thresholds.image:.6g}, from {origin})")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s), listed in {args.out / 'skipped.csv'}:", file=sys.stderr)
+        for path, _ in skipped:
+            print(f"  {path}", file=sys.stderr)
+
+

@@ -1,0 +1,86 @@
+"""``python -m crane predict --backend onnxruntime|openvino --model PATH``: the exported graph behind predict.
+
+The model settings, ``S`` and the thresholds come from the file's metadata; model flags
+that contradict them are refused (the graph is fixed at export). No torch is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from crane import settings
+from crane.cli.args import explicit_flags, fill_settings
+from crane.deploy.image import ImageReadError, load_rgb
+from crane.deploy.runtime import DeployedModel
+from crane.errors import CraneError
+
+EXPORT_SUFFIXES = (".onnx", ".xml")
+
+
+class DeployPredictor:
+    """What ``predict`` needs from a model, for an exported graph (see ``crane.cli.predict._TorchPredictor``)."""
+
+    read_error = ImageReadError
+
+    def __init__(self, model: DeployedModel) -> None:
+        self.model = model
+        self.image_size = model.image_size
+
+    @staticmethod
+    def load_rgb(path) -> np.ndarray:
+        return load_rgb(path, exif_orientation=True)  # as the torch backend: as photo viewers show it
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        return self.model.preprocess(rgb)
+
+    def predict(self, batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images -> (scores ``B``, smoothed maps ``B x S x S``)."""
+        return self.model.run(np.stack(batch))
+
+    def thresholds(self):
+        """The thresholds the export embedded (a :class:`crane.inspection.thresholds.Thresholds`, maybe empty)."""
+        from crane.inspection.thresholds import Thresholds
+
+        saved = self.model.info.thresholds
+        if saved is None:
+            return Thresholds(source=str(self.model.path))
+        meta = {k: v for k, v in saved.items() if k not in ("format", "rule", "image_threshold", "pixel_threshold")}
+        origin = saved.get("source")
+        return Thresholds(saved.get("image_threshold"), saved.get("pixel_threshold"), meta,
+                          f"{self.model.path}" + (f" (thresholds from {origin})" if origin else ""))
+
+
+def open_predictor(args: argparse.Namespace) -> DeployPredictor:
+    """Open ``args.model`` for ``predict``; refuse every setting typed on the command line that the exported
+    graph does not have, whatever its value (the graph is fixed at export). On return the settings in ``args``
+    are the graph's (so threshold checks compare like with like). Raises :class:`~crane.errors.CraneError`."""
+    flag = f"--backend {args.backend}"
+    if not args.model:
+        raise CraneError(f"{flag} needs --model PATH (a file written by `python -m crane export`)")
+    if not os.path.isfile(args.model):
+        raise CraneError(f"exported model not found: {args.model}")
+    if os.path.splitext(args.model)[1].lower() not in EXPORT_SUFFIXES:
+        raise CraneError(f"{args.model} is not an exported model: {flag} runs a .onnx or OpenVINO .xml file written "
+                         "by `python -m crane export`; a .pth checkpoint runs with --backend torch --checkpoint FILE")
+    if args.checkpoint is not None:
+        raise CraneError("--checkpoint is for --backend torch: the exported model carries its own checkpoint")
+    if args.precision != "fp32":
+        raise CraneError(f"--precision is for --backend torch: an exported graph runs in the precision it was "
+                         "exported with (`python -m crane export --fp16` for half precision)")
+    print(f"loading the exported model ({args.model}, {args.backend}) ...", file=sys.stderr)
+    model = DeployedModel(args.model, args.backend, args.device)
+    exported = model.info.model
+    typed = explicit_flags(args)
+    conflicts = [f"--{k} {getattr(args, k)!r} (exported: {exported.get(k)!r})" for k in settings.names()
+                 if k in typed and (k not in exported or not settings.same(getattr(args, k), exported[k]))]
+    if conflicts:
+        raise CraneError(f"{args.model} was exported with other model settings: {', '.join(conflicts)}; drop these "
+                         "flags or export again with them")
+    for key, value in exported.items():
+        setattr(args, key, value)
+    fill_settings(args, "inspect")
+    args.checkpoint = model.info.checkpoint
+    return DeployPredictor(model)
