@@ -676,13 +676,11 @@ class Trainer:
 
 def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
     """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (by content,
-    :func:`crane.files.file_identity`) and every option that changes the features; entries inside are named by
+    :func:`crane.files.file_identity`), the precision and the model's config (every setting that changes the
+    features); entries inside are named by
     their image's and mask's identities, so changed files or weights are never served from the cache."""
     key = options_key({"format": CACHE_FORMAT, "clip": file_identity_of(weights_file("clip", opts.clip_weights)),
                        "dino": file_identity_of(weights_file(opts.dino_model, opts.dino_weights)),
-                       "dino_model": opts.dino_model, "image_size": opts.image_size,
-                       "features_list": list(opts.features_list), "attn_type": opts.attn_type,
-                       "both_eattn_dattn": opts.both_eattn_dattn, "dattn_batch_mean": opts.dattn_batch_mean,
                        "precision": opts.precision, "config": asdict(config)})
     folder = Path(opts.save_path) / DISK_CACHE_FOLDER
     if folder.is_dir() and not (folder / key).is_dir() and any(p.is_dir() for p in folder.iterdir()):
