@@ -200,3 +200,35 @@ def apply_settings(options: Any, explicit: Any, info: CheckpointInfo, force: boo
             continue
         setattr(options, key, list(value) if isinstance(value, tuple) else value)
     return notes
+
+
+def official_at(path: Union[str, os.PathLike]) -> Optional[OfficialCheckpoint]:
+    """The official checkpoint the file at ``path`` is (by SHA-256), else ``None`` (also for no file)."""
+    path = Path(path).expanduser()
+    return OFFICIAL.get(sha256_file(path)) if path.is_file() else None
+
+
+def replace_problem(path: Union[str, os.PathLike], overwrite: bool, flag: str = "the output") -> Optional[str]:
+    """Why the file at ``path`` must not be replaced, as one line (``None`` when it may): an official
+    checkpoint never, any other existing file only with ``--overwrite``."""
+    path = Path(path).expanduser()
+    official = official_at(path)
+    if official is not None:
+        return (f"{flag} {path} is the shipped official checkpoint {official.relpath}, which crane never "
+                "replaces; choose another file")
+    if path.exists() and not overwrite:
+        return f"{flag} {path} already exists; choose another file, or pass --overwrite to replace it"
+    return None
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+"""The checkpoints that ship with crane: the source tree's ``checkpoints/`` (a clone, or an editable
+install; a plain wheel does not carry them: pass ``--checkpoint FILE`` there)."""
+
+
+def named_checkpoint(model_name: str, epoch: int) -> Path:
+    """``checkpoints/MODEL_NAME/epoch_EPOCH.pth`` under the current folder when it exists there, else the one
+    that ships with crane (:data:`SHIPPED`) when that exists, else the former (for the error message)."""
+    relative = Path("checkpoints") / model_name / f"epoch_{epoch}.pth"
+    shipped = SHIPPED / model_name / f"epoch_{epoch}.pth"
+    return shipped if not relative.is_file() and shipped.is_file() else relative

@@ -81,17 +81,21 @@ class Detector:
 
     @classmethod
     def from_config(cls, clip_weights: Union[ClipWeights, str] = "openai",
-                    checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_weights: VfmWeights = None,
-                    device: str = "cpu", precision: str = "fp32", batch_size: int = 8, compile: bool = False,
-                    force: bool = False, **model_settings: Any) -> "Detector":
-        """Build a detector. ``model_settings`` are :class:`CraneConfig` fields (``dino_model``,
-        ``features_list``, ``soft_mean``, ``image_size``, ``sigma``, ``attn_type``, ...).
+                    checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_model: Optional[str] = None,
+                    dino_weights: VfmWeights = None, *, device: str = "cpu", precision: str = "fp32",
+                    batch_size: int = 8, compile: bool = False, force: bool = False,
+                    **model_settings: Any) -> "Detector":
+        """Build a detector. ``dino_model`` and ``model_settings`` are :class:`CraneConfig` fields
+        (``features_list``, ``soft_mean``, ``image_size``, ``sigma``, ``attn_type``, ...); ``None`` or left
+        out: not given.
 
         With a checkpoint file, the settings it records (the published ones for the official checkpoints)
         are used where no argument gives them, as on the command line; an argument that contradicts them
         raises :class:`~crane.checkpoints.CheckpointError` unless ``force=True`` (then a warning). The
         rest take the ``api`` defaults of :mod:`crane.settings` (``dino_model="none"``: Crane).
         """
+        if dino_model is not None:
+            model_settings["dino_model"] = dino_model
         fields = {f.name for f in dataclasses.fields(CraneConfig)}
         unknown = sorted(set(model_settings) - fields)
         if unknown:

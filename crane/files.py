@@ -197,3 +197,28 @@ def file_identity(path: Optional[PathLike]) -> Optional[str]:
 def is_identity(value: Any) -> bool:
     """Whether ``value`` is a :func:`file_identity` of this format (older records are ``size:mtime``)."""
     return isinstance(value, str) and value.startswith(IDENTITY_PREFIX)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def output_problem(path: PathLike, folder: bool = False, flag: str = "the output") -> Optional[str]:
+    """Why ``path`` cannot be written, as one line (``None`` when it can): for a file (``folder=False``) its
+    folder must be a folder or creatable, and writable; for a folder (``folder=True``) likewise, and it must
+    not be a file. Checked before any model work, so a run never fails late on where its results go."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file, not a folder"
+    if not folder and path.is_dir():
+        return f"{flag} {path} is a folder, not a file"
+    parent = path if folder else path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None:
+        return f"{flag} {path}: no part of its folder exists"
+    if not existing.is_dir():
+        return f"{flag} {path}: {existing} is a file, so no folder can be made there"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {path}: no write permission in {existing}"
+    if existing == parent and not folder and path.exists() and not os.access(path, os.W_OK):
+        return f"{flag} {path}: the file is read-only"
+    return None

@@ -278,3 +278,21 @@ def with_settings(cls: type, context: str, roles: Optional[Sequence[str]] = None
         fields.append((s.name, kind, dataclasses.field(default=default)))
     return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,), namespace={"__doc__": cls.__doc__,
                                                                                       "__module__": cls.__module__})
+
+
+def random_weights(values: Any) -> list[str]:
+    """The ``--clip_weights synthetic`` / ``--dino_weights synthetic`` flags among ``values`` (a mapping or an
+    object with attributes named as the settings): results made with them are meaningless."""
+    get = values.get if isinstance(values, Mapping) else (lambda k, d=None: getattr(values, k, d))
+    used = [("clip_weights", get("clip_weights")), ("dino_weights", get("dino_weights") if get("dino_model") not in
+                                                    (None, "none") else None)]
+    return [f"--{name} synthetic" for name, value in used if value == "synthetic"]
+
+
+def random_weights_banner(values: Any) -> Optional[str]:
+    """One line saying the results are meaningless, when :func:`random_weights` finds any; else ``None``."""
+    used = random_weights(values)
+    if not used:
+        return None
+    return (f"RANDOM WEIGHTS ({', '.join(used)}): these numbers are meaningless; the run only exercised the "
+            "pipeline")

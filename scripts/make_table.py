@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from crane.engine.results import METRICS, fixed, mean_defined, write_csv, write_text
+from crane.settings import random_weights
 
 METHODS = {"crane": "Crane", "cranep": "Crane+"}
 INDUSTRIAL = {"mvtec": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd": "SDD", "dagm": "DAGM",
@@ -50,11 +51,11 @@ PAPER = {
 Values = dict[str, dict[str, Optional[float]]]  # method -> metric -> % (None: undefined or missing)
 
 
-def read_results(root: Path) -> tuple[dict[str, Values], list[str], set[str]]:
+def read_results(root: Path) -> tuple[dict[str, Values], list[str], set[str], set[str]]:
     """``{dataset: {method: {metric: %}}}`` of the datasets found, the missing ``metrics.json`` files,
-    and the AUPRO definitions they used."""
+    the AUPRO definitions they used, and the random-weights flags any of them ran with."""
     table: dict[str, Values] = {}
-    missing, aupro = [], set()
+    missing, aupro, random = [], set(), set()
     for ds in (*INDUSTRIAL, *MEDICAL):
         for method in METHODS:
             path = root / method / ds / "metrics.json"
@@ -63,9 +64,10 @@ def read_results(root: Path) -> tuple[dict[str, Values], list[str], set[str]]:
                 continue
             result = json.loads(path.read_text(encoding="utf-8"))
             aupro.add(result.get("args", {}).get("aupro_method", "crane"))
+            random.update(random_weights(result.get("args", {})))
             table.setdefault(ds, {})[method] = {m: None if result["mean"][m] is None else 100.0 * result["mean"][m]
                                                 for m in METRICS}
-    return table, missing, aupro
+    return table, missing, aupro, random
 
 
 def paper_values(ds: str) -> Values:
@@ -98,7 +100,8 @@ def _cell(ours: Optional[float], paper: Optional[float], with_paper: bool) -> st
     return text
 
 
-def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: set[str], missing: list[str]) -> str:
+def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: set[str], missing: list[str],
+             random: set[str] = frozenset()) -> str:
     from tabulate import tabulate
 
     headers = ["Dataset"] + [f"{METHODS[method]} {SHORT[m]}" for method in METHODS for m in METRICS]
@@ -114,7 +117,9 @@ def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: se
             by_method.setdefault(parts[-3], []).append(parts[-2])
         notes.append(f"{len(missing)} result file(s) missing, left out of the table and the averages ("
                      + "; ".join(f"{METHODS.get(m, m)}: {' '.join(ds)}" for m, ds in by_method.items()) + ")")
-    return "# Table 1: zero-shot anomaly detection (class means, %)\n\n" + tabulate(
+    banner = (f"> RANDOM WEIGHTS ({', '.join(sorted(random))}): these numbers are meaningless; the runs only "
+              "exercised the pipeline\n\n") if random else ""
+    return banner + "# Table 1: zero-shot anomaly detection (class means, %)\n\n" + tabulate(
         body, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + "\n".join(
         f"- {n}" for n in notes) + "\n"
 
@@ -141,15 +146,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("results", type=Path, help="folder holding {crane,cranep}/DATASET/metrics.json")
     parser.add_argument("--paper", action="store_true", help="show the paper's numbers beside ours")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default RESULTS/table1)")
+    parser.add_argument("--allow_random", "--allow-random", action="store_true",
+                        help="with --paper: put results of random weights (--clip_weights synthetic) beside the "
+                             "paper's numbers anyway")
     args = parser.parse_args(argv)
-    table, missing, aupro = read_results(args.results)
+    table, missing, aupro, random = read_results(args.results)
     if not table:
         print(f"make_table.py: no metrics.json under {args.results}/{{crane,cranep}}/DATASET/; run "
               "'bash test.sh DEVICE' first", file=sys.stderr)
         return 2
+    if random and args.paper and not args.allow_random:
+        print(f"make_table.py: the results under {args.results} were made with random weights "
+              f"({', '.join(sorted(random))}); they are not put beside the paper's numbers (pass --allow_random to "
+              "do it anyway)", file=sys.stderr)
+        return 2
     rows = build_rows(table)
     prefix = str(args.out or args.results / "table1")
-    text = markdown(rows, args.paper, aupro, missing)
+    text = markdown(rows, args.paper, aupro, missing, random)
     write_text(Path(prefix + ".md"), text)
     write_csv(Path(prefix + ".csv"), *csv_rows(rows, args.paper))
     print(text)

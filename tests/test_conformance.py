@@ -28,7 +28,8 @@ def _build(case, synth_weights, conformance_dir) -> crane.Detector:
         dino_model=dino,
         dino_weights=synth_weights("dino", **case["dino"]) if dino != "none" else None,
         features_list=args["features_list"], soft_mean=args["soft_mean"], image_size=args["image_size"],
-        attn_type=args.get("attn_type", "qq+kk+vv"), sigma=args.get("sigma", 4))
+        attn_type=args.get("attn_type", "qq+kk+vv"), sigma=args.get("sigma", 4),
+        force=True)  # the cases vary settings on purpose (e.g. an official Crane checkpoint with soft_mean False)
 
 
 def _images(case, conformance_dir) -> list[str]:

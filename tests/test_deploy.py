@@ -315,3 +315,18 @@ def test_command_line_errors(served, photos, tmp_path, capsys):
     assert cli.main(["predict", str(photos / "a.png"), *out, "--backend", "onnxruntime", "--model", model,
                      "--image_size", str(SIZE), "--no_panels"]) == 0
     assert _rows(tmp_path / "out" / "scores.csv")[0]["decision"] in ("normal", "anomalous")
+
+
+@pytest.mark.parametrize("flag", [["--image_size", "518"], ["--dino_model", "dinov2"], ["--features_list", "24"],
+                                  ["--soft_mean", "False"], ["--clip_weights", "openai"], ["--sigma", "4"]])
+def test_predict_on_an_exported_graph_refuses_a_typed_setting_it_lacks_even_at_the_default(served, tmp_path, flag,
+                                                                                           capsys):
+    """Each value is predict's default and differs from the graph's: typed, it is refused in one line."""
+    from crane.cli import dispatch as cli
+
+    image = next(p for p in sorted(Path(served["root"]).rglob("*.png")))
+    status = cli.main(["predict", str(image), "--out", str(tmp_path / "out"), "--backend", "onnxruntime", "--model",
+                       str(served["onnx"]), "--device", "cpu", *flag])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == cli.EXIT_USAGE and len(errors) == 1
+    assert "exported with other model settings" in errors[0] and flag[0] in errors[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +14,11 @@ from crane.checkpoints import CheckpointInfo
 from crane.cli import common
 from crane.cli.common import EXIT_SKIPPED, add_model_flags
 from crane.errors import CraneError
-from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, default_path, model_record, save_thresholds
+from crane.checkpoints import official_at, replace_problem
+from crane.cli.args import add_bool_flag
+from crane.files import output_problem
+from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, default_path, load_thresholds, model_record, \
+    save_thresholds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--image_criterion", choices=IMAGE_CRITERIA, default=None,
                    help="without --target_fpr: f1 (max F1) or youden (max TPR - FPR) (default: f1)")
     c.add_argument("--output", type=Path, metavar="FILE", help="where to write (default: thresholds.json beside "
-                                                                "--checkpoint)")
+                                                                "--checkpoint); an earlier thresholds file there is "
+                                                                "replaced, any other file only with --overwrite")
+    add_bool_flag(c, "--overwrite", False, "replace an --output file that is not a thresholds file (never a "
+                                           "shipped official checkpoint)", True)
     c.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=0,
                    help="with --dataset: data loading processes (default: 0)")
     add_model_flags(c)
@@ -94,6 +100,27 @@ def _calibration_images(args: argparse.Namespace):
     return None, samples, [bool(s.anomaly) for s in samples], record
 
 
+def _output(args: argparse.Namespace) -> Path:
+    """Where the thresholds go, checked: writable; an existing file is replaced only when calibrate wrote it
+    (a thresholds file, said in one line) or with ``--overwrite``, and an official checkpoint never."""
+    output = Path(args.output or default_path(args.checkpoint)).expanduser()
+    problem = output_problem(output, flag="--output")
+    if problem:
+        raise CraneError(f"cannot write {output} ({problem}); pass --output FILE and give predict --thresholds FILE")
+    official = official_at(output)
+    if official is None and output.is_file() and not args.overwrite:
+        try:
+            load_thresholds(output)
+        except (OSError, ValueError):
+            raise CraneError(f"--output {output} exists and is not a thresholds file; choose another file, or pass "
+                             "--overwrite to replace it") from None
+        print(f"note: replacing the thresholds in {output} (written by an earlier calibrate)", file=sys.stderr)
+    problem = replace_problem(output, True, "--output") if official is not None else None
+    if problem:
+        raise CraneError(problem)
+    return output
+
+
 def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo) -> int:
     """``python -m crane calibrate`` on a settled run."""
     from tabulate import tabulate
@@ -108,11 +135,7 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
                        f"images of {total}; with normal images only, pass --target_fpr RATE")
     if args.target_fpr is not None and anomalous == total:
         raise CraneError(f"{where}: no normal images to set a false-alarm rate on ({total} defect images)")
-    output = Path(args.output or default_path(args.checkpoint)).expanduser()
-    folder = next(p for p in (output.parent, *output.parent.parents) if p.exists())
-    if not os.access(folder, os.W_OK):
-        raise CraneError(f"cannot write {output} (no write permission in {folder}); pass --output FILE and give "
-                       "predict --thresholds FILE")
+    output = _output(args)
     detector = common.load_detector(args, state, info)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from crane.checkpoints import CheckpointInfo
+from crane.checkpoints import CheckpointInfo, named_checkpoint
 from crane.cli.args import add_bool_flag, add_precision_flags, add_setting_flags
 from crane.cli.setup import describe_model, settle_model
 from crane import settings
@@ -41,9 +41,10 @@ def add_model_flags(parser: argparse.ArgumentParser, run_flags: bool = True) -> 
 
 
 def checkpoint_of(args: argparse.Namespace) -> str:
-    """``--checkpoint``, else ``checkpoints/MODEL_NAME/epoch_EPOCH.pth``."""
+    """``--checkpoint``, else ``checkpoints/MODEL_NAME/epoch_EPOCH.pth`` (here, else the shipped one:
+    :func:`crane.checkpoints.named_checkpoint`)."""
     if args.checkpoint is None:
-        args.checkpoint = str(Path("checkpoints") / args.model_name / f"epoch_{args.epoch}.pth")
+        args.checkpoint = str(named_checkpoint(args.model_name, args.epoch))
     return args.checkpoint
 
 

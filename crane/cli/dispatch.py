@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from crane import __version__
+from crane import __version__, settings
 from crane.cli import calibrate, export, init_checkpoint, predict
 from crane.cli.common import EXIT_ERROR, EXIT_SKIPPED, checkpoint_of, settle  # noqa: F401  (the exit statuses)
 from crane.cli.setup import flag_errors
@@ -53,13 +53,19 @@ def _run(args: argparse.Namespace) -> int:
     if not exported and getattr(args, "model", None):
         errors.append("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
                       "--checkpoint")
+    if exported:
+        errors += settings.problems(args, "inspect")  # the settings typed (the graph's own are checked later)
+    else:
+        try:  # the checkpoint, the model settings and the weights: reported together with the flags' problems
+            state, info = settle(args)
+        except CraneError as e:
+            errors.append(str(e))
     if errors:
         for error in errors:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     if exported:
         return predict.run(args, None, None)
-    state, info = settle(args)
     return COMMANDS[args.command].run(args, state, info)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from crane import settings
 from crane.cli.common import add_model_flags, checkpoint_of, settle
 from crane.errors import CraneError
+from crane.files import output_problem
 
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
@@ -94,6 +95,9 @@ def _check(graph, files: list[Path], fmt: str, fp16: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """``python -m crane export``."""
     fmt = _format(args)
+    problem = output_problem(args.out, flag="--out")
+    if problem:
+        raise CraneError(problem)
     checkpoint = Path(checkpoint_of(args)).expanduser()
     state, info = settle(args)
     thresholds = _thresholds(args, checkpoint)

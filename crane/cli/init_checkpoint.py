@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crane.checkpoints import replace_problem
+from crane.cli.args import add_bool_flag
+from crane.errors import CraneError
+from crane.files import output_problem
+from crane.models.weights import weights_problems
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``init-checkpoint`` subcommand."""
@@ -15,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--clip_weights", default="synthetic", metavar="W",
                    help="CLIP whose token embedding builds the prompt buffers (default: synthetic)")
     i.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    add_bool_flag(i, "--overwrite", False, "replace an existing file (never a shipped official checkpoint)", True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from crane.models.clip_loader import load_clip
     from crane.models.prompts import PromptLearner, save_prompt_checkpoint
 
+    problems = [p for p in (output_problem(args.out, flag="OUT"), replace_problem(args.out, args.overwrite, "OUT"))
+                if p] + weights_problems(args.clip_weights, "none", None)
+    if problems:
+        raise CraneError("; ".join(problems))
     weights = args.clip_weights
     if weights == "synthetic":
         from crane.models.synthetic import synthetic_clip_state_dict

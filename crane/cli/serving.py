@@ -79,6 +79,9 @@ def open_predictor(args: argparse.Namespace) -> DeployPredictor:
     if conflicts:
         raise CraneError(f"{args.model} was exported with other model settings: {', '.join(conflicts)}; drop these "
                          "flags or export again with them")
+    banner = settings.random_weights_banner(exported)
+    if banner:
+        print(f"warning: {args.model} was exported with {banner}", file=sys.stderr)
     for key, value in exported.items():
         setattr(args, key, value)
     fill_settings(args, "inspect")

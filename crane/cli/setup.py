@@ -20,6 +20,7 @@ from crane.checkpoints import CheckpointInfo, apply_settings, read_checkpoint
 from crane.cli.args import explicit_flags, fill_settings
 from crane.device import DeviceError, single_device
 from crane.errors import CraneError
+from crane.files import output_problem
 
 
 def _finite(value: float) -> bool:
@@ -27,11 +28,21 @@ def _finite(value: float) -> bool:
 
 
 def flag_errors(args: argparse.Namespace) -> list[str]:
-    """One message per unusable run flag of ``predict`` / ``calibrate`` (and the settings typed on the
-    command line); resolves ``args.device``."""
+    """One message per unusable run flag or input of ``predict`` / ``calibrate`` (the model settings are
+    :func:`settle_model`'s); resolves ``args.device``."""
+    import glob
+    from pathlib import Path
+
     from crane.inspection.thresholds import parse_override
 
-    errors = settings.problems(args, "inspect")
+    errors = []
+    for item in getattr(args, "inputs", None) or []:
+        if not glob.has_magic(str(item)) and not Path(item).expanduser().exists():
+            errors.append(f"no such file or folder: {item}")
+    for flag in ("normal", "labelled"):
+        for folder in getattr(args, flag, None) or []:
+            if not Path(folder).expanduser().exists():
+                errors.append(f"--{flag} {folder}: no such folder")
     if args.batch_size < 1:
         errors.append(f"--batch_size must be at least 1, got {args.batch_size}")
     if getattr(args, "threshold", None):
@@ -42,6 +53,11 @@ def flag_errors(args: argparse.Namespace) -> list[str]:
                                   f"probabilities), got {value}")
         except ValueError as e:
             errors.append(str(e))
+    out = getattr(args, "out", None)
+    if out is not None:
+        problem = output_problem(out, folder=True, flag="--out")
+        if problem:
+            errors.append(problem)
     target = getattr(args, "target_fpr", None)
     if target is not None and not (_finite(target) and 0.0 < target < 1.0):
         errors.append(f"--target_fpr must be a false-alarm rate in (0, 1), such as 0.01, got {target}")
@@ -66,6 +82,7 @@ def settle_model(args: argparse.Namespace, context: str = "inspect"
     :class:`~crane.checkpoints.CheckpointInfo` and warning lines. Raises :class:`~crane.errors.CraneError`
     with one line (all problems found, joined), before any model work.
     """
+    from crane.models.prompts import prompt_shape_problem
     from crane.models.weights import clip_depth, weights_problems
 
     explicit = explicit_flags(args)
@@ -78,6 +95,8 @@ def settle_model(args: argparse.Namespace, context: str = "inspect"
         problems += settings.layer_problems(args.features_list, clip_depth(str(args.clip_weights)),
                                             str(args.clip_weights), given)
     problems += weights_problems(args.clip_weights, args.dino_model, args.dino_weights)
+    shape = prompt_shape_problem(state, args.n_ctx, args.t_n_ctx, args.depth) if not problems else None
+    problems += [f"{args.checkpoint}: {shape}"] if shape else []
     if problems:
         raise CraneError("; ".join(problems))
     return state, info, notes

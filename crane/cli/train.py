@@ -26,6 +26,7 @@ from crane.cli.args import HelpFormatter, add_bool_flag, add_data_flags, add_pre
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, TrainOptions, train
 from crane.errors import EXIT_INTERRUPTED, EXIT_USAGE, CraneError
 from crane.logs import setup_logging
+from crane.settings import random_weights_banner
 
 
 
@@ -88,8 +89,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and train; return the exit code (2 for unusable input, 130 when interrupted)."""
     setup_logging()
     args = build_parser().parse_args(argv)
+    opts = TrainOptions(**vars(args))
+    banner = random_weights_banner(opts)
+    if banner:
+        print(f"train.py: {banner}", file=sys.stderr)
     try:
-        train(TrainOptions(**vars(args)))
+        folder = train(opts)
     except CraneError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,4 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("train.py: interrupted; run the same command with --resume to continue from the last complete epoch",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    epochs = sorted(folder.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    print(f"train.py: checkpoints in {folder}/" + (f" (last: {epochs[-1].name})" if epochs else "")
+          + (" - random weights: meaningless prompts" if banner else ""))
     return 0

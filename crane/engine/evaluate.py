@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crane import metrics, settings
-from crane.checkpoints import CheckpointInfo, apply_settings, read_checkpoint
+from crane.checkpoints import CheckpointInfo, apply_settings, named_checkpoint, read_checkpoint
 from crane.data.dataset import CraneDataset
 from crane.data.image import PREPROCESSING, load_rgb
 from crane.data.meta import default_datasets_root
@@ -63,8 +63,9 @@ from crane.engine.distributed import (DistContext, barrier, broadcast_from_main,
                                       launch)
 from crane.engine.timing import StageTimer
 from crane.errors import CraneError
-from crane.files import file_identity, is_identity
+from crane.files import file_identity, is_identity, output_problem
 from crane.logs import setup_logging
+from crane.models.prompts import prompt_shape_problem
 from crane.models.smoothing import smooth
 from crane.models.weights import clip_depth, weights_file, weights_problems
 from crane.settings import AUPRO_METHODS
@@ -140,8 +141,9 @@ class EvalPlan:
 
 
 def checkpoint_path(opts: EvalOptions) -> Path:
-    """``--checkpoint``, else ``checkpoints/MODEL_NAME/epoch_EPOCH.pth``."""
-    return Path(opts.checkpoint) if opts.checkpoint else Path("checkpoints") / opts.model_name / f"epoch_{opts.epoch}.pth"
+    """``--checkpoint``, else ``checkpoints/MODEL_NAME/epoch_EPOCH.pth`` (here, else the shipped one:
+    :func:`crane.checkpoints.named_checkpoint`)."""
+    return Path(opts.checkpoint) if opts.checkpoint else named_checkpoint(opts.model_name, opts.epoch)
 
 
 def run_name(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> str:
@@ -219,6 +221,8 @@ def _check_options(opts: EvalOptions) -> None:
         problems.append(f"checkpoint not found: {checkpoint}; pass --checkpoint FILE, or --model_name NAME --epoch N "
                         "for checkpoints/NAME/epoch_N.pth (shipped: trained_on_{mvtec,visa}_{crane,cranep}, epochs 1-5)")
     problems += weights_problems(opts.clip_weights, "none", None)
+    if opts.save_path:
+        problems += [p for p in [output_problem(opts.save_path, folder=True, flag="--save_path")] if p]
     if problems:
         raise EvalError("; ".join(problems))
 
@@ -311,6 +315,9 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     for note in apply_settings(opts, opts.explicit, info, opts.force):
         log.warning("%s", note)
     _check_model_options(opts)
+    problem = prompt_shape_problem(state, opts.n_ctx, opts.t_n_ctx, opts.depth)
+    if problem:
+        raise EvalError(f"{checkpoint_path(opts)}: {problem}")
     root = Path(opts.datasets_root_dir) / opts.dataset
     dataset = _dataset(opts, root)
     recorded = result_settings(opts, info)
@@ -607,9 +614,11 @@ def summarize(plan: EvalPlan) -> str:
     rows = [dict(p, score=str(np.float32(p["score"]))) for c in plan.classes for p in records[c]["predictions"]]
     results.write_csv(plan.save_path / "predictions.csv", results.PREDICTION_COLUMNS, rows)
     table = results.metrics_table(per_class, mean)
-    results.write_text(plan.save_path / "metrics.md", f"# {plan.settings['dataset']} ({plan.run['run_name']}, "
-                                                      f"AUPRO: {plan.settings['aupro_method']})\n\n{table}\n")
-    return table
+    banner = settings.random_weights_banner(plan.settings)
+    results.write_text(plan.save_path / "metrics.md", (f"> {banner}\n\n" if banner else "")
+                       + f"# {plan.settings['dataset']} ({plan.run['run_name']}, "
+                       f"AUPRO: {plan.settings['aupro_method']})\n\n{table}\n")
+    return f"{banner}\n{table}" if banner else table
 
 
 def _plan_on_main(opts: EvalOptions, ctx: DistContext) -> EvalPlan:

@@ -69,7 +69,7 @@ from crane.engine.distributed import DistContext, barrier, broadcast_from_main, 
 from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, options_key
 from crane.engine.published_init import ClipShapes, replay_published_draws
 from crane.engine.results import fixed
-from crane.files import file_identity, save_torch, write_text
+from crane.files import file_identity, output_problem, save_torch, write_text
 from crane.logs import setup_logging
 from crane.losses import crane_loss
 from crane.models.build import build_model
@@ -193,6 +193,7 @@ def _check_options(opts: TrainOptions) -> None:
          f"--init_checkpoint file not found: {opts.init_checkpoint}"),
     ]
     problems = [message for bad, message in checks if bad] + settings.problems(opts, "train")
+    problems += [p for p in [output_problem(run_dir(opts), folder=True, flag="--save_path")] if p]
     if not problems:
         problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
                                             str(opts.clip_weights))

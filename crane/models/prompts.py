@@ -107,6 +107,20 @@ class PromptLearner(nn.Module):
         return torch.cat(prompts, dim=0), torch.cat(ids, dim=0)
 
 
+def prompt_shape_problem(state_dict: Mapping[str, torch.Tensor], n_ctx: int, t_n_ctx: int, depth: int
+                         ) -> Optional[str]:
+    """Why a prompt-learner state dict cannot load into a learner of ``n_ctx``, ``t_n_ctx`` and ``depth``,
+    as one line (``None`` when its shapes fit); read from the tensors, before any model is built."""
+    ctx = state_dict.get("ctx_pos")
+    deep = sorted(k for k in state_dict if k.startswith("compound_prompts_text."))
+    found_n = ctx.shape[-2] if isinstance(ctx, torch.Tensor) and ctx.ndim >= 2 else None
+    found_t = state_dict[deep[0]].shape[0] if deep else None
+    wrong = [f"--{flag} {value} (the checkpoint has {found})" for flag, value, found in
+             (("n_ctx", n_ctx, found_n), ("depth", depth, len(deep) + 1), ("t_n_ctx", t_n_ctx, found_t))
+             if found is not None and value != found]
+    return f"the checkpoint does not fit the prompt learner: {', '.join(wrong)}" if wrong else None
+
+
 def _condition_on_image(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, img: torch.Tensor,
                         tok: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert the image embedding ``img`` (``B x 1 x W``) as a context token; keep length 77."""
