@@ -83,6 +83,7 @@ fi
 "$PY" scripts/gpu_versions.py --device "$DEVICE" | tee "$WORK/versions" || exit 2
 NGPU=0
 [ "$DEVICE" = cuda ] && NGPU=$(sed -n 's/^torch CUDA .*, \([0-9][0-9]*\) GPU(s)$/\1/p' "$WORK/versions")
+: "${NGPU:=0}"
 export PY OUT_DIR WORK DATA DEVICE NGPU SIZE WIDTH BENCH_IMAGES BATCH SOURCE TINY_SIZE NPROC_TORCHRUN TRAIN_BF16
 # CPU runs compare files byte for byte only at equal thread counts (one per process, as under torchrun)
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1
