@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(c)
 
     export_command.add_parser(sub)
+    sub.add_parser("app", add_help=False, help="inspect and calibrate in the browser (pip install -e '.[app]'; "
+                                               "options: python -m crane app --help)")
 
     i = sub.add_parser("init-checkpoint", help="write a randomly initialised prompt-learner checkpoint (demos)",
                        description="Write an untrained prompt-learner checkpoint. Its predictions are meaningless: "
@@ -218,11 +220,12 @@ class _TorchPredictor:
 
 
 def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
-    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or the file beside the
-    checkpoint, then ``--threshold`` overrides."""
-    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
+    """Thresholds from ``--thresholds``, else the file beside the checkpoint (beside the exported model
+    ``--model`` when ``embedded``, its metadata's thresholds, are given), else ``embedded``, then
+    ``--threshold`` overrides."""
+    path = args.thresholds or default_path(args.checkpoint if embedded is None else args.model)
     try:
-        if args.thresholds is not None or (path is not None and path.is_file()):
+        if args.thresholds is not None or path.is_file():
             thresholds = load_thresholds(path)
         else:
             thresholds = embedded or Thresholds()
@@ -299,10 +302,12 @@ def cmd_predict(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> int
         raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
     deployed = None
     if args.backend != "torch":
-        from crane.deploy.serving import open_predictor
+        from crane.deploy.serving import open_predictor, thresholds_note
 
         deployed = open_predictor(args, {"clip_weights": "openai", **vars(MODEL_DEFAULTS)}, CliError)
     thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
+    if deployed is not None:
+        print(thresholds_note(thresholds, deployed, args.force, CliError), file=sys.stderr)
     if args.save_masks and thresholds.pixel is None:
         raise CliError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
                        "--threshold IMG,PIX")
@@ -525,6 +530,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m crane`` / ``crane``; returns the exit status."""
     setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # its own parser, imported only when asked for (Gradio is an optional extra)
+        from crane.integrations.app.command import main as app_main
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,3 +79,29 @@ def open_predictor(args: argparse.Namespace, defaults: dict[str, Any], error: ty
         setattr(args, key, value)
     args.checkpoint = model.info.checkpoint
     return DeployPredictor(model)
+
+
+def thresholds_note(thresholds, predictor: DeployPredictor, force: bool, error: type) -> str:
+    """Which thresholds a run of the exported graph uses, as one line. A ``thresholds.json`` beside the
+    graph (or ``--thresholds FILE``) is preferred to the thresholds in the graph's metadata; one that records
+    another checkpoint or other model options than the graph's is refused (``error``) unless ``force``."""
+    from crane.thresholds import default_path
+
+    embedded, info, path = predictor.thresholds(), predictor.model.info, predictor.model.path
+    if thresholds.source == embedded.source:
+        if info.thresholds is None:
+            return f"thresholds: none (no thresholds.json beside {path}, none in its metadata)"
+        return f"thresholds: from the metadata of {path} (no thresholds.json beside it)"
+    recorded = thresholds.meta.get("model") if isinstance(thresholds.meta.get("model"), dict) else {}
+    differ = [f"{key} {recorded[key]!r}, the graph's {value!r}" for key, value in
+              [("checkpoint_sha256", info.checkpoint_sha256), *info.model.items()]
+              if key != "clip_weights" and key in recorded and recorded[key] != value]
+    if differ:
+        message = f"{thresholds.source} was calibrated for other scores than {path} gives: {'; '.join(differ)}"
+        if not force:
+            raise error(f"{message}; calibrate again on this graph, or pass --force")
+        print(f"warning: {message} (--force: using it anyway; decisions may be wrong)", file=sys.stderr)
+    if Path(thresholds.source) != default_path(path):
+        return f"thresholds: from {thresholds.source}"
+    instead = ", instead of the thresholds in its metadata" if info.thresholds is not None else ""
+    return f"thresholds: from {thresholds.source} (beside the exported model{instead})"
