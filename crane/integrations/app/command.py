@@ -100,8 +100,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _serve(args, workdir)
     finally:
-        signal.signal(signal.SIGTERM, terminate)
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not stop the removal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _serve(args: argparse.Namespace, workdir: Path) -> int:
