@@ -1,4 +1,4 @@
-"""Command line: ``python -m crane {predict,calibrate,export,init-checkpoint}`` (also installed as ``crane``).
+"""Command line: ``python -m crane {predict,calibrate,export,init-checkpoint,app}`` (also installed as ``crane``).
 
 * ``predict INPUT... --checkpoint FILE --out DIR``: score image files, folders
   (searched recursively) and globs; write ``DIR/scores.csv`` and one panel per image.
@@ -10,6 +10,8 @@
   (:mod:`crane.export`); ``predict --backend onnxruntime|openvino --model PATH`` runs it.
 * ``init-checkpoint OUT``: write a randomly initialised prompt-learner checkpoint
   (for pipeline demos only).
+* ``app``: the inspection page and its HTTP API (:mod:`crane.integrations.app`; the
+  optional extra ``app``), with its own options.
 
 The model settings come from the checkpoint unless a flag sets them (:mod:`crane.cli_setup`).
 Exit status: 0 success, 1 an error (one line on stderr), 2 unusable input (one line per

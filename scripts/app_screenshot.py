@@ -25,7 +25,8 @@ FLAGS = ["--clip_weights", "synthetic", "--dino_model", "none", "--image_size", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "app.png", help="PNG to write (default: docs/app.png)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "app.png",
+                        help="PNG to write (default: docs/app.png)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                         help="Chromium executable (default: chromium on the PATH)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``python -m crane app``: the page in a real headless Chromium, its ``predict`` API endpoint, and its exported-model path.
+"""``python -m crane app``: the page in headless Chromium, its ``predict`` API endpoint, its exported-graph path.
 
 The model is a narrow synthetic CLIP (4 blocks) with a random prompt checkpoint at S = 56, on the
 CPU. Reference numbers come from ``predict`` and ``calibrate`` run on the same files. The browser
@@ -269,10 +269,9 @@ def test_api_endpoint_gives_predicts_numbers(setup, app, tmp_path):
         assert set(got) == {"score", "decision", "map_shape"} and got["map_shape"] == [SIZE, SIZE]
         assert abs(got["score"] - float(expected[name]["score"])) <= 1e-5
         assert got["decision"] == expected[name]["decision"] == ("anomalous" if got["score"] >= image_t else "normal")
-        assert client.predict(handle_file(str(setup["photos"] / name)), 0.0, api_name="/predict")["decision"] == \
-            "anomalous"
-        assert client.predict(handle_file(str(setup["photos"] / name)), 1.0, api_name="/predict")["decision"] == \
-            "normal"
+        for threshold, decided in ((0.0, "anomalous"), (1.0, "normal")):  # passed with the call
+            assert client.predict(image=handle_file(str(setup["photos"] / name)), image_threshold=threshold,
+                                  api_name="/predict")["decision"] == decided
     with pytest.raises(Exception, match="truncated"):
         client.predict(handle_file(str(setup["photos"] / "broken.png")), api_name="/predict")
     big = tmp_path / "big.png"  # over --max_file_size 1 (MB)

@@ -77,8 +77,8 @@ def launch(demo, args: argparse.Namespace, block: bool = True):
 
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_file_size * 1024 ** 2),
-                       share=False, inbrowser=False, show_error=True, ssr_mode=False, theme=theme(), css=CSS, allowed_paths=[],
-                       prevent_thread_lock=not block)
+                       share=False, inbrowser=False, show_error=True, ssr_mode=False, theme=theme(), css=CSS,
+                       allowed_paths=[], prevent_thread_lock=not block)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
