@@ -171,9 +171,9 @@ def build_page(engine: Engine, workdir: Path, limits: ZipLimits = ZipLimits()) -
                     pixel_value = gr.Slider(0.0, 1.0, value=start.pixel if start.pixel is not None else 0.5,
                                             step=1e-6, label="pixel threshold (outlined where map >= it)",
                                             elem_id="pixel-threshold")
-                    zip_button = gr.Button("Download the results (zip: scores.csv, panels, maps, masks)",
-                                           elem_id="make-zip")
-                    zip_file = gr.File(label="results", interactive=False, elem_id="results-zip")
+                    zip_button = gr.Button("Download the results (zip)", elem_id="make-zip")
+                    zip_file = gr.File(label="results: scores.csv, skipped.csv, panels/, maps/, masks/ (as predict)",
+                                       interactive=False, elem_id="results-zip")
                 with gr.Column(scale=3):
                     status = gr.Markdown("Drop images to score them.", elem_id="inspect-status")
                     scores = gr.Dataframe(headers=["file", "score", "decision"], datatype=["str", "number", "str"],
@@ -190,7 +190,8 @@ def build_page(engine: Engine, workdir: Path, limits: ZipLimits = ZipLimits()) -
                     rate = gr.Number(0.01, label="false-alarm rate to allow on normal images", minimum=1e-6,
                                      maximum=0.999999, elem_id="target-fpr")
                     calibrate_button = gr.Button("Calibrate", variant="primary", elem_id="calibrate")
-                    save_button = gr.Button(f"Save thresholds.json ({engine.thresholds_path.name} beside the model)",
+                    save_button = gr.Button("Save thresholds.json beside the model" if engine.args.thresholds is None
+                                            else f"Save to {engine.thresholds_path.name} (--thresholds)",
                                             elem_id="save-thresholds")
                     saved = gr.Markdown(elem_id="saved")
                 with gr.Column(scale=3):
