@@ -4,7 +4,9 @@
 * ``calibrate --checkpoint FILE (--normal DIR... --target_fpr RATE | --labelled DIR... | --dataset NAME)``:
   :mod:`crane.cli.calibrate`;
 * ``export --checkpoint FILE --out PATH``: :mod:`crane.cli.export`;
-* ``init-checkpoint OUT``: :mod:`crane.cli.init_checkpoint`.
+* ``init-checkpoint OUT``: :mod:`crane.cli.init_checkpoint`;
+* ``app``: the inspection page and its HTTP API (:mod:`crane.cli.app`, the optional extra ``app``),
+  with its own options.
 
 The model settings come from the checkpoint unless a flag sets them (:mod:`crane.cli.setup`).
 Exit status: 0 success, 1 an error (one line on stderr), 2 unusable input (one line per
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         module.add_parser(sub)
+    sub.add_parser("app", add_help=False, help="inspect and calibrate in the browser (the extra 'app'; options: "
+                                               "python -m crane app --help)")
     return parser
 
 
@@ -72,6 +76,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m crane`` / ``crane``; returns the exit status."""
     setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # its own parser, imported only when asked for (Gradio is an optional extra)
+        from crane.cli.app.command import main as app_main
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 
-class _TorchPredictor:
+class TorchPredictor:
     """``predict``'s torch backend: :meth:`Detector.predict_tensor` with the smoothing on the device, as
     test.py. ``crane.cli.serving.DeployPredictor`` is the same interface for exported graphs."""
 
@@ -92,11 +92,12 @@ class _TorchPredictor:
 
 
 def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
-    """Thresholds from ``--thresholds``, else ``embedded`` (an exported model's) or the file beside the
-    checkpoint, then ``--threshold`` overrides."""
-    path = args.thresholds or (None if embedded is not None else default_path(args.checkpoint))
+    """Thresholds from ``--thresholds``, else the file beside the checkpoint (beside the exported model
+    ``--model`` when ``embedded``, its metadata's thresholds, are given), else ``embedded``, then
+    ``--threshold`` overrides."""
+    path = args.thresholds or default_path(args.checkpoint if embedded is None else args.model)
     try:
-        if args.thresholds is not None or (path is not None and path.is_file()):
+        if args.thresholds is not None or path.is_file():
             thresholds = load_thresholds(path)
         else:
             thresholds = embedded or Thresholds()
@@ -117,7 +118,7 @@ def _file_values_used(thresholds: Thresholds, args: argparse.Namespace) -> bool:
     return image is None or pixel is None
 
 
-def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Optional[CheckpointInfo]) -> list[str]:
+def threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Optional[CheckpointInfo]) -> list[str]:
     """One-line notes on missing thresholds; a file calibrated with another checkpoint or other model
     settings is refused (:class:`CraneError`), or with ``--force`` gives a warning. ``info`` is ``None``
     for an exported model, whose embedded thresholds were checked when it was exported."""
@@ -148,7 +149,7 @@ def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Opt
 
 
 
-def _load(item: InputFile, predictor):
+def load_input(item: InputFile, predictor):
     """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
     when it cannot be read."""
     try:
@@ -174,21 +175,23 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
         raise CraneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.inputs)}")
     deployed = None
     if args.backend != "torch":
-        from crane.cli.serving import open_predictor
+        from crane.cli.serving import open_predictor, thresholds_note
 
         deployed = open_predictor(args)
     thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
+    if deployed is not None:
+        print(thresholds_note(thresholds, deployed, args.force), file=sys.stderr)
     if args.save_masks and thresholds.pixel is None:
         raise CraneError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
                        "--threshold IMG,PIX")
-    for note in _threshold_notes(thresholds, args, info):
+    for note in threshold_notes(thresholds, args, info):
         print(note, file=sys.stderr)
     folder = OutputFolder(args.out)
     folder.check()
 
     from tqdm import tqdm
 
-    predictor = deployed or _TorchPredictor(args, state, info)
+    predictor = deployed or TorchPredictor(args, state, info)
     removed = folder.clean()
     if removed:
         print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = _load(item, predictor)
+                    rgb, x = load_input(item, predictor)
                     if rgb is None:
                         skipped.append((item.path, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)

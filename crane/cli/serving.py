@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ EXPORT_SUFFIXES = (".onnx", ".xml")
 
 
 class DeployPredictor:
-    """What ``predict`` needs from a model, for an exported graph (see ``crane.cli.predict._TorchPredictor``)."""
+    """What ``predict`` needs from a model, for an exported graph (see ``crane.cli.predict.TorchPredictor``)."""
 
     read_error = ImageReadError
 
@@ -87,3 +88,29 @@ def open_predictor(args: argparse.Namespace) -> DeployPredictor:
     fill_settings(args, "inspect")
     args.checkpoint = model.info.checkpoint
     return DeployPredictor(model)
+
+
+def thresholds_note(thresholds, predictor: DeployPredictor, force: bool) -> str:
+    """Which thresholds a run of the exported graph uses, as one line. A ``thresholds.json`` beside the
+    graph (or ``--thresholds FILE``) is preferred to the thresholds in the graph's metadata; one that records
+    another checkpoint or other model options than the graph's is refused unless ``force``."""
+    from crane.inspection.thresholds import default_path
+
+    embedded, info, path = predictor.thresholds(), predictor.model.info, predictor.model.path
+    if thresholds.source == embedded.source:
+        if info.thresholds is None:
+            return f"thresholds: none (no thresholds.json beside {path}, none in its metadata)"
+        return f"thresholds: from the metadata of {path} (no thresholds.json beside it)"
+    recorded = thresholds.meta.get("model") if isinstance(thresholds.meta.get("model"), dict) else {}
+    differ = [f"{key} {recorded[key]!r}, the graph's {value!r}" for key, value in
+              [("checkpoint_sha256", info.checkpoint_sha256), *info.model.items()]
+              if key not in ("clip_weights", "dino_weights") and key in recorded and recorded[key] != value]
+    if differ:
+        message = f"{thresholds.source} was calibrated for other scores than {path} gives: {'; '.join(differ)}"
+        if not force:
+            raise CraneError(f"{message}; calibrate again on this graph, or pass --force")
+        print(f"warning: {message} (--force: using it anyway; decisions may be wrong)", file=sys.stderr)
+    if Path(thresholds.source) != default_path(path):
+        return f"thresholds: from {thresholds.source}"
+    instead = ", instead of the thresholds in its metadata" if info.thresholds is not None else ""
+    return f"thresholds: from {thresholds.source} (beside the exported model{instead})"

@@ -1,0 +1,1 @@
+"""Integrations with other tools. Each is a leaf: nothing else in :mod:`crane` imports them."""
