@@ -6,7 +6,8 @@
   :func:`write_bytes`, :func:`write_json` and :func:`save_torch` are the usual cases.
   New files get the mode the umask gives (not ``mkstemp``'s 0600).
 * :func:`file_identity`: what resume, the feature cache and the thresholds compare about an
-  input file: its **content** (BLAKE2b of the bytes, with the size). The digest is kept in a
+  input file: its **content** (the 128-bit xxHash XXH3 of the bytes, with the size: a change-detecting
+  hash, not a security one). The digest is kept in a
   small cache keyed on path, size, mtime, inode and ctime (:class:`DigestCache`), so an
   unchanged file is read once; a file replaced with its old size and mtime (``touch -r``,
   ``cp -p``, ``rsync -t``) has a new inode or ctime and is read again. Identities recorded in
@@ -16,7 +17,6 @@ Torch-free on import (``save_torch`` imports torch when called).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,11 +24,13 @@ import sqlite3
 from pathlib import Path
 from typing import IO, Any, Optional, Union
 
+import xxhash
+
 PathLike = Union[str, os.PathLike]
 
 TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")
 """Names of :class:`AtomicFile`'s temporary files (``.NAME.PID.tmp``)."""
-IDENTITY_PREFIX = "blake2b-128:"
+IDENTITY_PREFIX = "xxh3-128:"
 """Prefix of :func:`file_identity`'s values; anything else was recorded by an older crane."""
 
 
@@ -128,7 +130,7 @@ def _cache_file() -> Path:
 
 
 class DigestCache:
-    """BLAKE2b digests of files by ``(realpath, size, mtime_ns, inode, ctime_ns)``, in memory and in a
+    """XXH3-128 digests of files by ``(realpath, size, mtime_ns, inode, ctime_ns)``, in memory and in a
     SQLite file shared by runs (``$CRANE_CACHE``, else ``~/.cache/crane``); where that file cannot be
     written, the digests are kept for this process only."""
 
@@ -144,6 +146,8 @@ class DigestCache:
                 file = self.file or _cache_file()
                 file.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(file, timeout=30, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=OFF")  # a cache: a digest lost in a crash is computed again
                 self._db.execute("CREATE TABLE IF NOT EXISTS digest (path TEXT, size INTEGER, mtime INTEGER, "
                                  "inode INTEGER, ctime INTEGER, value TEXT, PRIMARY KEY (path))")
             except (OSError, sqlite3.Error):
@@ -167,7 +171,7 @@ class DigestCache:
             except sqlite3.Error:
                 value = None
         if value is None:
-            h = hashlib.blake2b(digest_size=16)
+            h = xxhash.xxh3_128()
             with open(real, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
@@ -185,7 +189,7 @@ _DIGESTS = DigestCache()
 
 
 def file_identity(path: Optional[PathLike]) -> Optional[str]:
-    """``blake2b-128:HEX:SIZE`` of an existing file's content; ``None`` for ``None`` or a missing file."""
+    """``xxh3-128:HEX:SIZE`` of an existing file's content; ``None`` for ``None`` or a missing file."""
     if path is None:
         return None
     p = Path(os.fspath(path)).expanduser()
