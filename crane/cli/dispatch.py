@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from crane import __version__, settings
+from crane import __version__
 from crane.cli import calibrate, export, init_checkpoint, predict
 from crane.cli.common import EXIT_ERROR, EXIT_SKIPPED, checkpoint_of, settle  # noqa: F401  (the exit statuses)
-from crane.cli.setup import flag_errors
+from crane.cli.setup import flag_errors, input_problems
 from crane.data.meta import default_datasets_root
 from crane.errors import EXIT_INTERRUPTED, EXIT_USAGE, CraneError, one_line
 from crane.logs import setup_logging
@@ -53,17 +53,15 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_of(args)
     if args.command == "calibrate" and args.datasets_root_dir is None:
         args.datasets_root_dir = Path(default_datasets_root())
-    errors = flag_errors(args)
+    errors = flag_errors(args) + input_problems(args)
     if not exported and getattr(args, "model", None):
         errors.append("--model is for --backend onnxruntime|openvino; the torch backend builds the model from "
                       "--checkpoint")
-    if exported:
-        errors += settings.problems(args, "inspect")  # the settings typed (the graph's own are checked later)
-    else:
+    if not exported:
         try:  # the checkpoint, the model settings and the weights: reported together with the flags' problems
             state, info = settle(args)
         except CraneError as e:
-            errors.append(str(e))
+            errors += [line for line in str(e).splitlines() if line not in errors]
     if errors:
         for error in errors:
             print(f"error: {one_line(error)}", file=sys.stderr)

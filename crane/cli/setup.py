@@ -28,21 +28,11 @@ def _finite(value: float) -> bool:
 
 
 def flag_errors(args: argparse.Namespace) -> list[str]:
-    """One message per unusable run flag or input of ``predict`` / ``calibrate`` (the model settings are
-    :func:`settle_model`'s); resolves ``args.device``."""
-    import glob
-    from pathlib import Path
-
+    """One message per unusable run flag of ``predict`` / ``calibrate`` (and the settings typed on the
+    command line); resolves ``args.device``."""
     from crane.inspection.thresholds import parse_override
 
-    errors = []
-    for item in getattr(args, "inputs", None) or []:
-        if not glob.has_magic(str(item)) and not Path(item).expanduser().exists():
-            errors.append(f"no such file or folder: {item}")
-    for flag in ("normal", "labelled"):
-        for folder in getattr(args, flag, None) or []:
-            if not Path(folder).expanduser().exists():
-                errors.append(f"--{flag} {folder}: no such folder")
+    errors = settings.problems(args, "inspect")  # the settings typed (the rest: settle_model)
     if args.batch_size < 1:
         errors.append(f"--batch_size must be at least 1, got {args.batch_size}")
     if getattr(args, "threshold", None):
@@ -73,6 +63,23 @@ def flag_errors(args: argparse.Namespace) -> list[str]:
     return errors
 
 
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """One message per input that does not exist: ``predict``'s files and folders (globs are expanded
+    later), ``calibrate``'s ``--normal`` / ``--labelled`` folders."""
+    import glob
+    from pathlib import Path
+
+    errors = []
+    for item in getattr(args, "inputs", None) or []:
+        if not glob.has_magic(str(item)) and not Path(item).expanduser().exists():
+            errors.append(f"no such file or folder: {item}")
+    for flag in ("normal", "labelled"):
+        for folder in getattr(args, flag, None) or []:
+            if not Path(folder).expanduser().exists():
+                errors.append(f"--{flag} {folder}: no such folder")
+    return errors
+
+
 def settle_model(args: argparse.Namespace, context: str = "inspect"
                  ) -> tuple[Mapping[str, Any], CheckpointInfo, list[str]]:
     """Read the checkpoint (once) and fill the model settings of ``args`` (flags, else the checkpoint's,
@@ -80,7 +87,7 @@ def settle_model(args: argparse.Namespace, context: str = "inspect"
 
     Returns the checkpoint's prompt-learner state dict (for :func:`crane.detector.build_detector`), its
     :class:`~crane.checkpoints.CheckpointInfo` and warning lines. Raises :class:`~crane.errors.CraneError`
-    with one line (all problems found, joined), before any model work.
+    with one line per problem found (all of them), before any model work.
     """
     from crane.models.prompts import prompt_shape_problem
     from crane.models.weights import clip_depth, weights_problems
@@ -98,7 +105,7 @@ def settle_model(args: argparse.Namespace, context: str = "inspect"
     shape = prompt_shape_problem(state, args.n_ctx, args.t_n_ctx, args.depth) if not problems else None
     problems += [f"{args.checkpoint}: {shape}"] if shape else []
     if problems:
-        raise CraneError("; ".join(problems))
+        raise CraneError("\n".join(problems))
     return state, info, notes
 
 
