@@ -161,6 +161,7 @@ def test_without_anomalib_the_import_is_one_line(monkeypatch):
 
 
 @needs_anomalib
+@pytest.mark.slow
 def test_the_module_imports_no_command_line_module(clip_file):
     code = ("import sys; from crane.integrations.anomalib import Crane; "
             f"Crane(clip_weights={str(clip_file)!r}, image_size={SIZE}, features_list=[6]); "
@@ -272,7 +273,7 @@ def test_the_post_processor_keeps_the_order_anomalib_s_clamps():
 
 
 @needs_anomalib
-@pytest.mark.parametrize("variant", ["crane", "crane+"])
+@pytest.mark.parametrize("variant", ["crane", pytest.param("crane+", marks=pytest.mark.slow)])
 def test_engine_test_gives_test_py_aurocs(dataset, clip_file, checkpoints, tested, variant, tmp_path):
     ours = _test_py(dataset, clip_file, checkpoints[variant], tmp_path / "test_py")
     if variant == "crane":
@@ -336,6 +337,7 @@ def _assert_close(got: dict, expected, tolerance: float = EXPORT_TOL) -> None:
 
 
 @needs_anomalib
+@pytest.mark.slow
 def test_onnx_export_matches_the_torch_path(tested, dataset, tmp_path):
     import onnxruntime as ort
     from anomalib.deploy import ExportType
@@ -353,6 +355,7 @@ def test_onnx_export_matches_the_torch_path(tested, dataset, tmp_path):
 
 
 @needs_anomalib
+@pytest.mark.slow
 def test_openvino_export_loads_in_anomalib_s_inferencer(tested, dataset, tmp_path, monkeypatch):
     """``OpenVINOInferencer`` in float32 (OpenVINO's CPU default on CPUs with bf16 units is bfloat16), on the
     preprocessed input: OpenVINO computes the resize weights in float32 where torch computes them in float64,
@@ -376,6 +379,7 @@ def test_openvino_export_loads_in_anomalib_s_inferencer(tested, dataset, tmp_pat
 
 
 @needs_anomalib
+@pytest.mark.slow
 def test_anomalib_cli_with_the_example_config(dataset, clip_file, checkpoints, tested, tmp_path):
     """``anomalib test --config docs/anomalib_crane.yaml`` with the paths of this dataset: Engine.test's AUROCs."""
     anomalib = Path(sys.executable).parent / "anomalib"

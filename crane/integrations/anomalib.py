@@ -5,9 +5,10 @@
     from crane.integrations.anomalib import Crane
 
     model = Crane(checkpoint="checkpoints/trained_on_mvtec_crane/epoch_5.pth")  # settings from the checkpoint
-    data = Folder(name="part", root="data/part", normal_dir="train/good", normal_test_dir="test/good",
-                  abnormal_dir="test/defect", mask_dir="test/masks", val_split_mode="same_as_test")
-    Engine().test(model, datamodule=data)
+    data = Folder(name="my_part", root="datasets/data/custom", normal_dir="train/my_part/good",
+                  normal_test_dir="test/my_part/good", abnormal_dir="test/my_part/defect",
+                  mask_dir="test/my_part/masks", val_split_mode="same_as_test")
+    Engine().test(model, datamodule=data)  # image_AUROC and pixel_AUROC as test.py gives them
 
 What it reproduces of ``crane`` (docs/anomalib.md has the details):
 
@@ -127,7 +128,7 @@ class CraneResize(Resize):
         if channels not in (1, 3):
             raise ValueError(f"CraneResize takes 1- or 3-channel images, got {channels} channels")
         array = image.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(array[:, :, 0], mode="L") if channels == 1 else Image.fromarray(array, mode="RGB")
+        pil = Image.fromarray(np.ascontiguousarray(array[:, :, 0] if channels == 1 else array))  # L or RGB
         out = np.asarray(pil.resize((self.side, self.side), Image.BICUBIC)).copy()
         return torch.from_numpy(out).reshape(self.side, self.side, channels).permute(2, 0, 1)
 
@@ -404,11 +405,17 @@ class Crane(AnomalibModule):
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:
-        """anomalib's ONNX export at opset :data:`ONNX_OPSET` unless ``opset_version`` is given, then every
-        sub-graph that does not depend on the input folded to a constant, however large (the exporter's own
-        optimiser stops at small sizes and would leave, e.g., DINOv2's position-embedding resampling, an
-        antialiased ``Resize`` that OpenVINO does not compute as torch does)."""
+        """anomalib's ONNX export (``to_openvino`` converts it), at opset :data:`ONNX_OPSET` unless ``opset_version``
+        is given, optimised once as ``crane.export`` does: every sub-graph that does not depend on the input is
+        folded to a constant, however large (the exporter's own pass stops at small sizes and would leave, e.g.,
+        DINOv2's position-embedding resampling: an antialiased ``Resize`` that OpenVINO does not compute as torch
+        does)."""
+        if isinstance(self.post_processor, PostProcessor) and torch.isnan(self.post_processor.image_min):
+            log.warning("exporting without normalisation statistics (no validation has run): the file outputs raw "
+                        "scores and maps and all-False labels and masks; run Engine.test or Engine.validate on your "
+                        "data first to have them in the file")
         kwargs.setdefault("opset_version", ONNX_OPSET)
+        kwargs.setdefault("optimize", False)  # _fold_constants optimises
         path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)
         _fold_constants(Path(path))
         return path
