@@ -215,8 +215,8 @@ def test_the_pre_processor_gives_crane_input_and_masks(dataset):
 @pytest.fixture(scope="module")
 def exported_resize(tmp_path_factory) -> dict:
     """:class:`ExportPreprocess` alone as ONNX (dynamic batch, height and width), in ONNX Runtime and OpenVINO."""
-    import onnxruntime as ort
-    import openvino as ov
+    pytest.importorskip("onnxscript")
+    ort, ov = pytest.importorskip("onnxruntime"), pytest.importorskip("openvino")
 
     from crane.integrations.anomalib import ExportPreprocess
 
@@ -339,7 +339,8 @@ def _assert_close(got: dict, expected, tolerance: float = EXPORT_TOL) -> None:
 @needs_anomalib
 @pytest.mark.slow
 def test_onnx_export_matches_the_torch_path(tested, dataset, tmp_path):
-    import onnxruntime as ort
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
     from anomalib.deploy import ExportType
 
     model = tested["model"]
@@ -360,6 +361,8 @@ def test_openvino_export_loads_in_anomalib_s_inferencer(tested, dataset, tmp_pat
     """``OpenVINOInferencer`` in float32 (OpenVINO's CPU default on CPUs with bf16 units is bfloat16), on the
     preprocessed input: OpenVINO computes the resize weights in float32 where torch computes them in float64,
     which may move a resized pixel by one 8-bit level (test_the_export_pre_processor_follows_pil)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("openvino")
     from anomalib.deploy import ExportType, OpenVINOInferencer
 
     model = tested["model"]
