@@ -1,1 +1,1 @@
-"""Integrations with other tools. Each is a leaf: nothing else in :mod:`crane` imports them."""
+"""Crane inside other frameworks (optional extras; nothing else in :mod:`crane` imports these modules)."""
