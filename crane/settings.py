@@ -266,9 +266,10 @@ def layer_problems(features_list: Sequence[int], depth: Optional[int], tower: st
     return [f"{given} {' '.join(map(str, bad))}: the CLIP vision tower ({tower}) has blocks 1 to {depth}"]
 
 
-def with_settings(cls: type, context: str, roles: Optional[Sequence[str]] = None) -> type:
+def with_settings(cls: type, context: str, name: str, roles: Optional[Sequence[str]] = None) -> type:
     """The dataclass ``cls`` extended by one field per setting ``context`` offers as a flag (of ``roles``,
-    when given), defaulting as in ``context``: ``EvalOptions = with_settings(EvalRun, "test")``."""
+    when given), defaulting as in ``context``, named ``name`` (the module-level name it is bound to, so
+    that it pickles): ``EvalOptions = with_settings(EvalRun, "test", "EvalOptions")``."""
     fields = []
     for s in SETTINGS:
         if not s.offered_in(context) or (roles is not None and s.role not in roles):
@@ -276,8 +277,9 @@ def with_settings(cls: type, context: str, roles: Optional[Sequence[str]] = None
         default = s.default_for(context)
         kind = Optional[s.type] if default is None else (Sequence[s.type] if s.many else s.type)
         fields.append((s.name, kind, dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,), namespace={"__doc__": cls.__doc__,
-                                                                                      "__module__": cls.__module__})
+    return dataclasses.make_dataclass(name, fields, bases=(cls,), namespace={"__doc__": cls.__doc__,
+                                                                              "__module__": cls.__module__,
+                                                                              "__qualname__": name})
 
 
 def random_weights(values: Any) -> list[str]:

@@ -109,7 +109,7 @@ class EvalRun:
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
-EvalOptions = settings.with_settings(EvalRun, "test")
+EvalOptions = settings.with_settings(EvalRun, "test", "EvalOptions")
 """Everything ``test.py`` accepts, named as its flags (see ``python test.py --help``): :class:`EvalRun` and
 the model settings of the ``test`` context (:data:`crane.settings.SETTINGS`)."""
 

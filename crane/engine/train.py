@@ -139,7 +139,7 @@ class TrainRun:
     train_data_path: Optional[Sequence[str]] = None
 
 
-TrainOptions = settings.with_settings(TrainRun, "train")
+TrainOptions = settings.with_settings(TrainRun, "train", "TrainOptions")
 """Everything ``train.py`` accepts, named as its flags (see ``python train.py --help``): :class:`TrainRun` and
 the model settings of the ``train`` context (:data:`crane.settings.SETTINGS`)."""
 
