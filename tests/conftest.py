@@ -147,3 +147,15 @@ def interrupt_at_class_metrics(monkeypatch, n: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "class_metrics", interrupting)
+
+
+def edit_image(path) -> None:
+    """Change one pixel of an image file, keeping its format and size."""
+    from PIL import Image
+
+    image = Image.open(path)
+    image.load()
+    pixels = image.load()
+    first = pixels[0, 0]
+    pixels[0, 0] = tuple(255 - v for v in first) if isinstance(first, tuple) else 255 - first
+    image.save(path)

@@ -29,7 +29,7 @@ from crane.engine.feature_cache import FeatureCache, FrozenImageEncoder
 from crane.losses import crane_loss
 from crane.models.prompts import load_prompt_checkpoint
 from datasets.synthetic import make_synthetic_dataset
-from tests.conftest import REPO
+from tests.conftest import edit_image, REPO
 
 SIZE = 112
 OFFICIAL_KEYS = 16
@@ -224,13 +224,17 @@ def test_disk_cache_is_keyed_on_the_weights_files(data_root, tmp_path):
     first = engine.disk_cache_folder(opts, config)
     assert first.parent == tmp_path / "runs" / engine.DISK_CACHE_FOLDER
     assert engine.disk_cache_folder(opts, config) == first
-    os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))  # replaced weights
+    os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))  # touched: same content
+    assert engine.disk_cache_folder(opts, config) == first
+    clip.write_bytes(b"weightz")  # replaced weights (same size)
     assert engine.disk_cache_folder(opts, config) != first
     assert engine.disk_cache_folder(replace(opts, image_size=224), config) != engine.disk_cache_folder(opts, config)
     data = engine.load_training_set(replace(opts, image_size=SIZE))
     image = data.roots[0] / data.samples[0][1]["img_path"]
     key = data.keys[0]
-    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # an edited image
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched: same content
+    assert engine.load_training_set(replace(opts, image_size=SIZE)).keys[0] == key
+    edit_image(image)  # an edited image
     assert engine.load_training_set(replace(opts, image_size=SIZE)).keys[0] != key
 
 
@@ -270,7 +274,9 @@ def test_command_line_spellings_errors_and_interrupt(data_root, tmp_path, monkey
     def interrupted(_opts):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(entry, "train", interrupted)
+    import crane.cli.train as train_command  # the root train.py only calls it
+
+    monkeypatch.setattr(train_command, "train", interrupted)
     assert entry.main(base) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "--resume" in err[0]

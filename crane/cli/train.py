@@ -90,9 +90,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
     opts = TrainOptions(**vars(args))
-    banner = random_weights_banner(opts)
-    if banner:
-        print(f"train.py: {banner}", file=sys.stderr)
     try:
         folder = train(opts)
     except CraneError as e:
@@ -104,5 +101,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     epochs = sorted(folder.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
     print(f"train.py: checkpoints in {folder}/" + (f" (last: {epochs[-1].name})" if epochs else "")
-          + (" - random weights: meaningless prompts" if banner else ""))
+          + (" - random weights: meaningless prompts" if random_weights_banner(opts) else ""))
     return 0

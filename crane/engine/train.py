@@ -197,7 +197,7 @@ def _check_options(opts: TrainOptions) -> None:
     if not problems:
         problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
                                             str(opts.clip_weights))
-    problems += weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights)
+    problems += weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, caches=False)
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -677,12 +677,14 @@ class Trainer:
 
 def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
     """``SAVE_PATH/.feature_cache/KEY``: KEY hashes the weights' file identities (by content,
-    :func:`crane.files.file_identity`), the precision and the model's config (every setting that changes the
-    features); entries inside are named by
+    :func:`crane.files.file_identity`), the image-side settings (:mod:`crane.settings`), the precision and the
+    model's config; entries inside are named by
     their image's and mask's identities, so changed files or weights are never served from the cache."""
+    image_side = {name: value for name, value in settings.recorded(opts, "train").items()
+                  if settings.BY_NAME[name].role in ("model", "vfm")}  # what shapes the frozen features
     key = options_key({"format": CACHE_FORMAT, "clip": file_identity_of(weights_file("clip", opts.clip_weights)),
                        "dino": file_identity_of(weights_file(opts.dino_model, opts.dino_weights)),
-                       "precision": opts.precision, "config": asdict(config)})
+                       **image_side, "precision": opts.precision, "config": asdict(config)})
     folder = Path(opts.save_path) / DISK_CACHE_FOLDER
     if folder.is_dir() and not (folder / key).is_dir() and any(p.is_dir() for p in folder.iterdir()):
         log.info("%s holds features of other weights or settings, or keyed by an older crane (on size and "
@@ -761,6 +763,12 @@ def train(opts: TrainOptions) -> Path:
     if done >= opts.epoch:
         log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
         return run_dir(opts)
+    problems = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights)  # the cached downloads
+    if problems:
+        raise TrainError("; ".join(problems))
+    banner = settings.random_weights_banner(opts)
+    if banner:
+        log.warning("%s", banner)
     _say_no_effect(opts)
     nprocs = len(devices) if "WORLD_SIZE" not in os.environ else 1
     try:

@@ -74,10 +74,11 @@ def _resblocks(keys) -> int:
     return len({m.group(1) for m in map(_RESBLOCK.match, keys) if m})
 
 
-def weights_problems(clip_weights: str, dino_model: str, dino_weights: Optional[str]) -> list[str]:
+def weights_problems(clip_weights: str, dino_model: str, dino_weights: Optional[str], caches: bool = True
+                     ) -> list[str]:
     """One line per weights file the run needs that is not there: a ``--clip_weights`` / ``--dino_weights``
-    file that does not exist, or a cached download (``openai``, the default VFM weights) that is absent
-    (with where to put it and the flag)."""
+    file that does not exist, or (``caches``) a cached download (``openai``, the default VFM weights) that
+    is absent (with where to put it and the flag)."""
     out = []
     clip = str(clip_weights)
     if clip not in ("openai", "synthetic") and not Path(clip).expanduser().is_file():
@@ -86,7 +87,7 @@ def weights_problems(clip_weights: str, dino_model: str, dino_weights: Optional[
     if dino_model != "none" and dino_weights not in (None, "synthetic") and \
             not Path(dino_weights).expanduser().is_file():
         out.append(f"--dino_weights file not found: {dino_weights}")
-    for kind, weights in (("clip", clip), (dino_model, dino_weights)):
+    for kind, weights in (("clip", clip), (dino_model, dino_weights)) if caches else ():
         if (kind == "clip" and weights == "openai") or (kind not in ("clip", "none") and weights is None):
             try:
                 weights_file(kind, weights)
