@@ -593,7 +593,7 @@ def test_reports_name_what_was_skipped(tmp_path: Path) -> None:
     build_brainmri(tmp_path / "brainmri")
     assert "ignored folders: no/, yes/" in generate("brainmri", tmp_path / "brainmri").notes
     build_visa_pytorch(tmp_path / "visa")
-    assert any("--split-csv" in n for n in generate("visa", tmp_path / "visa").notes)
+    assert any("--split_csv" in n for n in generate("visa", tmp_path / "visa").notes)
     build_mvtec(tmp_path / "mvtec")
     (tmp_path / "mvtec/extra/test").mkdir(parents=True)
     assert any("extra/" in n for n in generate("mvtec", tmp_path / "mvtec").notes)

@@ -140,3 +140,28 @@ def test_reproduce_sh_runs_the_published_reproduce_sh(tmp_path):
 def test_scripts_reject_bad_arguments_with_one_message(script, args):
     proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() and proc.stdout == ""
+
+
+@pytest.mark.parametrize("script,args", [("test.sh", ["--help"]), ("test.sh", ["-h"]), ("reproduce.sh", ["--help"]),
+                                         ("reproduce.sh", ["myrun", "cpu", "--help"])])
+def test_scripts_print_their_help_and_run_nothing(script, args, tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "CRANE_DATASETS": str(tmp_path / "nothing"), "PYTHON": "/nonexistent"}
+    proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert f"bash {script} " in proc.stdout and "DEVICE" in proc.stdout and "DATASET" in proc.stdout
+    assert "==>" not in proc.stdout and ".py" not in proc.stdout.split("DEVICE")[0]  # the usage text, no command
+
+
+@pytest.mark.parametrize("datasets,trained", [
+    (["mpdd"], [("mvtec", "crane"), ("mvtec", "cranep")]),
+    (["mvtec"], [("visa", "crane"), ("visa", "cranep")]),
+    (["dagm"], [("mvtec", "crane"), ("visa", "cranep")]),  # published: DAGM with the VisA-trained Crane+
+    (["mvtec", "isic"], [("mvtec", "crane"), ("visa", "crane"), ("mvtec", "cranep"), ("visa", "cranep")]),
+])
+def test_reproduce_sh_trains_only_the_models_its_evaluations_use(datasets, trained, tmp_path):
+    commands = _dry_run(tmp_path, "reproduce.sh", "myrun", "cpu", *datasets)
+    trains = [_flags(c[1:]) for c in commands if c[0] == "train.py"]
+    assert [(t["--dataset"][0], t["--model_name"][0].split("_")[-1]) for t in trains] == trained
+    used = {a.model_name for a in _tests(commands)}
+    assert used == {f"trained_on_{d}_myrun_{m}" for d, m in trained}
+    assert {a.dataset for a in _tests(commands)} == set(datasets)
