@@ -170,8 +170,8 @@ def find_layout(dataset: Dataset, root: Path) -> tuple[Layout, Tree]:
             return layout, Tree(root, base)
         if hits:
             shown = ", ".join(base.relative_to(root).as_posix() + "/" for _, base in hits)
-            raise DatasetError(f"found {dataset.key} in several folders {depth} level(s) below {root} ({shown}); "
-                               "pass the one to use as ROOT")
+            raise DatasetError(f"found {dataset.key} in several sub-folders of {root}, {depth} level(s) down "
+                               f"({shown}); pass the one to use as ROOT")
         level = [sub for folder in level for sub in subdirs(folder)]
     accepted = "; ".join(layout.name for layout in dataset.layouts)
     raise DatasetError(f"no {dataset.key} layout found in {root} (nor in its sub-folders, up to {SEARCH_DEPTH} "
