@@ -279,7 +279,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
         metrics.aupro(masks, maps, method="mvtec", num_thresholds=None), abs=1e-6)
     for cls_name, class_samples in _meta(root.parent).items():  # --visualize: one panel per image
         panels = sorted(p.name for p in (out / "visualization" / cls_name).glob("*.png"))
-        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).name}.png" for s in class_samples)
+        assert all(Path(s["img_path"]).suffix == ".png" for s in class_samples)
+        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).stem}.png" for s in class_samples)
         with Image.open(out / "visualization" / cls_name / panels[0]) as img:
             assert img.mode == "RGB" and img.width > img.height
 

@@ -29,9 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "threshold of max F1 on labelled images. Saves thresholds.json beside the "
                                    "checkpoint unless --output is given.")
     src = c.add_argument_group("calibration images (--normal and --labelled may be combined; --dataset alone)")
-    src.add_argument("--normal", nargs="+", type=Path, metavar="DIR",
+    src.add_argument("--normal", nargs="+", type=Path, metavar="PATH",
                      help="folders of normal images (only those under good/ folders when a folder has any; masks "
-                          "left out); needs --target_fpr")
+                          "left out), or image files; needs --target_fpr")
     src.add_argument("--labelled", nargs="+", type=Path, metavar="DIR",
                      help="folders with good/ (normal) and defect-type folders (masks, optional, named NAME_mask.* "
                           "in masks/ or ground_truth/)")

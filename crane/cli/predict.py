@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images and draw anomaly panels",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Score images, folders (recursive) and globs; write DIR/scores.csv (path, score, "
-                                   "decision) and DIR/panels/<name>.png (original | heat map | overlay).",
+                                   "decision) and DIR/panels/NAME.png (original | heat map | overlay).",
                        epilog="Thresholds: thresholds.json beside the checkpoint (from `python -m crane calibrate`) "
                               "gives `decision` (anomalous when score >= image threshold) and the outlined region "
                               "(map >= pixel threshold); it must have been calibrated with this checkpoint and "
@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
                               "outlined.\nImages are turned as their EXIF orientation says (as photo viewers show "
                               "them). Ground-truth masks (*_mask.*, files under masks/ or ground_truth/) found in "
-                              "folders and globs are left out unless --include_masks.\nAn --out folder holding an "
+                              "folders and globs are left out unless --include_masks.\nOutput names: NAME is the image's "
+                              "path below the deepest folder common to the inputs, a .png suffix dropped and any "
+                              "other kept (photos/a/x.png -> panels/a/x.png, photos/a/y.jpg -> panels/a/y.jpg.png); "
+                              "maps/NAME.npy and masks/NAME.png likewise.\nAn --out folder holding an "
                               "earlier run's files is cleaned of them first.\nExit status: 0 ok, 1 error, 2 unusable "
                               "input, 3 some files were unreadable and skipped, 130 interrupted.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -44,8 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", metavar="IMG[,PIX]",
                    help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only); "
                         "values in [0, 1]")
-    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/<name>.npy (S x S float32 map)", True)
-    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/<name>.png (0/255 at the image's size; needs a "
+    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/NAME.npy (S x S float32 map)", True)
+    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/NAME.png (0/255 at the image's size; needs a "
                                             "pixel threshold)", True)
     add_bool_flag(p, "--no_panels", False, "skip the panels (scores only)", True)
     add_bool_flag(p, "--include_masks", False, "also score ground-truth mask files found in folders and globs", True)

@@ -502,11 +502,14 @@ class _ClassCollector:
 
 
 def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> None:
-    """One panel per image (original | heat map | overlay) into ``out_dir/<folder>_<stem>.png``.
+    """One panel per image (original | heat map | overlay) into ``out_dir/<folder>_<NAME>.png``, NAME the
+    file name as predict names outputs (:func:`crane.data.folders.output_name`: ``good/004.png`` ->
+    ``good_004.png``, ``Normal/0001.JPG`` -> ``Normal_0001.JPG.png``).
 
     The predicted region is outlined at the class's pixel F1-max threshold (the operating
     point of the ``pixel_f1`` metric), the ground truth in green; no outline without masks.
     """
+    from crane.data.folders import output_name
     from crane.inspection.thresholds import max_f1_threshold
     from crane.inspection.visualize import save_panel
 
@@ -515,8 +518,9 @@ def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> N
     for i, sample in enumerate(tqdm(collector.samples, desc="panels", unit="img", leave=False, dynamic_ncols=True)):
         gt = masks[collector.slot[i]] if sample["mask_path"] and collector.pixel[i] else None
         path = Path(sample["img_path"])
-        save_panel(out_dir / f"{path.parent.name}_{path.name}.png", load_rgb(root / path), collector.all_maps[i],
-                   threshold=threshold, gt_mask=gt, score=float(collector.scores[i]), caption=sample["img_path"])
+        save_panel(out_dir / f"{path.parent.name}_{output_name(Path(path.name))}.png", load_rgb(root / path),
+                   collector.all_maps[i], threshold=threshold, gt_mask=gt, score=float(collector.scores[i]),
+                   caption=sample["img_path"])
 
 
 # ------------------------------------------------------------------------------- run
