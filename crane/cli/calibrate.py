@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from crane import __version__
 from crane.checkpoints import CheckpointInfo
 from crane.cli import common
-from crane.cli.common import EXIT_SKIPPED, add_model_flags
+from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.errors import CraneError
 from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, default_path, model_record, save_thresholds
 
@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                                 "--checkpoint)")
     c.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=0,
                    help="with --dataset: data loading processes (default: 0)")
+    add_bit_depth_flag(c)
     add_model_flags(c)
 
 
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     """``python -m crane calibrate`` on a settled run."""
     from tabulate import tabulate
 
+    from crane.data.image import InputNotes
     from crane.inspection.calibration import CalibrationScores, pick_false_alarm, pick_labelled, run_dataset, run_samples
 
     dataset, samples, labels, source = _calibration_images(args)
@@ -116,16 +118,17 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     detector = common.load_detector(args, state, info)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []
+    notes = InputNotes()
     if dataset is not None:
         run_dataset(detector, dataset, args.batch_size, args.num_workers, scores)
     else:
-        skipped = run_samples(detector, samples, args.batch_size, scores)
+        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes)
     _, kept = scores.arrays()
     if (~kept).sum() == 0 or (args.target_fpr is None and kept.sum() == 0):
         raise CraneError(f"{where}: too few readable images left to calibrate on ({len(skipped)} unreadable)")
     picked = pick_labelled(scores, args.image_criterion or "f1") if args.target_fpr is None else \
         pick_false_alarm(scores, args.target_fpr)
-    calibration = {**source, **picked.record}
+    calibration = {**source, **picked.record, **({"bit_depth": args.bit_depth} if dataset is None else {})}
     if skipped:
         calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
     thresholds = Thresholds(picked.image, picked.pixel, {
@@ -133,6 +136,8 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "crane_version": __version__})
     save_thresholds(thresholds, output)
+    for line in notes.lines():
+        print(f"note: {line}", file=sys.stderr)
     for note in picked.notes:
         print(note, file=sys.stderr)
     print(tabulate(picked.rows, headers=picked.headers))

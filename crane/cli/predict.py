@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 from crane.checkpoints import CheckpointInfo
 from crane.cli.args import add_bool_flag
 from crane.cli import common
-from crane.cli.common import EXIT_SKIPPED, add_model_flags
+from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs
 from crane.errors import EXIT_INTERRUPTED, CraneError
 from crane.inspection.thresholds import Thresholds, default_path, load_thresholds, model_record, parse_override, \
@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the graph --model written by `python -m crane export` (settings, size and thresholds from "
                         "its metadata) (default: torch)")
     p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
+    add_bit_depth_flag(p)
     add_model_flags(p)
 
 
@@ -71,13 +72,6 @@ class _TorchPredictor:
         self.detector = common.load_detector(args, state, info)
         self.image_size = self.detector.config.image_size
         self.read_error = ImageReadError
-
-    @staticmethod
-    def load_rgb(path: Path):
-        """The image as photo viewers show it (EXIF orientation applied)."""
-        from crane.data.image import load_rgb
-
-        return load_rgb(path, exif_orientation=True)
 
     def preprocess(self, rgb):
         from crane.data.image import preprocess
@@ -137,6 +131,10 @@ def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Opt
     elif thresholds.pixel is None:
         notes.append("note: no pixel threshold, so the panels outline nothing; calibrate with --target_fpr or on "
                      "images with masks, or pass --threshold IMG,PIX")
+    calibrated = (thresholds.meta.get("calibration") or {}).get("bit_depth")
+    if calibrated is not None and calibrated != args.bit_depth and _file_values_used(thresholds, args):
+        notes.append(f"warning: {thresholds.source} was calibrated on images read with --bit_depth {calibrated}, "
+                     f"this run reads them with --bit_depth {args.bit_depth}: pass --bit_depth {calibrated}")
     if info is not None and _file_values_used(thresholds, args):
         differ = threshold_differences(thresholds.meta.get("model"),
                                        model_record(args, info))
@@ -151,11 +149,15 @@ def _threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Opt
 
 
 
-def _load(item: InputFile, predictor):
-    """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
-    when it cannot be read."""
+def _load(item: InputFile, predictor, bit_depth: int, notes):
+    """``(rgb, preprocessed)`` of one file (as photo viewers show it: EXIF orientation applied), or
+    ``(None, reason)`` when it cannot be read; what was done to an unusual file is counted in ``notes``
+    (:class:`crane.data.image.InputNotes`)."""
+    from crane.data.image import load_rgb
+
     try:
-        rgb = predictor.load_rgb(item.path)
+        rgb = load_rgb(item.path, exif_orientation=True, bit_depth=bit_depth, notes=notes)
+        notes.check_size(*rgb.shape[:2], predictor.image_size, str(item.path))
         return rgb, predictor.preprocess(rgb)
     except predictor.read_error as e:
         return None, str(e)
@@ -166,6 +168,7 @@ def _load(item: InputFile, predictor):
 def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Optional[CheckpointInfo]) -> int:
     """``predict`` on a settled run; ``state`` and ``info`` are ``None`` with an exported model
     (``--backend onnxruntime|openvino``)."""
+    from crane.data.image import InputNotes
     from crane.inspection.outputs import OutputFolder, PredictOutputs
 
     collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
@@ -197,12 +200,13 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
         print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
     outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel)
     skipped: list[tuple[Path, str]] = []
+    notes = InputNotes()
     try:
         with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = _load(item, predictor)
+                    rgb, x = _load(item, predictor, args.bit_depth, notes)
                     if rgb is None:
                         skipped.append((item.path, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)
@@ -225,6 +229,8 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
         print(f"stopped: {outputs.csv_path} holds the {outputs.rows} images done before the error", file=sys.stderr)
         raise
     outputs.close(skipped)
+    for line in notes.lines():
+        print(f"note: {line}", file=sys.stderr)
     _predict_summary(args, outputs, thresholds, skipped)
     return EXIT_SKIPPED if skipped else 0
 

@@ -329,9 +329,11 @@ def run_dataset(detector, dataset, batch_size: int, workers: int, into: Calibrat
                       batch["has_mask"].numpy().astype(bool))
 
 
-def run_samples(detector, samples: list, batch_size: int, into: CalibrationScores) -> list[tuple[Any, str]]:
+def run_samples(detector, samples: list, batch_size: int, into: CalibrationScores, bit_depth: int = 16,
+                notes=None) -> list[tuple[Any, str]]:
     """Score plain-folder samples (:class:`~crane.data.folders.FolderSample`; images turned as their EXIF
-    orientation says, as ``predict`` reads them), adding to ``into``; return the unreadable ``(path, reason)``."""
+    orientation says, read at ``bit_depth``, as ``predict`` reads them), adding to ``into``; return the
+    unreadable ``(path, reason)``. ``notes`` (:class:`~crane.data.image.InputNotes`) counts unusual inputs."""
     import sys
 
     import torch
@@ -347,7 +349,10 @@ def run_samples(detector, samples: list, batch_size: int, into: CalibrationScore
             batch = []
             for sample in samples[start:start + batch_size]:
                 try:
-                    x = preprocess(load_rgb(sample.path, exif_orientation=True), size)
+                    rgb = load_rgb(sample.path, exif_orientation=True, bit_depth=bit_depth, notes=notes)
+                    if notes is not None:
+                        notes.check_size(*rgb.shape[:2], size, str(sample.path))
+                    x = preprocess(rgb, size)
                     mask = load_mask(sample.mask, size) if sample.mask is not None else torch.zeros(size, size)
                     batch.append((sample, x, mask))
                 except Exception as e:  # any decoder failure skips this file only, as in predict
