@@ -192,7 +192,7 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     folder = OutputFolder(args.out)
     folder.check()
 
-    from tqdm import tqdm
+    from crane.logs import progress
 
     predictor = deployed or _TorchPredictor(args, state, info)
     removed = folder.clean()
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     skipped: list[tuple[Path, str]] = []
     notes = InputNotes()
     try:
-        with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
+        with progress(total=len(items), desc="predict", unit="img") as bar:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:

@@ -314,15 +314,13 @@ def pick_false_alarm(data: CalibrationScores, target: float) -> Picked:
 
 def run_dataset(detector, dataset, batch_size: int, workers: int, into: CalibrationScores) -> None:
     """Score a :class:`~crane.data.CraneDataset` (images read as published), adding to ``into``."""
-    import sys
-
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
+    from crane.logs import progress
     from crane.models.head import smooth_maps
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    for batch in tqdm(loader, desc="calibrate", unit="batch", file=sys.stderr):
+    for batch in progress(loader, desc="calibrate", unit="batch"):
         scores, raw = detector.predict_tensor(batch["img"])
         into.add(scores.numpy(), batch["anomaly"].numpy().astype(bool),
                       smooth_maps(raw.numpy(), detector.config.sigma), batch["img_mask"].numpy() > 0.5,
@@ -337,14 +335,14 @@ def run_samples(detector, samples: list, batch_size: int, into: CalibrationScore
     import sys
 
     import torch
-    from tqdm import tqdm
 
     from crane.data.image import load_mask, load_rgb, preprocess
+    from crane.logs import progress
     from crane.models.head import smooth_maps
 
     size = detector.config.image_size
     skipped: list[tuple[Any, str]] = []
-    with tqdm(total=len(samples), desc="calibrate", unit="img", file=sys.stderr) as bar:
+    with progress(total=len(samples), desc="calibrate", unit="img") as bar:
         for start in range(0, len(samples), batch_size):
             batch = []
             for sample in samples[start:start + batch_size]:
