@@ -566,7 +566,7 @@ def test_predict_turns_photos_as_their_exif_orientation_says(tmp_path, model_fla
     with Image.open(photo) as img:
         shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     assert shown.shape == (64, 40, 3)
-    assert np.asarray(Image.open(out / "masks" / "rotated.png")).shape == (64, 40)
+    assert np.asarray(Image.open(out / "masks" / "rotated.jpg.png")).shape == (64, 40)  # a .jpg keeps its suffix
     expected = _only_detector(detectors).predict([shown]).scores[0]
     assert float(_rows(out / "scores.csv")[0]["score"]) == pytest.approx(float(expected), abs=1e-6)
     assert load_rgb(photo).shape == (40, 64, 3)  # datasets are read as stored, as published

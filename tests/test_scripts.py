@@ -201,5 +201,6 @@ def test_dataset_tools_take_both_spellings(tmp_path, capsys):
         args = [str(tmp_path / folder), "--classes", "1", "--train", "0", f"--test{spelling}normal", "1",
                 f"--test{spelling}anomalous", "1", "--size", "16"]
         assert synthetic_main(args) == 0
-        assert generate_main(["custom", str(tmp_path / folder), f"--split{spelling}csv", str(tmp_path / "none.csv")]) == 2
+        missing_csv = str(tmp_path / "none.csv")
+        assert generate_main(["custom", str(tmp_path / folder), f"--split{spelling}csv", missing_csv]) == 2
         assert "--split_csv: file not found" in capsys.readouterr().err

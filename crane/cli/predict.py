@@ -31,9 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
                               "outlined.\nImages are turned as their EXIF orientation says (as photo viewers show "
                               "them). Ground-truth masks (*_mask.*, files under masks/ or ground_truth/) found in "
-                              "folders and globs are left out unless --include_masks.\nOutput names: NAME is the image's "
-                              "path below the deepest folder common to the inputs, a .png suffix dropped and any "
-                              "other kept (photos/a/x.png -> panels/a/x.png, photos/a/y.jpg -> panels/a/y.jpg.png); "
+                              "folders and globs are left out unless --include_masks.\nOutput names: NAME is the "
+                              "image's path below the deepest folder common to the inputs, a .png suffix dropped and "
+                              "any other kept (photos/a/x.png -> panels/a/x.png, photos/a/y.jpg -> panels/a/y.jpg.png); "
                               "maps/NAME.npy and masks/NAME.png likewise.\nAn --out folder holding an "
                               "earlier run's files is cleaned of them first.\nExit status: 0 ok, 1 error, 2 unusable "
                               "input, 3 some files were unreadable and skipped, 130 interrupted.")
