@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Train Crane and Crane+ on MVTec AD and on VisA, then evaluate them on the 14 datasets and build Table 1.
 #
-#   bash reproduce.sh NAME DEVICE [DATASET ...]
+#   bash reproduce.sh NAME DEVICE [DATASET ...]        (bash reproduce.sh --help: this text)
 #
 #   NAME     run name: checkpoints go to checkpoints/trained_on_{mvtec,visa}_NAME_{crane,cranep}/
 #   DEVICE   a GPU index (0), several GPUs (0,1,2,3: training on the first, evaluation on all), or cpu
-#   DATASET  evaluation sets (default: all 14; training always needs mvtec and visa)
+#   DATASET  evaluation sets (default: all 14). Only the models these evaluations use are trained:
+#            the VisA-trained ones evaluate mvtec (and, Crane+, dagm), the MVTec-trained ones the rest
 #
 # Follows the published reproduce.sh (github.com/AlirezaSalehy/Crane) line for line: the same
 # train.py and test.py commands in the same order. Training uses train.py's published defaults
@@ -18,6 +19,9 @@
 # kept), results go to $RESULTS/{crane,cranep}/DATASET/ (default results/reproduce_NAME) and the
 # table is built at the end. Environment: see scripts/table1.sh (also SEED, default 111).
 set -euo pipefail
+for arg in "$@"; do   # the comment above is the help
+    [[ $arg != -h && $arg != --help ]] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }
+done
 cd "$(dirname "$0")"
 SCRIPT=reproduce.sh
 [ $# -ge 2 ] || { echo "usage: bash reproduce.sh NAME DEVICE [DATASET ...]  (DEVICE: GPU index such as 0, a list such as 0,1,2,3, or cpu)" >&2; exit 2; }
@@ -32,10 +36,16 @@ SEED=${SEED:-111}
 
 MEDICALS="brainmri headct br35h isic tn3k cvc-colondb cvc-clinicdb"
 
-# train MODEL_NAME DATASET TRAIN_FLAG ...: one published train.py line (resumable)
+# train MODEL_NAME DATASET TRAIN_FLAG ...: one published train.py line (resumable), skipped when no
+# selected evaluation uses the model
 train() {
     local name=$1 dataset=$2 dino=dinov2 i
     shift 2
+    [ "$TABLE1_MODE" != plan ] || return 0
+    if ! used "trained_on_${dataset}_${name}"; then
+        [ "$TABLE1_MODE" != run ] || echo "==> not training $name on $dataset: no selected dataset is evaluated with it"
+        return 0
+    fi
     local flags=("$@")
     for ((i = 0; i + 1 < ${#flags[@]}; i++)); do [ "${flags[i]}" != --dino_model ] || dino=${flags[i + 1]}; done
     local extra=()
@@ -71,7 +81,9 @@ published_reproduce_sh() {
     evaluate cranep "trained_on_mvtec_$name" "$MEDICALS" "${medical[@]}"
 }
 
-# Before anything runs: datasets and weights (the checkpoints are what training makes)
+# Which models the selected evaluations use; before anything runs: datasets and weights (the checkpoints
+# are what training makes)
+TABLE1_MODE=plan published_reproduce_sh
 TABLE1_MODE=check published_reproduce_sh
 kept=()
 for item in "${MISSING[@]}"; do [[ $item == checkpoint\ * ]] || kept+=("$item"); done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 1 of the paper from the 20 official checkpoints shipped in checkpoints/.
 #
-#   bash test.sh DEVICE [DATASET ...]
+#   bash test.sh DEVICE [DATASET ...]        (bash test.sh --help: this text)
 #
 #   DEVICE   a GPU index (0), several GPUs (0,1,2,3: one process per GPU), or cpu
 #   DATASET  any of mvtec visa mpdd btad sdd dagm dtd headct brainmri br35h isic cvc-colondb
@@ -19,6 +19,9 @@
 # Offline, to exercise the pipeline: CLIP_WEIGHTS=synthetic bash test.sh cpu mpdd (random weights,
 # meaningless numbers). Environment: see scripts/table1.sh.
 set -euo pipefail
+for arg in "$@"; do   # the comment above is the help
+    [[ $arg != -h && $arg != --help ]] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }
+done
 cd "$(dirname "$0")"
 SCRIPT=test.sh
 [ $# -ge 1 ] || { echo "usage: bash test.sh DEVICE [DATASET ...]  (DEVICE: GPU index such as 0, a list such as 0,1,2,3, or cpu)" >&2; exit 2; }

@@ -159,9 +159,9 @@ class Detector:
         scores, maps = [], []
         batches = range(0, len(images), bs)
         if progress:
-            from tqdm import tqdm
+            from crane.logs import progress
 
-            batches = tqdm(batches, desc="predict", unit="batch")
+            batches = progress(batches, desc="predict", unit="batch")
         for start in batches:
             batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
             s, m = self.predict_tensor(batch, smooth=True)

@@ -42,7 +42,7 @@ class Request:
     classes: tuple[str, ...] | None = None
     """``--classes``: generate only these classes of a set with a fixed class list."""
     split_csv: Path | None = None
-    """``--split-csv``: VisA's ``1cls.csv``, to order the ``VisA_pytorch`` form as published."""
+    """``--split_csv``: VisA's ``1cls.csv``, to order the ``VisA_pytorch`` form as published."""
     rewrite: bool = False
     """``--rewrite``: list the folders even when a ``meta.json`` from elsewhere is present."""
 

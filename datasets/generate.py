@@ -2,11 +2,14 @@
 
 Usage::
 
-    python -m datasets.generate NAME ROOT [--classes C ...] [--split-csv FILE] [--check] [--rewrite]
+    python -m datasets.generate NAME ROOT [--classes C ...] [--split_csv FILE] [--check] [--rewrite]
+
+(``--split-csv``, the hyphen spelling, is accepted too.)
 
 NAME is a dataset key (mvtec visa mpdd btad sdd dtd dagm headct brainmri br35h
 isic tn3k cvc-colondb cvc-clinicdb) or ``custom``; ROOT is the folder the
-archive was unpacked to (its content may also sit in one sub-folder of ROOT).
+archive was unpacked to (its content may also sit up to three folders below ROOT, such as
+``VisA_pytorch/1cls/``: the report names the folder found).
 The layout is recognised by itself and named in the report; the layouts of
 every dataset are in ``datasets/README.md``. Every defect image is paired with
 its mask by name, every image and mask is decoded completely, then
@@ -147,25 +150,32 @@ class Outcome:
     """False when an existing ``meta.json`` was accepted as it is."""
 
 
+SEARCH_DEPTH = 3
+"""How many folders below ROOT a layout is looked for: the deepest nesting of a distributed form is two
+(``VisA_pytorch/1cls/CLASS``); one more allows for a download's own top folder around it."""
+
+
 def find_layout(dataset: Dataset, root: Path) -> tuple[Layout, Tree]:
-    """The first layout of ``dataset`` found in ``root``, else in exactly one of its sub-folders."""
-    for layout in dataset.layouts:
-        if layout.detect(root):
-            return layout, Tree(root, root)
-    hits: list[tuple[Layout, Path]] = []
-    for sub in subdirs(root):
-        found = next((layout for layout in dataset.layouts if layout.detect(sub)), None)
-        if found is not None:
-            hits.append((found, sub))
-    if len(hits) == 1:
-        layout, sub = hits[0]
-        return layout, Tree(root, sub)
-    if hits:
-        raise DatasetError(f"found {dataset.key} in several sub-folders of {root} "
-                           f"({', '.join(sub.name + '/' for _, sub in hits)}); pass the one to use as ROOT")
+    """The first layout of ``dataset`` found in ``root``, else at the shallowest depth below it (up to
+    :data:`SEARCH_DEPTH` folders) where exactly one folder holds one."""
+    level = [root]
+    for depth in range(SEARCH_DEPTH + 1):
+        hits: list[tuple[Layout, Path]] = []
+        for folder in level:
+            found = next((layout for layout in dataset.layouts if layout.detect(folder)), None)
+            if found is not None:
+                hits.append((found, folder))
+        if len(hits) == 1:
+            layout, base = hits[0]
+            return layout, Tree(root, base)
+        if hits:
+            shown = ", ".join(base.relative_to(root).as_posix() + "/" for _, base in hits)
+            raise DatasetError(f"found {dataset.key} in several sub-folders of {root}, {depth} level(s) down "
+                               f"({shown}); pass the one to use as ROOT")
+        level = [sub for folder in level for sub in subdirs(folder)]
     accepted = "; ".join(layout.name for layout in dataset.layouts)
-    raise DatasetError(f"no {dataset.key} layout found in {root} (nor in one sub-folder of it); expected one of: "
-                       f"{accepted}")
+    raise DatasetError(f"no {dataset.key} layout found in {root} (nor in its sub-folders, up to {SEARCH_DEPTH} "
+                       f"levels deep); expected one of: {accepted}")
 
 
 def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | None = None,
@@ -190,7 +200,7 @@ def generate(name: str, root: str | os.PathLike[str], classes: Sequence[str] | N
         request = Request(tuple(classes) if classes is not None else None,
                           Path(split_csv) if split_csv is not None else None, rewrite)
         if request.split_csv is not None and not request.split_csv.is_file():
-            raise DatasetError(f"--split-csv: file not found: {request.split_csv}")
+            raise DatasetError(f"--split_csv: file not found: {request.split_csv}")
         layout_name, listing = _listing(dataset, root, request, check)
         try:
             notes = listing.notes + check_files(root, listing.meta, progress=progress)
@@ -234,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path, metavar="ROOT", help="the dataset folder (where the archive unpacked)")
     parser.add_argument("--classes", nargs="+", metavar="CLASS",
                         help="generate only these classes (on purpose: a missing class is otherwise an error)")
-    parser.add_argument("--split-csv", type=Path, metavar="FILE",
+    parser.add_argument("--split_csv", "--split-csv", type=Path, metavar="FILE",
                         help="VisA's split_csv/1cls.csv, to list the VisA_pytorch form in the published order")
     parser.add_argument("--check", action="store_true",
                         help="validate the existing ROOT/meta.json as it is (paths, pairing, files) and keep it")

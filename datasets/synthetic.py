@@ -2,8 +2,10 @@
 
 Usage::
 
-    python -m datasets.synthetic ROOT [--classes N] [--train N] [--test-normal N]
-                                      [--test-anomalous N] [--size S] [--seed K] [--overwrite]
+    python -m datasets.synthetic ROOT [--classes N] [--train N] [--test_normal N]
+                                      [--test_anomalous N] [--size S] [--seed K] [--overwrite]
+
+(Flags are spelled with underscores, as in every entry point; ``--test-normal`` is accepted too.)
 
 Each class is a texture family (stripes, blotches, grid, fibres, marble, dots,
 then the same again with other parameters) with its own colours and scale;
@@ -180,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path, metavar="ROOT", help="folder to create (empty or missing)")
     parser.add_argument("--classes", type=int, default=2, help="number of classes (texture families)")
     parser.add_argument("--train", type=int, default=4, help="normal training images per class")
-    parser.add_argument("--test-normal", type=int, default=4, help="normal test images per class")
-    parser.add_argument("--test-anomalous", type=int, default=4, help="defect test images (with masks) per class")
+    parser.add_argument("--test_normal", "--test-normal", type=int, default=4, help="normal test images per class")
+    parser.add_argument("--test_anomalous", "--test-anomalous",
+                        type=int, default=4, help="defect test images (with masks) per class")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace ROOT's train/, test/ and meta.json")

@@ -7,7 +7,7 @@ folder, e.g. ``candle/Data/Images/Anomaly/000.JPG`` and
 ``candle/Data/Masks/Anomaly/000.png``). The CSV pairs each anomalous image
 with its mask; that pairing is checked by name (same stem). Samples keep the
 CSV's row order within each class and split, as the published generator does
-(the CSV is not sorted). ``--split-csv FILE`` names the CSV when it is not in
+(the CSV is not sorted). ``--split_csv FILE`` names the CSV when it is not in
 ``split_csv/`` (it is also in github.com/amazon-science/spot-diff). Normal samples get ``specie_name`` ``good``,
 anomalous ones ``anomaly``.
 
@@ -15,9 +15,9 @@ anomalous ones ``anomaly``.
 ``[1cls/]CLASS/{train/good, test/good, test/bad, ground_truth/bad}``, masks of
 the image stem (``000.JPG`` -> ``000.png``). Its files carry no order of their
 own: they are listed in name order, unless the CSV is given
-(``--split-csv split_csv/1cls.csv``, or found as ``split_csv/1cls.csv`` in the
-dataset folder), which restores the published order and is checked to list
-exactly the same images.
+(``--split_csv split_csv/1cls.csv``, or found as ``split_csv/1cls.csv`` in the
+dataset folder or a folder between it and the class folders), which restores the
+published order and is checked to list exactly the same images.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _csv_listing(tree: Tree, request: Request) -> Listing:
     csv_path = request.split_csv or tree.base / CSV
     if not csv_path.is_file():
         raise DatasetError(f"VisA's split file {tree.rel(tree.base / CSV)} is missing: restore it from the VisA "
-                           "archive or pass --split-csv FILE (also in github.com/amazon-science/spot-diff)")
+                           "archive or pass --split_csv FILE (also in github.com/amazon-science/spot-diff)")
     shown = _shown(tree, csv_path)
     rows = read_split_csv(csv_path, shown)
     wanted = wanted_classes(KEY, CLASSES, request)
@@ -124,9 +124,10 @@ _PYTORCH = fixed_layout("", KEY, CLASSES, PYTORCH, marks=("ground_truth",))
 
 def _pytorch_listing(tree: Tree, request: Request) -> Listing:
     listing = _PYTORCH.read(tree, request)
-    csv_path = request.split_csv or (tree.root / CSV if (tree.root / CSV).is_file() else None)
+    beside = [folder / CSV for folder in (tree.base, *tree.base.parents) if folder.is_relative_to(tree.root)]
+    csv_path = request.split_csv or next((path for path in beside if path.is_file()), None)
     if csv_path is None:
-        listing.notes.append("VisA_pytorch keeps no order of its own: listed in name order; pass --split-csv "
+        listing.notes.append("VisA_pytorch keeps no order of its own: listed in name order; pass --split_csv "
                              "split_csv/1cls.csv (from the VisA archive) for the published order")
         return listing
     shown = _shown(tree, csv_path)

@@ -10,14 +10,14 @@ it once (``crane.export``, ONNX opset 18) and times the same preprocessed batch 
 * ``OpenVINO default precision``: the CPU plugin's own choice (bf16 on CPUs that have it);
 * ``onnxruntime INT8`` (``--int8``): dynamic quantisation of the weights of MatMul/Gemm
   (``onnxruntime.quantization.quantize_dynamic``), kept in the table only when its maps keep a
-  Pearson correlation of at least ``--int8-min-corr`` (0.99) with torch fp32.
+  Pearson correlation of at least ``--int8_min_corr`` (0.99) with torch fp32.
 
 After one warm-up call each, the repeats run round-robin so that load from other processes
 spreads over all rows; the table shows medians and the ratio of torch fp32 to each row
 (> 1: faster than torch fp32), with each row's drift from torch fp32 (max |score|, max |map|,
 map correlation).
 
-    .venv/bin/python scripts/bench_export.py --image-size 518 --repeats 2 --threads 2
+    .venv/bin/python scripts/bench_export.py --image_size 518 --repeats 2 --threads 2
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _drift(scores: np.ndarray, maps: np.ndarray, ref: tuple[np.ndarray, np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=518, help="model input size S (default 518)")
+    parser.add_argument("--image_size", "--image-size", type=int, default=518, help="model input size S (default 518)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per row after one warm-up (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every runtime (default: theirs)")
@@ -93,9 +93,10 @@ def main() -> None:
                         help="crane+: random DINOv2, features 24; crane: features 6 12 18 24, soft_mean")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                         help="also try onnxruntime dynamic INT8 quantisation (default: on)")
-    parser.add_argument("--int8-min-corr", type=float, default=0.99,
+    parser.add_argument("--int8_min_corr", "--int8-min-corr", type=float, default=0.99,
                         help="map correlation with torch fp32 an INT8 row needs to be listed (default 0.99)")
-    parser.add_argument("--vision-width", type=int, default=1024, help="CLIP vision width (default 1024: ViT-L/14)")
+    parser.add_argument("--vision_width", "--vision-width",
+                        type=int, default=1024, help="CLIP vision width (default 1024: ViT-L/14)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the exported files in DIR")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

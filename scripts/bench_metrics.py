@@ -8,10 +8,10 @@ reference's, the absolute difference and the peak traced memory (tracemalloc).
 * AUPRO ``crane``: the published ``cal_pro_score_gpu`` (what its ``test.py`` calls), here
   on the CPU with torch: regions labelled once with ``skimage.measure``, then for each
   of the 200 thresholds a binarisation ``amaps > th`` and one indexed sum per region, on
-  the first ``--naive-maps`` maps (it takes minutes on 200 maps of 518); ours on the same.
+  the first ``--naive_maps`` maps (it takes minutes on 200 maps of 518); ours on the same.
 * pixel AUROC / AP / F1-max: sklearn on all pixels.
 
-    .venv/bin/python scripts/bench_metrics.py --n 200 --size 518 --naive-maps 20
+    .venv/bin/python scripts/bench_metrics.py --n 200 --size 518 --naive_maps 20
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="number of maps (default 200)")
     parser.add_argument("--size", type=int, default=518, help="map side in pixels (default 518)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--naive-maps", type=int, default=None,
+    parser.add_argument("--naive_maps", "--naive-maps", type=int, default=None,
                         help="run the published AUPRO loop on the first K maps only (default: all)")
     args = parser.parse_args()
     k = args.n if args.naive_maps is None else min(args.naive_maps, args.n)

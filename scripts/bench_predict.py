@@ -2,7 +2,7 @@
 
 All three run on CPU, in float32, on the same random ViT-L/14 widths (vision 1024 x 24
 blocks x 16 heads, text 768 x 12; ``crane.models.synthetic.synthetic_clip_state_dict``)
-and the same ``--image-size`` image:
+and the same ``--image_size`` image:
 
 * ``ours``: ``det.predict(image)`` of a Crane detector (features 6 12 18 24, soft_mean,
   dino none), or Crane+ with ``--dino`` (random DINOv2 ViT-B/14-reg4, features 24) —
@@ -17,7 +17,7 @@ After a warm-up call of each, the repeats run round-robin (ours, published, plai
 so load from other processes spreads over all three; the table shows the medians. It also
 checks that ours and the published arithmetic agree (max abs difference of maps and scores).
 
-    .venv/bin/python scripts/bench_predict.py --image-size 518 --repeats 3 --threads 2
+    .venv/bin/python scripts/bench_predict.py --image_size 518 --repeats 3 --threads 2
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def plain_clip_forward(clip_sd: dict[str, torch.Tensor], image_size: int, interp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=518, help="model input size S (default 518)")
+    parser.add_argument("--image_size", "--image-size", type=int, default=518, help="model input size S (default 518)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dino", action="store_true", help="Crane+ (random DINOv2, features 24) instead of Crane")

@@ -279,24 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="null: the pipeline's ceiling; full: ViT-L/14 widths with random weights")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["crane"],
                    help="crane (features 6 12 18 24) and/or cranep (DINOv2 D-Attn, feature 24)")
-    p.add_argument("--no_decode", action="store_true", help="skip the decoding-alone run")
+    p.add_argument("--no_decode", "--no-decode", action="store_true", help="skip the decoding-alone run")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--nproc", type=int, default=1, help="processes (gloo on CPU, NCCL on GPU: GPUs 0..N-1)")
     p.add_argument("--images", type=int, default=64, help="images in the generated dataset (rounded up to a "
                                                           "multiple of --classes)")
     p.add_argument("--classes", type=int, default=4, help="classes of the generated dataset")
-    p.add_argument("--source_size", type=int, default=1024, help="side of the generated PNG files (MVTec AD: 700-1024)")
-    p.add_argument("--image_size", type=int, default=518, help="model input side S")
-    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass and process")
-    p.add_argument("--vision_width", type=int, default=1024, help="CLIP vision width of the full model (ViT-L/14: "
-                                                                  "1024, 16 heads of 64)")
-    p.add_argument("--vision_layers", type=int, default=24, help="CLIP vision blocks of the full model")
-    p.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default: test.py's)")
+    p.add_argument("--source_size", "--source-size",
+                   type=int, default=1024, help="side of the generated PNG files (MVTec AD: 700-1024)")
+    p.add_argument("--image_size", "--image-size", type=int, default=518, help="model input side S")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="images per forward pass and process")
+    p.add_argument("--vision_width", "--vision-width", type=int, default=1024,
+                   help="CLIP vision width of the full model (ViT-L/14: 1024, 16 heads of 64)")
+    p.add_argument("--vision_layers", "--vision-layers",
+                   type=int, default=24, help="CLIP vision blocks of the full model")
+    p.add_argument("--num_workers", "--num-workers",
+                   type=int, default=None, help="loader workers per process (default: test.py's)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the image side (full model)")
-    p.add_argument("--dattn_batch_mean", action="store_true",
+    p.add_argument("--dattn_batch_mean", "--dattn-batch-mean", action="store_true",
                    help="Crane+ with the published batch-wide D-Attn mean (test.sh; batches of at most 8)")
-    p.add_argument("--save_maps", action="store_true", help="also write every map (.npy), as test.py --save_maps")
+    p.add_argument("--save_maps", "--save-maps",
+                   action="store_true", help="also write every map (.npy), as test.py --save_maps")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the dataset and the results go (kept; default: a temporary folder, removed)")
     p.add_argument("--output", type=Path, default=None, help="also write the figures to this JSON file")

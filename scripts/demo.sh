@@ -72,7 +72,7 @@ echo "demo: CLIP weights: $CLIP; checkpoint: $CHECKPOINT; image size: $SIZE; dev
 rm -rf "$OUT/eval" "$OUT/predict" "$OUT/thresholds.json"
 
 step "1/4 generating the synthetic dataset in $DATA/$NAME"
-"$PY" -m datasets.synthetic "$DATA/$NAME" --classes 2 --train 0 --test-normal 4 --test-anomalous 4 --size 256 \
+"$PY" -m datasets.synthetic "$DATA/$NAME" --classes 2 --train 0 --test_normal 4 --test_anomalous 4 --size 256 \
     --seed 0 --overwrite
 
 if [ "$RANDOM_CHECKPOINT" = 1 ]; then

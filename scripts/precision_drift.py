@@ -96,16 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("precision_drift.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reference_device", choices=("cpu", "cuda"), default="cpu", help="where fp32 is the reference")
+    p.add_argument("--reference_device", "--reference-device",
+                   choices=("cpu", "cuda"), default="cpu", help="where fp32 is the reference")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["bf16"], help="run on --device")
     p.add_argument("--variants", nargs="+", choices=tuple(CHECKPOINTS), default=["crane", "cranep"])
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--source_size", type=int, default=256, help="side of the generated images")
-    p.add_argument("--image_size", type=int, default=518)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--vision_width", type=int, default=1024, help="CLIP vision width (ViT-L/14: 1024, 16 heads)")
-    p.add_argument("--vision_layers", type=int, default=24)
-    p.add_argument("--fp32_tolerance", type=float, default=None,
+    p.add_argument("--source_size", "--source-size", type=int, default=256, help="side of the generated images")
+    p.add_argument("--image_size", "--image-size", type=int, default=518)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=2)
+    p.add_argument("--vision_width", "--vision-width",
+                   type=int, default=1024, help="CLIP vision width (ViT-L/14: 1024, 16 heads)")
+    p.add_argument("--vision_layers", "--vision-layers", type=int, default=24)
+    p.add_argument("--fp32_tolerance", "--fp32-tolerance", type=float, default=None,
                    help="exit 1 when fp32 on --device differs from the reference by more than this")
     p.add_argument("--output", type=Path, default=None, help="also write the figures to this JSON file")
     return p

@@ -2,6 +2,8 @@
 # argument, and `evaluate`, which runs test.py for one line of the published scripts. Each script
 # calls its sequence of `evaluate` lines twice: first with TABLE1_MODE=check (every checkpoint,
 # dataset and weight file is checked before anything runs), then with TABLE1_MODE=run.
+# (reproduce.sh first calls it with TABLE1_MODE=plan: `evaluate` only notes the models the selected
+# datasets use, in USED_MODELS, so that only those are trained.)
 #
 # Environment: CRANE_DATASETS (./datasets/data), CHECKPOINTS (checkpoints), RESULTS (per script),
 # CLIP_WEIGHTS (openai: the local cache; or a file; or synthetic), DINO_WEIGHTS (the cache; or a
@@ -42,6 +44,7 @@ table1_init() {
         die "DEVICE must be a GPU index (0), a comma-separated list (0,1,2,3) or cpu, got '$DEVICE'"
     fi
     MISSING=()
+    USED_MODELS=()
     NEEDS_DINO=0
     RUNNER=
     [ "${DRY_RUN:-0}" = 0 ] || RUNNER=print_command
@@ -50,6 +53,8 @@ table1_init() {
 print_command() { printf '%q ' "$@"; echo; }   # DRY_RUN: a command as the shell would read it
 
 selected() { [[ " ${SELECTED[*]} " == *" $1 "* ]]; }
+
+used() { [[ " ${USED_MODELS[*]} " == *" $1 "* ]]; }   # a model some selected evaluation runs
 
 # evaluate METHOD MODEL_NAME "DATASET ..." TEST_FLAG ...: one line of the published script, run for
 # the datasets of the list that are selected; results in $RESULTS/METHOD/DATASET/.
@@ -65,6 +70,10 @@ evaluate() {
     [ "$vfm" = none ] || extra=(${DINO:+--dino_weights "$DINO"})
     for ds in $list; do
         selected "$ds" || continue
+        if [ "$TABLE1_MODE" = plan ]; then
+            USED_MODELS+=("$name")
+            continue
+        fi
         if [ "$TABLE1_MODE" = check ]; then
             [ -f "$checkpoint" ] || MISSING+=("checkpoint $checkpoint")
             [ -f "$ROOT/$ds/meta.json" ] || MISSING+=("dataset $ROOT/$ds/meta.json")

@@ -1,14 +1,17 @@
 """Shared fixtures: the conformance folder and cached synthetic weights.
 
-The conformance data lives in ``../shared/conformance`` beside the checkout; tests
-that need it skip with a clear reason when it is absent.
+The conformance data: the full set in ``../shared/conformance`` beside the checkout (or
+``$CRANE_CONFORMANCE``) when it is there, else the subset that ships in ``tests/conformance``
+(its README says which cases). A test needing a case the subset lacks skips, naming it.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -17,18 +20,62 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-CONFORMANCE = Path(os.environ.get("CRANE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
-SKIP_REASON = (f"conformance data not found at {CONFORMANCE} (expected ../shared/conformance beside the "
-               "checkout, or set CRANE_CONFORMANCE)")
+FULL_CONFORMANCE = Path(os.environ.get("CRANE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
+SHIPPED_CONFORMANCE = REPO / "tests" / "conformance"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "synth.py").is_file() and (folder / "cases.json").is_file()
+
+
+CONFORMANCE = FULL_CONFORMANCE if _complete(FULL_CONFORMANCE) else SHIPPED_CONFORMANCE
+"""The conformance folder the tests read: the full set, else the shipped subset."""
+CONFORMANCE_IS_SUBSET = CONFORMANCE == SHIPPED_CONFORMANCE
+SKIP_REASON = (f"conformance data not found: neither the full set at {FULL_CONFORMANCE} (../shared/conformance "
+               f"beside the checkout, or $CRANE_CONFORMANCE) nor the shipped subset at {SHIPPED_CONFORMANCE}")
 
 
 def conformance_available() -> bool:
-    return (CONFORMANCE / "synth.py").is_file() and (CONFORMANCE / "cases.json").is_file()
+    return _complete(CONFORMANCE)
+
+
+def missing_reason(what: str) -> str:
+    """Why a test needing ``what`` (a case, a file of the conformance data) skips."""
+    if not conformance_available():
+        return SKIP_REASON
+    if CONFORMANCE_IS_SUBSET:
+        return (f"{what} is not in the shipped conformance subset ({SHIPPED_CONFORMANCE}); the full set at "
+                f"{FULL_CONFORMANCE} (not found) has it")
+    return f"{what} not found in the conformance data at {CONFORMANCE}"
+
+
+def conformance_cases(train_step: bool = False) -> list[dict[str, Any]]:
+    """The inference cases of ``cases.json`` (only those with a training step when ``train_step``)."""
+    if not conformance_available():
+        return []
+    cases = json.loads((CONFORMANCE / "cases.json").read_text(encoding="utf-8"))["cases"]
+    return [c for c in cases if c.get("train_step") or not train_step]
+
+
+def conformance_case(name: str) -> dict[str, Any]:
+    """The case ``name`` of ``cases.json``; skips (saying why) when the data at hand lacks it."""
+    for case in conformance_cases():
+        if case["name"] == name and (CONFORMANCE / "cases" / name / "expected.npz").is_file():
+            return case
+    pytest.skip(missing_reason(f"conformance case {name!r}"))
+
+
+def params_or_skip(values: Sequence[Any], ids: Sequence[str], what: str) -> list:
+    """``pytest.param`` per value for ``parametrize``; none found: one skipped test that says why
+    (instead of pytest's "got empty parameter set")."""
+    if values:
+        return [pytest.param(v, id=i) for v, i in zip(values, ids)]
+    return [pytest.param(None, id="none", marks=pytest.mark.skip(reason=missing_reason(what)))]
 
 
 @functools.lru_cache(maxsize=1)
 def load_synth():
-    """Import ``synth.py`` from the conformance folder (never copied into the repo)."""
+    """Import ``synth.py`` from the conformance folder."""
     spec = importlib.util.spec_from_file_location("crane_conformance_synth", CONFORMANCE / "synth.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -196,6 +196,16 @@ def test_plain_folders_are_labelled_by_their_folders(tmp_path):
         folder_samples(tmp_path / "parts" / "masks")
 
 
+def test_a_file_is_one_normal_image_and_cannot_be_labelled(tmp_path):
+    _touch(tmp_path, ["good/a.png"])
+    image = tmp_path / "good" / "a.png"
+    assert folder_samples(image) == [FolderSample(image, 0, "good")]
+    with pytest.raises(InputError, match=r"a\.png is a file, .* pass the folder .*good"):
+        folder_samples(image, labelled=True)
+    with pytest.raises(InputError, match="no such file or folder"):
+        folder_samples(tmp_path / "missing.png")
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -253,6 +263,13 @@ def test_calibrate_on_normal_images_then_predict(parts, tmp_path, model_flags, o
                      *model_flags]) == 0
     rows = (predicted / "scores.csv").read_text().splitlines()[1:]
     assert len(rows) == 4
+    # the same images named one by one: the same thresholds
+    assert cli.main(["calibrate", "--normal", *map(str, sorted(calibration.iterdir())), "--target_fpr", "0.2",
+                     "--checkpoint", str(checkpoint), "--output", str(tmp_path / "files.json"), *model_flags]) == 0
+    capsys.readouterr()
+    from_files = json.loads((tmp_path / "files.json").read_text())
+    assert (from_files["image_threshold"], from_files["pixel_threshold"]) == \
+        (saved["image_threshold"], saved["pixel_threshold"])
     for row in rows:
         _, score, decision = row.rsplit(",", 2)
         assert decision == ("anomalous" if float(score) >= saved["image_threshold"] else "normal")

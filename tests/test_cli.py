@@ -120,12 +120,18 @@ def test_collect_inputs_folders_globs_and_files(tmp_path):
     (out / "panels").mkdir(parents=True)
     (out / "panels" / "old.png").write_bytes(b"")
     found = collect_inputs([str(root)], exclude=out).files
-    assert [f.name for f in found] == ["a", "b", "sub/c.Tif", "sub/c.png", "sub/deeper/d"]
+    assert [f.name for f in found] == ["a", "b.jpeg", "sub/c.Tif", "sub/c", "sub/deeper/d.bmp"]
     assert found[0].path == root / "a.PNG"
     globbed = collect_inputs([str(root / "**" / "*.bmp"), str(root / "notes.txt"), str(root / "a.PNG")]).files
     assert [f.path for f in globbed] == [root / "sub/deeper/d.bmp", root / "notes.txt", root / "a.PNG"]
-    assert [f.name for f in globbed] == ["sub/deeper/d", "notes", "a"]
-    assert [f.name for f in collect_inputs([str(root / "a.PNG"), str(root)]).files][:2] == ["a", "b"]
+    assert [f.name for f in globbed] == ["sub/deeper/d.bmp", "notes.txt", "a"]
+    assert [f.name for f in collect_inputs([str(root / "a.PNG"), str(root)]).files][:2] == ["a", "b.jpeg"]
+    # one rule, whatever else is given: a name depends on its own image only
+    assert [f.name for f in collect_inputs([str(root / "sub/c.Tif"), str(root / "b.jpeg")]).files] == \
+        ["sub/c.Tif", "b.jpeg"]
+    (root / "sub/c.Tif.png").write_bytes(b"")  # would share sub/c.Tif's name: refused, naming both
+    with pytest.raises(InputError, match=r"c\.Tif and .*c\.Tif\.png would both be named 'sub/c\.Tif'"):
+        collect_inputs([str(root)], exclude=out)
     with pytest.raises(InputError, match="no such file"):
         collect_inputs([str(root / "missing.png")])
     with pytest.raises(InputError, match="no file matches"):
@@ -178,7 +184,9 @@ READABLE = ["gray16.png", "rgb16.png", "rgb8.png", "sub/gray8.PNG", "sub/photo.J
 
 
 def _output_name(relative: str) -> str:
-    return Path(relative).with_suffix("").as_posix()
+    """predict's rule: the relative path, a ``.png`` suffix dropped, any other kept."""
+    path = Path(relative)
+    return (path.with_suffix("") if path.suffix.lower() == ".png" else path).as_posix()
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -371,7 +379,8 @@ def test_bad_values_are_one_line_each_exit_2_before_the_model(tmp_path, official
                          (["--normal", folder, "--target_fpr", "1.5"], ["--target_fpr", "(0, 1)"]),
                          (["--normal", folder, "--target_fpr", "0.1", "--image_criterion", "f1"], ["--image_criterion"]),
                          (["--labelled", folder], ["no 'good' folder"]),
-                         (["--normal", str(tmp_path / "none"), "--target_fpr", "0.1"], ["no such folder"]),
+                         (["--labelled", str(image)], ["a.png is a file", "pass the folder"]),
+                         (["--normal", str(tmp_path / "none"), "--target_fpr", "0.1"], ["no such file or folder"]),
                          ([], ["--normal", "--labelled", "--dataset"]),
                          (["--dataset", "x", "--normal", folder, "--target_fpr", "0.1"], ["either --dataset"]),
                          (["--dataset", "missing", "--datasets_root_dir", folder], ["missing"])]:
@@ -557,7 +566,7 @@ def test_predict_turns_photos_as_their_exif_orientation_says(tmp_path, model_fla
     with Image.open(photo) as img:
         shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     assert shown.shape == (64, 40, 3)
-    assert np.asarray(Image.open(out / "masks" / "rotated.png")).shape == (64, 40)
+    assert np.asarray(Image.open(out / "masks" / "rotated.jpg.png")).shape == (64, 40)  # a .jpg keeps its suffix
     expected = _only_detector(detectors).predict([shown]).scores[0]
     assert float(_rows(out / "scores.csv")[0]["score"]) == pytest.approx(float(expected), abs=1e-6)
     assert load_rgb(photo).shape == (40, 64, 3)  # datasets are read as stored, as published

@@ -1,11 +1,9 @@
-"""Inference outputs against the published implementation (../shared/conformance).
+"""Inference outputs against the published implementation (../shared/conformance, else the shipped subset).
 
 Tolerances are the conformance README's: maps, scores and patch probabilities
 ``<= 1e-4`` max absolute difference; features ``<= 1e-4``.
 """
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -13,9 +11,9 @@ import torch
 
 import crane
 from crane.data.image import preprocess
-from tests.conftest import CONFORMANCE, conformance_available
+from tests.conftest import conformance_cases, params_or_skip
 
-CASES = json.loads((CONFORMANCE / "cases.json").read_text())["cases"] if conformance_available() else []
+CASES = conformance_cases()
 TOL = 1e-4
 
 
@@ -38,7 +36,7 @@ def _images(case, conformance_dir) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+@pytest.mark.parametrize("case", params_or_skip(CASES, [c["name"] for c in CASES], "an inference case"))
 def test_inference_matches_published(case, synth_weights, conformance_dir, synth):
     expected = np.load(conformance_dir / "cases" / case["name"] / "expected.npz")
     det = _build(case, synth_weights, conformance_dir)

@@ -254,7 +254,7 @@ def test_visa_csv_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     csv_path.write_text("object,split,image\n")
     fails(capsys, "visa", tmp_path, "lacks the column(s) label, mask")
     csv_path.unlink()
-    fails(capsys, "visa", tmp_path, "split file split_csv/1cls.csv is missing", "--split-csv")
+    fails(capsys, "visa", tmp_path, "split file split_csv/1cls.csv is missing", "--split_csv")
 
 
 def test_visa_pytorch_and_csv_must_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,4 +299,4 @@ def test_unknown_or_ambiguous_layout(tmp_path: Path, capsys: pytest.CaptureFixtu
     fails(capsys, "tn3k", tmp_path / "two", "found tn3k in several sub-folders", "PNG/, TIF/")
     fails(capsys, "tn3k", tmp_path / "nowhere", "dataset folder not found")
     build_visa_pytorch(tmp_path / "visa")
-    fails(capsys, "visa", tmp_path / "visa", "--split-csv: file not found", args=("--split-csv", "missing.csv"))
+    fails(capsys, "visa", tmp_path / "visa", "--split_csv: file not found", args=("--split_csv", "missing.csv"))

@@ -593,7 +593,7 @@ def test_reports_name_what_was_skipped(tmp_path: Path) -> None:
     build_brainmri(tmp_path / "brainmri")
     assert "ignored folders: no/, yes/" in generate("brainmri", tmp_path / "brainmri").notes
     build_visa_pytorch(tmp_path / "visa")
-    assert any("--split-csv" in n for n in generate("visa", tmp_path / "visa").notes)
+    assert any("--split_csv" in n for n in generate("visa", tmp_path / "visa").notes)
     build_mvtec(tmp_path / "mvtec")
     (tmp_path / "mvtec/extra/test").mkdir(parents=True)
     assert any("extra/" in n for n in generate("mvtec", tmp_path / "mvtec").notes)
@@ -648,3 +648,38 @@ def test_mask_of_another_size_is_noted(tmp_path: Path) -> None:
     Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "masks/2.png")
     notes = generate("cvc-colondb", tmp_path).notes
     assert any("1 mask(s) differ in size" in n and "images/2.png is 8x8" in n and "16x16" in n for n in notes)
+
+
+def _prefixed(prefix: str, expected: list[Row]) -> list[Row]:
+    return [(s, c, f"{prefix}/{i}", f"{prefix}/{m}" if m else "", a) for s, c, i, m, a in expected]
+
+
+@pytest.mark.parametrize("wrapper", ["VisA_pytorch", "download/VisA_pytorch"])
+def test_visa_pytorch_found_below_the_folder_given(wrapper: str, tmp_path: Path) -> None:
+    """``VisA_pytorch/1cls/CLASS/...`` two (or three) folders below the folder given, as unpacked."""
+    expected = _prefixed(wrapper, build_visa_pytorch(tmp_path / wrapper))
+    outcome = generate("visa", tmp_path)
+    assert "VisA_pytorch" in outcome.layout and f"(in {wrapper}/1cls/)" in outcome.layout  # names the folder
+    assert rows(outcome.meta) == expected
+    assert all((tmp_path / s["img_path"]).is_file() for samples in outcome.meta["test"].values() for s in samples)
+
+
+def test_visa_pytorch_below_the_folder_takes_the_split_csv_beside_it(tmp_path: Path) -> None:
+    expected = _prefixed("VisA_pytorch", build_visa_pytorch_csv(tmp_path / "VisA_pytorch"))
+    (tmp_path / "VisA_pytorch/split_csv").rename(tmp_path / "split_csv")  # the archive's CSV in the folder given
+    outcome = generate("visa", tmp_path)
+    assert rows(outcome.meta) == expected and any("split_csv/1cls.csv" in n for n in outcome.notes)
+
+
+def test_nested_layouts_shallowest_first_and_two_at_one_depth_named(tmp_path: Path) -> None:
+    expected = _prefixed("a/b", build_colondb(tmp_path / "one/a/b"))
+    build_colondb(tmp_path / "one/a/b/c/d")  # deeper: not the one taken
+    outcome = generate("cvc-colondb", tmp_path / "one")
+    assert "(in a/b/)" in outcome.layout and rows(outcome.meta) == expected
+    build_colondb(tmp_path / "two/x/first")
+    build_colondb(tmp_path / "two/y/second")
+    with pytest.raises(Exception, match=r"several sub-folders of .*, 2 level\(s\) down \(x/first/, y/second/\)"):
+        generate("cvc-colondb", tmp_path / "two")
+    build_colondb(tmp_path / "deep/1/2/3/4")
+    with pytest.raises(Exception, match="nor in its sub-folders, up to 3 levels deep"):
+        generate("cvc-colondb", tmp_path / "deep")

@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,9 +280,27 @@ def test_interrupted_run_resumes_without_recomputing_finished_classes(reference,
         metrics.aupro(masks, maps, method="mvtec", num_thresholds=None), abs=1e-6)
     for cls_name, class_samples in _meta(root.parent).items():  # --visualize: one panel per image
         panels = sorted(p.name for p in (out / "visualization" / cls_name).glob("*.png"))
-        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).name}.png" for s in class_samples)
+        assert all(Path(s["img_path"]).suffix == ".png" for s in class_samples)
+        assert panels == sorted(f"{s['specie_name']}_{Path(s['img_path']).stem}.png" for s in class_samples)
         with Image.open(out / "visualization" / cls_name / panels[0]) as img:
             assert img.mode == "RGB" and img.width > img.height
+
+
+def test_a_log_file_gets_plain_lines_and_no_bars_from_threads(base_args, tmp_path, capsys):
+    """stderr not a terminal (a log file): no carriage returns or bars; one line per class from the process's
+    one progress display, nothing from the background metrics and panels; the table whole on stdout."""
+    out = tmp_path / "logged"
+    with one_thread():
+        assert SCRIPT.main([*base_args, "--save_path", str(out), "--k_shot", "2", "--visualize", "True",
+                            "--num_workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\x1b" not in captured.err
+    lines = captured.err.splitlines()
+    per_class = [line for line in lines if re.match(r"^\w+ \[\d/3\]: \d+ img in [\d.]+ s", line)]
+    assert [line.split(" ")[0] for line in per_class] == ["mixed", "allbad", "imgonly"]
+    assert not any(line.startswith(("metrics", "panels")) or "metric/s" in line for line in lines)
+    table = [line for line in captured.out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 + 1 and all(line.endswith("|") for line in table)  # header, rule, classes, mean
 
 
 def test_missing_inputs_fail_early_with_one_line(base_args, tmp_path, capsys):

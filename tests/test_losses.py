@@ -6,7 +6,6 @@ difference ``<= 1e-3 * max|expected|``.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -19,10 +18,9 @@ from crane.data.image import load_mask, preprocess
 from crane.engine.feature_cache import FrozenImageEncoder
 from crane.engine.train import PromptTextEncoder
 from crane.losses import crane_loss, dice_loss, focal_loss, image_logits, pooled_image_embedding
-from tests.conftest import CONFORMANCE, conformance_available
+from tests.conftest import conformance_cases, params_or_skip
 
-CASES = json.loads((CONFORMANCE / "cases.json").read_text())["cases"] if conformance_available() else []
-TRAIN_CASES = [c for c in CASES if c.get("train_step")]
+TRAIN_CASES = conformance_cases(train_step=True)
 
 
 def _published_focal(logit: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -140,7 +138,8 @@ def test_focal_gradient_is_finite_at_saturated_probabilities():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", TRAIN_CASES, ids=[c["name"] for c in TRAIN_CASES])
+@pytest.mark.parametrize("case", params_or_skip(TRAIN_CASES, [c["name"] for c in TRAIN_CASES],
+                                                "a conformance case with a training step"))
 def test_train_step_matches_published(case, synth_weights, conformance_dir):
     """One step on all N images at once, image-conditioned prompts (pad_suffix), nearest upsampling.
 

@@ -9,7 +9,6 @@ text width 128 (2 heads), 4 blocks, joint width 64; E-Attn runs in the last 5 bl
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 
 import numpy as np
@@ -28,7 +27,7 @@ from crane.models.head import anomaly_probability_maps, image_scores, smooth_map
 from crane.models.prompts import PromptLearner, encode_text, load_prompt_checkpoint, save_prompt_checkpoint
 from crane.models.vfm import dattn_attention
 from crane.models.vision import ATTN_TYPES, CraneVisionEncoder, interpolate_pos_embed, self_correlation_attention
-from tests.conftest import REPO
+from tests.conftest import REPO, conformance_case
 
 _spec = importlib.util.spec_from_file_location("published_reference", REPO / "scripts" / "published_reference.py")
 ref = importlib.util.module_from_spec(_spec)
@@ -585,8 +584,7 @@ def test_dattn_rows_with_every_entry_masked_fall_back_to_plain_softmax():
 @pytest.mark.slow
 def test_reference_matches_conformance(synth, conformance_dir):
     """The plain reference reproduces the published outputs (case ``crane_visa_336_qqkk``)."""
-    case = next(c for c in json.loads((conformance_dir / "cases.json").read_text())["cases"]
-                if c["name"] == "crane_visa_336_qqkk")
+    case = conformance_case("crane_visa_336_qqkk")
     args = case["args"]
     prompt_sd = load_prompt_checkpoint(conformance_dir / case["checkpoint"])
     reference = ref.PublishedCrane(synth.clip_state_dict(**case["clip"]), prompt_sd,

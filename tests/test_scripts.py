@@ -7,6 +7,7 @@ batch-wide D-Attn mean over the published batches.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shlex
@@ -140,3 +141,66 @@ def test_reproduce_sh_runs_the_published_reproduce_sh(tmp_path):
 def test_scripts_reject_bad_arguments_with_one_message(script, args):
     proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() and proc.stdout == ""
+
+
+@pytest.mark.parametrize("script,args", [("test.sh", ["--help"]), ("test.sh", ["-h"]), ("reproduce.sh", ["--help"]),
+                                         ("reproduce.sh", ["myrun", "cpu", "--help"])])
+def test_scripts_print_their_help_and_run_nothing(script, args, tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "CRANE_DATASETS": str(tmp_path / "nothing"), "PYTHON": "/nonexistent"}
+    proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert f"bash {script} " in proc.stdout and "DEVICE" in proc.stdout and "DATASET" in proc.stdout
+    assert "==>" not in proc.stdout and ".py" not in proc.stdout.split("DEVICE")[0]  # the usage text, no command
+
+
+@pytest.mark.parametrize("datasets,trained", [
+    (["mpdd"], [("mvtec", "crane"), ("mvtec", "cranep")]),
+    (["mvtec"], [("visa", "crane"), ("visa", "cranep")]),
+    (["dagm"], [("mvtec", "crane"), ("visa", "cranep")]),  # published: DAGM with the VisA-trained Crane+
+    (["mvtec", "isic"], [("mvtec", "crane"), ("visa", "crane"), ("mvtec", "cranep"), ("visa", "cranep")]),
+])
+def test_reproduce_sh_trains_only_the_models_its_evaluations_use(datasets, trained, tmp_path):
+    commands = _dry_run(tmp_path, "reproduce.sh", "myrun", "cpu", *datasets)
+    trains = [_flags(c[1:]) for c in commands if c[0] == "train.py"]
+    assert [(t["--dataset"][0], t["--model_name"][0].split("_")[-1]) for t in trains] == trained
+    used = {a.model_name for a in _tests(commands)}
+    assert used == {f"trained_on_{d}_myrun_{m}" for d, m in trained}
+    assert {a.dataset for a in _tests(commands)} == set(datasets)
+
+
+def _option_groups(path: Path) -> list[list[str]]:
+    """The option strings of every ``add_argument`` call in a script, read from its source (nothing imported)."""
+    groups = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+            if names:
+                groups.append(names)
+    return groups
+
+
+@pytest.mark.parametrize("script", ["scripts/bench_export.py", "scripts/bench_metrics.py", "scripts/bench_predict.py",
+                                    "scripts/bench_throughput.py", "scripts/precision_drift.py",
+                                    "datasets/synthetic.py", "datasets/generate.py"])
+def test_bench_and_dataset_scripts_take_both_spellings_of_their_flags(script):
+    """Underscores first, as the entry points spell their flags; the hyphen spelling is accepted too."""
+    groups = _option_groups(REPO / script)
+    assert groups, script
+    for names in groups:
+        for name in names:
+            if "_" in name[2:] or "-" in name[2:]:
+                assert names[0] == "--" + name[2:].replace("-", "_"), names  # the canonical spelling first
+                assert "--" + name[2:].replace("_", "-") in names, names
+
+
+def test_dataset_tools_take_both_spellings(tmp_path, capsys):
+    from datasets.generate import main as generate_main
+    from datasets.synthetic import main as synthetic_main
+
+    for spelling, folder in (("_", "a"), ("-", "b")):
+        args = [str(tmp_path / folder), "--classes", "1", "--train", "0", f"--test{spelling}normal", "1",
+                f"--test{spelling}anomalous", "1", "--size", "16"]
+        assert synthetic_main(args) == 0
+        missing_csv = str(tmp_path / "none.csv")
+        assert generate_main(["custom", str(tmp_path / folder), f"--split{spelling}csv", missing_csv]) == 2
+        assert "--split_csv: file not found" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from crane.inspection.visualize import (GAP, GROUND_TRUTH, MAX_TILE, MIN_TILE, PREDICTED, heat_colors, panel_layout, render_panel,
-                             save_panel)
+from crane.inspection.visualize import (FONT, GAP, GROUND_TRUTH, MAX_TILE, MIN_TILE, PREDICTED, TITLES, WIDEST_LEGEND,
+                                       heat_colors, panel_layout, render_panel, save_panel)
 
 
 def _square_map(size: int = 64, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
@@ -28,7 +28,7 @@ def test_layout_keeps_aspect_and_clamps_tile_height(height, width):
     assert panel.dtype == np.uint8 and panel.ndim == 3 and panel.shape[2] == 3
     assert layout.tile_h == min(max(height, MIN_TILE), MAX_TILE)
     assert abs(layout.tile_w / layout.tile_h - width / height) < 1.0 / layout.tile_h + 1e-9
-    assert panel.shape[1] == layout.lefts[2] + layout.tile_w + GAP
+    assert panel.shape[1] == layout.width >= layout.lefts[2] + layout.tile_w + GAP
     assert panel.shape[0] > layout.top + layout.tile_h
     original = layout.tile(panel, 0)
     assert original.shape[:2] == (layout.tile_h, layout.tile_w)
@@ -85,6 +85,27 @@ def test_score_and_caption_change_the_header_only():
     assert plain.shape == labelled.shape
     assert not np.array_equal(plain[:layout.top], labelled[:layout.top])
     assert np.array_equal(plain[layout.top:], labelled[layout.top:])
+
+
+@pytest.mark.parametrize("height,width", [(900, 120), (300, 60), (2000, 100), (256, 20)])
+def test_portrait_panels_keep_their_caption_and_labels_whole(height, width):
+    """A tall, narrow image: the caption wraps instead of being cut, titles and legend fit their columns."""
+    image = np.full((height, width, 3), 120, np.uint8)
+    caption = "bottle/test/broken_large/a_rather_long_file_name_000.png | anomalous"
+    header = f"{caption} | score 0.1230"
+    panel = render_panel(image, _square_map(), 0.5, np.ones((height, width)), 0.123, caption=caption)
+    layout = panel_layout(height, width, header)
+    assert panel.shape[1] == layout.width
+    assert len(layout.header) > 1  # wrapped: a panel of narrow tiles is narrower than the caption
+    assert "".join(layout.header).replace(" ", "") == header.replace(" ", "")  # nothing left out
+    for line in layout.header:
+        assert cv2.getTextSize(line, FONT, layout.scale, 1)[0][0] <= layout.width - 2 * GAP
+    for text, swatch in [(t, False) for t in TITLES] + list(WIDEST_LEGEND):
+        indent = layout.text_h + 6 if swatch else 0
+        assert cv2.getTextSize(text, FONT, layout.scale, 1)[0][0] + indent <= layout.column_w, text
+    assert np.all(panel[:, -GAP // 2:] == 255)  # no text runs into the right edge
+    original = layout.tile(panel, 0)
+    assert original.shape[:2] == (layout.tile_h, layout.tile_w) and np.all(original == 120)
 
 
 def test_save_panel_writes_the_rendered_png_atomically(tmp_path):

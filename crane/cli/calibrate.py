@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from crane import __version__
 from crane.checkpoints import CheckpointInfo
 from crane.cli import common
-from crane.cli.common import EXIT_SKIPPED, add_model_flags
+from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.errors import CraneError
 from crane.checkpoints import official_at, replace_problem
 from crane.cli.args import add_bool_flag
@@ -32,9 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "threshold of max F1 on labelled images. Saves thresholds.json beside the "
                                    "checkpoint unless --output is given.")
     src = c.add_argument_group("calibration images (--normal and --labelled may be combined; --dataset alone)")
-    src.add_argument("--normal", nargs="+", type=Path, metavar="DIR",
+    src.add_argument("--normal", nargs="+", type=Path, metavar="PATH",
                      help="folders of normal images (only those under good/ folders when a folder has any; masks "
-                          "left out); needs --target_fpr")
+                          "left out), or image files; needs --target_fpr")
     src.add_argument("--labelled", nargs="+", type=Path, metavar="DIR",
                      help="folders with good/ (normal) and defect-type folders (masks, optional, named NAME_mask.* "
                           "in masks/ or ground_truth/)")
@@ -55,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                            "shipped official checkpoint)", True)
     c.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=0,
                    help="with --dataset: data loading processes (default: 0)")
+    add_bit_depth_flag(c)
     add_model_flags(c)
 
 
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     """``python -m crane calibrate`` on a settled run."""
     from tabulate import tabulate
 
+    from crane.data.image import InputNotes
     from crane.inspection.calibration import CalibrationScores, pick_false_alarm, pick_labelled, run_dataset, run_samples
 
     dataset, samples, labels, source = _calibration_images(args)
@@ -139,16 +141,17 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     detector = common.load_detector(args, state, info)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []
+    notes = InputNotes()
     if dataset is not None:
         run_dataset(detector, dataset, args.batch_size, args.num_workers, scores)
     else:
-        skipped = run_samples(detector, samples, args.batch_size, scores)
+        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes)
     _, kept = scores.arrays()
     if (~kept).sum() == 0 or (args.target_fpr is None and kept.sum() == 0):
         raise CraneError(f"{where}: too few readable images left to calibrate on ({len(skipped)} unreadable)")
     picked = pick_labelled(scores, args.image_criterion or "f1") if args.target_fpr is None else \
         pick_false_alarm(scores, args.target_fpr)
-    calibration = {**source, **picked.record}
+    calibration = {**source, **picked.record, **({"bit_depth": args.bit_depth} if dataset is None else {})}
     if skipped:
         calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
     thresholds = Thresholds(picked.image, picked.pixel, {
@@ -156,6 +159,8 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "crane_version": __version__})
     save_thresholds(thresholds, output)
+    for line in notes.lines():
+        print(f"note: {line}", file=sys.stderr)
     for note in picked.notes:
         print(note, file=sys.stderr)
     print(tabulate(picked.rows, headers=picked.headers))

@@ -40,6 +40,16 @@ def add_model_flags(parser: argparse.ArgumentParser, run_flags: bool = True) -> 
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
 
 
+def add_bit_depth_flag(parser: argparse.ArgumentParser) -> None:
+    """``--bit_depth B`` of the commands that read plain image files (``predict``, ``calibrate``)."""
+    from crane.data.image import BIT_DEPTHS
+
+    parser.add_argument("--bit_depth", type=int, choices=BIT_DEPTHS, default=16, metavar="B",
+                        help="the bits a 16-bit image file really holds: 12 for 12-bit camera data in 16-bit PNG or "
+                             "TIFF files, read as value >> (B - 8) with values above B bits clipped; 16 reads "
+                             "16-bit files as value >> 8 (default: 16)")
+
+
 def checkpoint_of(args: argparse.Namespace) -> str:
     """``--checkpoint``, else ``checkpoints/MODEL_NAME/epoch_EPOCH.pth`` (here, else the shipped one:
     :func:`crane.checkpoints.named_checkpoint`)."""

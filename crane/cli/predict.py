@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 from crane.checkpoints import CheckpointInfo
 from crane.cli.args import add_bool_flag
 from crane.cli import common
-from crane.cli.common import EXIT_SKIPPED, add_model_flags
+from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs
 from crane.errors import EXIT_INTERRUPTED, CraneError
 from crane.inspection.thresholds import Thresholds, default_path, load_thresholds, model_record, parse_override, \
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images and draw anomaly panels",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Score images, folders (recursive) and globs; write DIR/scores.csv (path, score, "
-                                   "decision) and DIR/panels/<name>.png (original | heat map | overlay).",
+                                   "decision) and DIR/panels/NAME.png (original | heat map | overlay).",
                        epilog="Thresholds: thresholds.json beside the checkpoint (from `python -m crane calibrate`) "
                               "gives `decision` (anomalous when score >= image threshold) and the outlined region "
                               "(map >= pixel threshold); it must have been calibrated with this checkpoint and "
@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "it: IMG, IMG,PIX or ,PIX.\nWithout thresholds `decision` is empty and nothing is "
                               "outlined.\nImages are turned as their EXIF orientation says (as photo viewers show "
                               "them). Ground-truth masks (*_mask.*, files under masks/ or ground_truth/) found in "
-                              "folders and globs are left out unless --include_masks.\nAn --out folder holding an "
+                              "folders and globs are left out unless --include_masks.\nOutput names: NAME is the "
+                              "image's path below the deepest folder common to the inputs, a .png suffix dropped and "
+                              "any other kept (photos/a/x.png -> panels/a/x.png, photos/a/y.jpg -> panels/a/y.jpg.png); "
+                              "maps/NAME.npy and masks/NAME.png likewise.\nAn --out folder holding an "
                               "earlier run's files is cleaned of them first.\nExit status: 0 ok, 1 error, 2 unusable "
                               "input, 3 some files were unreadable and skipped, 130 interrupted.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -44,8 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", metavar="IMG[,PIX]",
                    help="override the image threshold, and the pixel one after a comma (',PIX' for pixel only); "
                         "values in [0, 1]")
-    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/<name>.npy (S x S float32 map)", True)
-    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/<name>.png (0/255 at the image's size; needs a "
+    add_bool_flag(p, "--save_maps", False, "also write DIR/maps/NAME.npy (S x S float32 map)", True)
+    add_bool_flag(p, "--save_masks", False, "also write DIR/masks/NAME.png (0/255 at the image's size; needs a "
                                             "pixel threshold)", True)
     add_bool_flag(p, "--no_panels", False, "skip the panels (scores only)", True)
     add_bool_flag(p, "--include_masks", False, "also score ground-truth mask files found in folders and globs", True)
@@ -54,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the graph --model written by `python -m crane export` (settings, size and thresholds from "
                         "its metadata) (default: torch)")
     p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
+    add_bit_depth_flag(p)
     add_model_flags(p)
 
 
@@ -68,13 +72,6 @@ class TorchPredictor:
         self.detector = common.load_detector(args, state, info)
         self.image_size = self.detector.config.image_size
         self.read_error = ImageReadError
-
-    @staticmethod
-    def load_rgb(path: Path):
-        """The image as photo viewers show it (EXIF orientation applied)."""
-        from crane.data.image import load_rgb
-
-        return load_rgb(path, exif_orientation=True)
 
     def preprocess(self, rgb):
         from crane.data.image import preprocess
@@ -135,6 +132,10 @@ def threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Opti
     elif thresholds.pixel is None:
         notes.append("note: no pixel threshold, so the panels outline nothing; calibrate with --target_fpr or on "
                      "images with masks, or pass --threshold IMG,PIX")
+    calibrated = (thresholds.meta.get("calibration") or {}).get("bit_depth")
+    if calibrated is not None and calibrated != args.bit_depth and _file_values_used(thresholds, args):
+        notes.append(f"warning: {thresholds.source} was calibrated on images read with --bit_depth {calibrated}, "
+                     f"this run reads them with --bit_depth {args.bit_depth}: pass --bit_depth {calibrated}")
     if info is not None and _file_values_used(thresholds, args):
         differ = threshold_differences(thresholds.meta.get("model"),
                                        model_record(args, info))
@@ -149,11 +150,16 @@ def threshold_notes(thresholds: Thresholds, args: argparse.Namespace, info: Opti
 
 
 
-def load_input(item: InputFile, predictor):
-    """``(rgb, preprocessed)`` of one file (turned as its EXIF orientation says), or ``(None, reason)``
-    when it cannot be read."""
+def load_input(item: InputFile, predictor, bit_depth: int = 16, notes=None):
+    """``(rgb, preprocessed)`` of one file (as photo viewers show it: EXIF orientation applied), or
+    ``(None, reason)`` when it cannot be read; what was done to an unusual file is counted in ``notes``
+    (:class:`crane.data.image.InputNotes`; a fresh one when not given)."""
+    from crane.data.image import InputNotes, load_rgb
+
+    notes = InputNotes() if notes is None else notes
     try:
-        rgb = predictor.load_rgb(item.path)
+        rgb = load_rgb(item.path, exif_orientation=True, bit_depth=bit_depth, notes=notes)
+        notes.check_size(*rgb.shape[:2], predictor.image_size, str(item.path))
         return rgb, predictor.preprocess(rgb)
     except predictor.read_error as e:
         return None, str(e)
@@ -164,6 +170,7 @@ def load_input(item: InputFile, predictor):
 def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Optional[CheckpointInfo]) -> int:
     """``predict`` on a settled run; ``state`` and ``info`` are ``None`` with an exported model
     (``--backend onnxruntime|openvino``)."""
+    from crane.data.image import InputNotes
     from crane.inspection.outputs import OutputFolder, PredictOutputs
 
     collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
@@ -189,7 +196,7 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     folder = OutputFolder(args.out)
     folder.check()
 
-    from tqdm import tqdm
+    from crane.logs import progress
 
     predictor = deployed or TorchPredictor(args, state, info)
     removed = folder.clean()
@@ -197,12 +204,13 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
         print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
     outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel)
     skipped: list[tuple[Path, str]] = []
+    notes = InputNotes()
     try:
-        with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
+        with progress(total=len(items), desc="predict", unit="img") as bar:
             for start in range(0, len(items), args.batch_size):
                 batch = []
                 for item in items[start:start + args.batch_size]:
-                    rgb, x = load_input(item, predictor)
+                    rgb, x = load_input(item, predictor, args.bit_depth, notes)
                     if rgb is None:
                         skipped.append((item.path, x))
                         bar.write(f"skipped: {x}", file=sys.stderr)
@@ -225,6 +233,8 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
         print(f"stopped: {outputs.csv_path} holds the {outputs.rows} images done before the error", file=sys.stderr)
         raise
     outputs.close(skipped)
+    for line in notes.lines():
+        print(f"note: {line}", file=sys.stderr)
     _predict_summary(args, outputs, thresholds, skipped)
     return EXIT_SKIPPED if skipped else 0
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from crane import settings
 from crane.cli.args import explicit_flags, fill_settings
-from crane.deploy.image import ImageReadError, load_rgb
+from crane.deploy.image import ImageReadError
 from crane.deploy.runtime import DeployedModel
 from crane.errors import CraneError
 
@@ -29,10 +29,6 @@ class DeployPredictor:
     def __init__(self, model: DeployedModel) -> None:
         self.model = model
         self.image_size = model.image_size
-
-    @staticmethod
-    def load_rgb(path) -> np.ndarray:
-        return load_rgb(path, exif_orientation=True)  # as the torch backend: as photo viewers show it
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         return self.model.preprocess(rgb)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Optional, Sequence
@@ -50,6 +49,15 @@ class Collected:
 
     files: list[InputFile]
     masks_left_out: list[Path] = field(default_factory=list)
+
+
+def output_name(relative: PurePath) -> str:
+    """The name of an image's outputs (``panels/NAME.png``, ``maps/NAME.npy``, ``masks/NAME.png``): its
+    path ``relative`` to the folder the outputs mirror, with a ``.png`` suffix (any case) dropped and any
+    other suffix kept, so that the name depends on the image alone and two images never share one:
+    ``sub/x.png`` -> ``sub/x``, ``sub/x.jpg`` -> ``sub/x.jpg`` (panel ``sub/x.jpg.png``)."""
+    relative = PurePath(relative)
+    return (relative.with_suffix("") if relative.suffix.lower() == ".png" else relative).as_posix()
 
 
 def is_image_name(name: str) -> bool:
@@ -106,10 +114,10 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None, includ
     image suffixes only, and leave out ground-truth masks unless ``include_masks`` (or unless
     the folder or glob itself names them: ``ground_truth/``, ``'**/*_mask.png'``).
     Files inside ``exclude`` (the output folder) are left out. Output names are the paths
-    relative to the deepest folder common to all images, without the suffix
-    (``sub/part.jpg`` -> ``sub/part``), or with it where two images would share a name
-    (``part.jpg``, ``part.png``).
-    Raises :class:`InputError` for an input that is neither a file, a folder nor a matching glob.
+    relative to the deepest folder common to all images, named by :func:`output_name`
+    (``sub/part.png`` -> ``sub/part``, ``sub/part.jpg`` -> ``sub/part.jpg``).
+    Raises :class:`InputError` for an input that is neither a file, a folder nor a matching glob,
+    and for two inputs that would share an output name (``a.jpg`` beside ``a.jpg.png``).
     """
     paths: list[Path] = []
     masks: list[Path] = []
@@ -151,11 +159,13 @@ def collect_inputs(inputs: Sequence[str], exclude: Optional[Path] = None, includ
     if not unique:
         return Collected([], kept_masks)
     common = Path(os.path.commonpath([r.parent for r in unique]))
-    relative = [resolved.relative_to(common) for resolved in unique]
-    names = [rel.with_suffix("").as_posix() for rel in relative]
-    counts = Counter(names)
-    files = [InputFile(path, name if counts[name] == 1 else rel.as_posix())
-             for path, rel, name in zip(unique.values(), relative, names)]
+    files = [InputFile(path, output_name(resolved.relative_to(common))) for resolved, path in unique.items()]
+    first: dict[str, Path] = {}
+    for item in files:
+        other = first.setdefault(item.name, item.path)
+        if other != item.path:
+            raise InputError(f"{other} and {item.path} would both be named {item.name!r} in the outputs "
+                             f"(panels/{item.name}.png); rename one of them")
     return Collected(files, kept_masks)
 
 
@@ -210,12 +220,19 @@ def folder_samples(folder: Path, labelled: bool = False) -> list[FolderSample]:
 
     A tree without a ``good`` folder is all normal images, unless ``labelled`` (``calibrate
     --labelled``) asks for labels, which is then an error. With ``labelled``, every defect image
-    must lie in a folder and is paired with its mask when it has one. Raises :class:`InputError`
-    when the folder is missing, holds no images, or does not fit the layout.
+    must lie in a folder and is paired with its mask when it has one. A file is one normal image
+    (as ``predict`` takes files), but cannot be labelled. Raises :class:`InputError` when the
+    folder is missing, holds no images, or does not fit the layout.
     """
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        if labelled:
+            raise InputError(f"{folder} is a file, but labelled images are told apart by their folders: pass the "
+                             f"folder holding good/ and the defect folders (such as {folder.parent}), or pass the "
+                             "file to --normal if it is a normal image")
+        return [FolderSample(folder, 0, NORMAL_FOLDER)]
     if not folder.is_dir():
-        raise InputError(f"no such folder: {folder}")
+        raise InputError(f"no such file or folder: {folder}")
     images, masks = _split_masks(walk_images(folder), folder, include_masks=False)
     if not images:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")

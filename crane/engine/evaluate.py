@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from crane import metrics, settings
 from crane.checkpoints import CheckpointInfo, apply_settings, named_checkpoint, read_checkpoint
@@ -64,7 +63,7 @@ from crane.engine.distributed import (DistContext, barrier, broadcast_from_main,
 from crane.engine.timing import StageTimer
 from crane.errors import CraneError
 from crane.files import file_identity, is_identity, output_problem
-from crane.logs import setup_logging
+from crane.logs import progress, setup_logging
 from crane.models.prompts import prompt_shape_problem
 from crane.models.smoothing import smooth
 from crane.models.weights import clip_depth, weights_file, weights_problems
@@ -408,7 +407,7 @@ def _predict_batches(detector, dataset: CraneDataset, batches: list[list[int]], 
     token_type = opts.train_with_img_cls_type if opts.train_with_img_cls_prob == 1 and \
         opts.train_with_img_cls_type != "none" else None
     capacity = max(len(b) for b in batches) if batches else 0
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    bar = progress(total=total, desc=desc, unit="img", enabled=ctx.is_main)
     for r in range(rounds):
         payload = None
         if r < len(mine):
@@ -431,8 +430,9 @@ def _predict_batches(detector, dataset: CraneDataset, batches: list[list[int]], 
 
 
 def class_metrics(labels: np.ndarray, scores: np.ndarray, masks: Optional[np.ndarray], maps: Optional[np.ndarray],
-                  aupro_method: str = "crane", desc: str = "metrics") -> dict[str, Optional[float]]:
-    """The six metrics of one class; ``None`` where undefined.
+                  aupro_method: str = "crane") -> dict[str, Optional[float]]:
+    """The six metrics of one class; ``None`` where undefined. No progress display: it runs in the
+    background while the next class predicts, and the prediction bar is the process's one display.
 
     Args:
         labels: ``N`` {0, 1} image labels; scores: ``N`` image scores (all images of the class).
@@ -454,8 +454,8 @@ def class_metrics(labels: np.ndarray, scores: np.ndarray, masks: Optional[np.nda
             "pixel_f1": lambda: metrics.pixel_f1_max(masks, maps),
         })
     out: dict[str, Optional[float]] = dict.fromkeys(results.METRICS)
-    for name in tqdm(jobs, desc=desc, unit="metric", leave=False, dynamic_ncols=True):
-        out[name] = results.defined(jobs[name]())
+    for name, job in jobs.items():
+        out[name] = results.defined(job())
     return out
 
 
@@ -496,11 +496,11 @@ class _ClassCollector:
             if self.maps_dir is not None:
                 results.save_npy(self.maps_dir / f"{self.samples[i]['img_path']}.npy", part["map"][j])
 
-    def metrics(self, aupro_method: str, desc: str) -> dict[str, Optional[float]]:
+    def metrics(self, aupro_method: str) -> dict[str, Optional[float]]:
         """The class's metrics; undefined ones are ``None``, or 0 as the published test.py reports them."""
         with_pixels = bool(self.pixel.any())
         values = class_metrics(self.labels, self.scores, self.masks if with_pixels else None,
-                               self.pixel_maps if with_pixels else None, aupro_method, desc)
+                               self.pixel_maps if with_pixels else None, aupro_method)
         return {k: (0.0 if v is None else v) for k, v in values.items()} if self.as_published else values
 
     def predictions(self) -> list[dict[str, Any]]:
@@ -509,21 +509,25 @@ class _ClassCollector:
 
 
 def _visualize_class(collector: _ClassCollector, root: Path, out_dir: Path) -> None:
-    """One panel per image (original | heat map | overlay) into ``out_dir/<folder>_<stem>.png``.
+    """One panel per image (original | heat map | overlay) into ``out_dir/<folder>_<NAME>.png``, NAME the
+    file name as predict names outputs (:func:`crane.data.folders.output_name`: ``good/004.png`` ->
+    ``good_004.png``, ``Normal/0001.JPG`` -> ``Normal_0001.JPG.png``).
 
     The predicted region is outlined at the class's pixel F1-max threshold (the operating
     point of the ``pixel_f1`` metric), the ground truth in green; no outline without masks.
     """
+    from crane.data.folders import output_name
     from crane.inspection.thresholds import max_f1_threshold
     from crane.inspection.visualize import save_panel
 
     masks = collector.masks
     threshold = max_f1_threshold(masks, collector.pixel_maps)[0] if masks.any() and not masks.all() else None
-    for i, sample in enumerate(tqdm(collector.samples, desc="panels", unit="img", leave=False, dynamic_ncols=True)):
+    for i, sample in enumerate(collector.samples):  # in the background: no progress display of its own
         gt = masks[collector.slot[i]] if sample["mask_path"] and collector.pixel[i] else None
         path = Path(sample["img_path"])
-        save_panel(out_dir / f"{path.parent.name}_{path.name}.png", load_rgb(root / path), collector.all_maps[i],
-                   threshold=threshold, gt_mask=gt, score=float(collector.scores[i]), caption=sample["img_path"])
+        save_panel(out_dir / f"{path.parent.name}_{output_name(Path(path.name))}.png", load_rgb(root / path),
+                   collector.all_maps[i], threshold=threshold, gt_mask=gt, score=float(collector.scores[i]),
+                   caption=sample["img_path"])
 
 
 # ------------------------------------------------------------------------------- run
@@ -593,7 +597,7 @@ def _finish_class(cls_name: str, collector: _ClassCollector, dataset: CraneDatas
                   opts: EvalOptions, timer: StageTimer) -> None:
     """Rank 0: the class's metrics, panels and record (run in the background while the next class predicts)."""
     with timer("metrics"):
-        values = collector.metrics(opts.aupro_method, f"metrics {cls_name}")
+        values = collector.metrics(opts.aupro_method)
     with timer("files"):
         if opts.visualize:
             _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
@@ -694,6 +698,10 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None,
                     if collector is not None:
                         finishing.append(background.submit(_finish_class, cls_name, collector, dataset, plan,
                                                            opts, timer))
+                left = sum(not future.done() for future in finishing)
+                if left:
+                    log.info("finishing the metrics%s of the last %d class(es) ...",
+                             " and panels" if opts.visualize else "", left)
                 for future in finishing:
                     future.result()
             except BaseException:

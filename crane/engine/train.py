@@ -55,7 +55,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from crane import settings
 from crane.checkpoints import OFFICIAL, metadata_entry, read_checkpoint, sha256_file
@@ -70,7 +69,7 @@ from crane.engine.feature_cache import Entry, FeatureCache, FrozenImageEncoder, 
 from crane.engine.published_init import ClipShapes, replay_published_draws
 from crane.engine.results import fixed
 from crane.files import file_identity, output_problem, save_torch, write_text
-from crane.logs import setup_logging
+from crane.logs import progress, setup_logging
 from crane.losses import crane_loss
 from crane.models.build import build_model
 from crane.models.crane import CraneConfig, CraneModel
@@ -515,7 +514,7 @@ class Trainer:
         loader = DataLoader(Subset(self.data.dataset, mine), batch_size=self.opts.batch_size, num_workers=workers,
                             generator=torch.Generator())
         new: dict[str, Entry] = {}
-        bar = tqdm(total=len(missing), desc="encode images", unit="img", disable=not self.ctx.is_main or not missing)
+        bar = progress(total=len(missing), desc="encode images", unit="img", enabled=self.ctx.is_main and bool(missing))
         done = 0
         for batch in loader:
             entries = self.encoder.encode(batch["img"].to(self.ctx.device))
@@ -608,7 +607,7 @@ class Trainer:
     def run_epoch(self, epoch: int, plan: EpochPlan) -> dict[str, float]:
         """Train one epoch; return the mean loss terms over all steps of all ranks."""
         sums = torch.zeros(4, dtype=torch.float64)
-        bar = tqdm(plan.batches, desc=f"epoch {epoch}/{self.opts.epoch}", unit="batch", disable=not self.ctx.is_main)
+        bar = progress(plan.batches, desc=f"epoch {epoch}/{self.opts.epoch}", unit="batch", enabled=self.ctx.is_main)
         for n, (indices, mosaics) in enumerate(zip(bar, plan.mosaics), start=1):
             entries, labels = self._entries(indices, mosaics)
             sums += self.step(entries, labels, self.conditioned()).double()

@@ -314,40 +314,43 @@ def pick_false_alarm(data: CalibrationScores, target: float) -> Picked:
 
 def run_dataset(detector, dataset, batch_size: int, workers: int, into: CalibrationScores) -> None:
     """Score a :class:`~crane.data.CraneDataset` (images read as published), adding to ``into``."""
-    import sys
-
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
+    from crane.logs import progress
     from crane.models.head import smooth_maps
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    for batch in tqdm(loader, desc="calibrate", unit="batch", file=sys.stderr):
+    for batch in progress(loader, desc="calibrate", unit="batch"):
         scores, raw = detector.predict_tensor(batch["img"])
         into.add(scores.numpy(), batch["anomaly"].numpy().astype(bool),
                       smooth_maps(raw.numpy(), detector.config.sigma), batch["img_mask"].numpy() > 0.5,
                       batch["has_mask"].numpy().astype(bool))
 
 
-def run_samples(detector, samples: list, batch_size: int, into: CalibrationScores) -> list[tuple[Any, str]]:
+def run_samples(detector, samples: list, batch_size: int, into: CalibrationScores, bit_depth: int = 16,
+                notes=None) -> list[tuple[Any, str]]:
     """Score plain-folder samples (:class:`~crane.data.folders.FolderSample`; images turned as their EXIF
-    orientation says, as ``predict`` reads them), adding to ``into``; return the unreadable ``(path, reason)``."""
+    orientation says, read at ``bit_depth``, as ``predict`` reads them), adding to ``into``; return the
+    unreadable ``(path, reason)``. ``notes`` (:class:`~crane.data.image.InputNotes`) counts unusual inputs."""
     import sys
 
     import torch
-    from tqdm import tqdm
 
     from crane.data.image import load_mask, load_rgb, preprocess
+    from crane.logs import progress
     from crane.models.head import smooth_maps
 
     size = detector.config.image_size
     skipped: list[tuple[Any, str]] = []
-    with tqdm(total=len(samples), desc="calibrate", unit="img", file=sys.stderr) as bar:
+    with progress(total=len(samples), desc="calibrate", unit="img") as bar:
         for start in range(0, len(samples), batch_size):
             batch = []
             for sample in samples[start:start + batch_size]:
                 try:
-                    x = preprocess(load_rgb(sample.path, exif_orientation=True), size)
+                    rgb = load_rgb(sample.path, exif_orientation=True, bit_depth=bit_depth, notes=notes)
+                    if notes is not None:
+                        notes.check_size(*rgb.shape[:2], size, str(sample.path))
+                    x = preprocess(rgb, size)
                     mask = load_mask(sample.mask, size) if sample.mask is not None else torch.zeros(size, size)
                     batch.append((sample, x, mask))
                 except Exception as e:  # any decoder failure skips this file only, as in predict

@@ -10,6 +10,9 @@ Layout (white background)::
   height is between ``MIN_TILE`` and ``MAX_TILE`` pixels; the anomaly map (square,
   model resolution) is resized back to the image's aspect with bilinear
   interpolation, which inverts the square resize of the CLIP preprocessing.
+* Each tile sits centred in a column at least as wide as its title and legend, so a
+  portrait image (a narrow tile) keeps every label whole; the caption line wraps
+  onto as many lines as it needs.
 * Heat map colours: OpenCV's JET colormap on a **fixed [0, 1] scale** (anomaly maps
   are probabilities), so colours mean the same in every panel: dark blue 0,
   green 0.5, dark red 1. The colour bar under the tile marks the pixel threshold.
@@ -40,9 +43,16 @@ EDGE = (0, 0, 0)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+TITLES = ("original", "anomaly map (0-1 scale)", "overlay")
+WIDEST_LEGEND = (("no pixel threshold: no outline", False), ("white: map >= 0.000", True),
+                 ("green: ground truth", True))
+"""The legend lines a column must hold whole (text, whether a colour swatch precedes it)."""
+
+
 @dataclass(frozen=True)
 class PanelLayout:
-    """Where the three tiles of a panel are: each ``tile_h x tile_w`` at row ``top`` and columns ``lefts``."""
+    """Where the parts of a panel are: three columns ``column_w`` wide, each holding a ``tile_h x tile_w``
+    tile (centred) at row ``top`` and columns ``lefts``, under the ``header`` lines; ``width`` in all."""
 
     tile_h: int
     tile_w: int
@@ -50,24 +60,66 @@ class PanelLayout:
     lefts: tuple[int, int, int]
     scale: float  # font scale
     text_h: int  # height of one text line
+    column_w: int
+    width: int
+    header: tuple[str, ...]
 
     def tile(self, panel: np.ndarray, index: int) -> np.ndarray:
         """View of tile ``index`` (0 original, 1 heat map, 2 overlay) of a rendered ``panel``."""
         left = self.lefts[index]
         return panel[self.top:self.top + self.tile_h, left:left + self.tile_w]
 
+    def column(self, index: int) -> int:
+        """Left edge of column ``index`` (where its title and legend start)."""
+        return GAP + index * (self.column_w + GAP)
 
-def panel_layout(height: int, width: int) -> PanelLayout:
-    """Layout of the panel of an ``height x width`` image.
 
-    Tiles keep the image's aspect ratio with their height clamped to [MIN_TILE, MAX_TILE].
+def _text_w(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, FONT, scale, 1)[0][0]
+
+
+def _wrap(text: str, width: int, scale: float) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels at ``scale``: broken at spaces, and a word wider than a
+    line (a long path) broken where it must be; nothing is left out."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if _text_w(candidate, scale) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = word
+        while _text_w(line, scale) > width and len(line) > 1:
+            cut = len(line) - 1
+            while cut > 1 and _text_w(line[:cut], scale) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    if line:
+        lines.append(line)
+    return lines
+
+
+def panel_layout(height: int, width: int, header: str = "") -> PanelLayout:
+    """Layout of the panel of an ``height x width`` image, with the ``header`` text above the tiles.
+
+    Tiles keep the image's aspect ratio with their height clamped to [MIN_TILE, MAX_TILE]; columns
+    are as wide as the tiles, or as the titles and legend where those are wider.
     """
     tile_h = int(min(max(height, MIN_TILE), MAX_TILE))
     tile_w = max(1, round(width * tile_h / height))
     scale = 0.45 * max(1.0, tile_h / 320)
     text_h = int(22 * scale / 0.45)
-    lefts = tuple(GAP + i * (tile_w + GAP) for i in range(3))
-    return PanelLayout(tile_h, tile_w, text_h + GAP, lefts, scale, text_h)
+    labels = [_text_w(t, scale) for t in TITLES]
+    labels += [_text_w(t, scale) + (text_h + 6 if swatch else 0) for t, swatch in WIDEST_LEGEND]
+    column_w = max(tile_w, max(labels) + 2)
+    panel_w = 4 * GAP + 3 * column_w
+    lines = tuple(_wrap(header, panel_w - 2 * GAP, scale)) if header else ()
+    lefts = tuple(GAP + i * (column_w + GAP) + (column_w - tile_w) // 2 for i in range(3))
+    return PanelLayout(tile_h, tile_w, max(1, len(lines)) * text_h + GAP, lefts, scale, text_h, column_w, panel_w,
+                       lines)
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -134,7 +186,8 @@ def render_panel(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: Opti
     anomaly_map = np.asarray(anomaly_map, np.float32)
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (S x S), got shape {anomaly_map.shape}")
-    layout = panel_layout(*image_rgb.shape[:2])
+    header = " | ".join(part for part in (caption, None if score is None else f"score {score:.4f}") if part)
+    layout = panel_layout(*image_rgb.shape[:2], header)
     th, tw, scale, text_h = layout.tile_h, layout.tile_w, layout.scale, layout.text_h
     interpolation = cv2.INTER_AREA if image_rgb.shape[0] > th else cv2.INTER_CUBIC
     original = cv2.resize(image_rgb, (tw, th), interpolation=interpolation)
@@ -148,19 +201,17 @@ def render_panel(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: Opti
     if threshold is not None:
         _outline(overlay, amap >= threshold, PREDICTED, line)
 
-    width = layout.lefts[2] + tw + GAP
-    bar = _colour_bar(tw, threshold, scale)
+    cw = layout.column_w
+    bar = _colour_bar(cw, threshold, scale)
     below = layout.top + th + GAP
-    canvas = np.full((below + text_h + bar.shape[0] + 2 * GAP, width, 3), BACKGROUND, np.uint8)
-    header = " | ".join(part for part in (caption, None if score is None else f"score {score:.4f}") if part)
-    if header:
-        _text(canvas, _fit(header, width - 2 * GAP, scale), GAP, text_h, scale)
-    titles = ("original", "anomaly map (0-1 scale)", "overlay")
-    for i, (tile, title) in enumerate(zip((original, heat, overlay), titles)):
+    canvas = np.full((below + text_h + bar.shape[0] + 2 * GAP, layout.width, 3), BACKGROUND, np.uint8)
+    for k, text in enumerate(layout.header):
+        _text(canvas, text, GAP, (k + 1) * text_h, scale)
+    for i, (tile, title) in enumerate(zip((original, heat, overlay), TITLES)):
         layout.tile(canvas, i)[:] = tile
-        _text(canvas, _fit(title, tw, scale), layout.lefts[i], below + text_h - 6, scale)
-    x_heat, x_over = layout.lefts[1], layout.lefts[2]
-    canvas[below + text_h:below + text_h + bar.shape[0], x_heat:x_heat + tw] = bar
+        _text(canvas, _fit(title, cw, scale), layout.column(i), below + text_h - 6, scale)
+    x_heat, x_over = layout.column(1), layout.column(2)
+    canvas[below + text_h:below + text_h + bar.shape[0], x_heat:x_heat + cw] = bar
     legend = [(f"white: map >= {threshold:.3g}", PREDICTED) if threshold is not None
               else ("no pixel threshold: no outline", None)]
     if gt_mask is not None:
@@ -173,7 +224,7 @@ def render_panel(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: Opti
             cv2.rectangle(canvas, (x_over + 1, mid - swatch_h // 2 + 1), (x_over + swatch_w - 1, mid + swatch_h // 2 - 1),
                           color, -1)
         indent = swatch_w + 6 if color is not None else 0
-        _text(canvas, _fit(label, tw - indent, scale), x_over + indent, y, scale)
+        _text(canvas, _fit(label, cw - indent, scale), x_over + indent, y, scale)
     return canvas
 
 
