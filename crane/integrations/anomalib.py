@@ -10,7 +10,7 @@
                   mask_dir="test/my_part/masks", val_split_mode="same_as_test")
     Engine().test(model, datamodule=data)  # image_AUROC and pixel_AUROC as test.py gives them
 
-What it reproduces of ``crane`` (docs/anomalib.md has the details):
+What it reproduces of ``crane`` (the README section "Crane in anomalib" has the details):
 
 * Input: :class:`CraneResize` resizes 8-bit images with PIL bicubic and masks as
   :func:`crane.data.image.load_mask` does (binary mask, PIL bilinear, > 0.5), then the
