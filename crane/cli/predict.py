@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from crane.checkpoints import CheckpointInfo
 from crane.cli.args import add_bool_flag
@@ -167,6 +167,27 @@ def load_input(item: InputFile, predictor, bit_depth: int = 16, notes=None):
         return None, f"cannot read image {item.path}: {type(e).__name__}: {e}"
 
 
+def score_inputs(items: Sequence[InputFile], predictor, batch_size: int, bit_depth: int = 16, notes=None,
+                 predict: Optional[Callable] = None) -> Iterator[tuple[list, list]]:
+    """``predict``'s loop: per batch of ``batch_size`` files, ``(skipped, scored)``: the unreadable ones as
+    ``(item, reason)`` and the others as ``(item, rgb, score, smoothed map)``. ``predict`` replaces
+    ``predictor.predict`` (preprocessed images -> scores, maps), e.g. to count model calls."""
+    predict = predict or predictor.predict
+    for start in range(0, len(items), batch_size):
+        skipped, batch = [], []
+        for item in items[start:start + batch_size]:
+            rgb, x = load_input(item, predictor, bit_depth, notes)
+            if rgb is None:
+                skipped.append((item, x))
+            else:
+                batch.append((item, rgb, x))
+        scored = []
+        if batch:
+            scores, maps = predict([x for _, _, x in batch])
+            scored = [(item, rgb, score, amap) for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps)]
+        yield skipped, scored
+
+
 def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Optional[CheckpointInfo]) -> int:
     """``predict`` on a settled run; ``state`` and ``info`` are ``None`` with an exported model
     (``--backend onnxruntime|openvino``)."""
@@ -207,20 +228,12 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     notes = InputNotes()
     try:
         with progress(total=len(items), desc="predict", unit="img") as bar:
-            for start in range(0, len(items), args.batch_size):
-                batch = []
-                for item in items[start:start + args.batch_size]:
-                    rgb, x = load_input(item, predictor, args.bit_depth, notes)
-                    if rgb is None:
-                        skipped.append((item.path, x))
-                        bar.write(f"skipped: {x}", file=sys.stderr)
-                        bar.update(1)
-                    else:
-                        batch.append((item, rgb, x))
-                if not batch:
-                    continue
-                scores, maps = predictor.predict([x for _, _, x in batch])
-                for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
+            for unreadable, scored in score_inputs(items, predictor, args.batch_size, args.bit_depth, notes):
+                for item, reason in unreadable:
+                    skipped.append((item.path, reason))
+                    bar.write(f"skipped: {reason}", file=sys.stderr)
+                    bar.update(1)
+                for item, rgb, score, amap in scored:
                     outputs.write(item.path, item.name, rgb, score, amap)
                     bar.update(1)
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from crane import __version__
 from crane.checkpoints import CheckpointInfo
 from crane.cli.common import add_model_flags as add_checkpoint_model_flags
 from crane.cli.common import checkpoint_of
-from crane.cli.predict import TorchPredictor, load_input, resolve_thresholds, threshold_notes
+from crane.cli.predict import TorchPredictor, load_input, resolve_thresholds, score_inputs, threshold_notes
 from crane.cli.serving import open_predictor, thresholds_note
 from crane.cli.setup import describe_model, flag_errors, settle_model
 from crane.data.folders import InputFile, collect_inputs, folder_samples
@@ -214,21 +214,11 @@ class Engine:
         skipped: list[tuple[Path, str]] = []
         size = self.args.batch_size
         with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
-            for start in range(0, len(items), size):
-                batch = []
-                for item in items[start:start + size]:
-                    rgb, x = load_input(item, self.predictor)
-                    if rgb is None:
-                        skipped.append((_relative(item.path, folder), _reason(x, folder)))
-                        bar.update(1)
-                    else:
-                        batch.append((item, rgb, x))
-                if not batch:
-                    continue
-                scores, maps = self._predict([x for _, _, x in batch])
-                for (item, rgb, _), score, amap in zip(batch, scores.tolist(), maps):
-                    scored.append(Scored(_relative(item.path, folder), item.name, rgb, score, amap))
-                bar.update(len(batch))
+            for unreadable, done in score_inputs(items, self.predictor, size, predict=self._predict):
+                skipped += [(_relative(item.path, folder), _reason(reason, folder)) for item, reason in unreadable]
+                scored += [Scored(_relative(item.path, folder), item.name, rgb, score, amap)
+                           for item, rgb, score, amap in done]
+                bar.update(len(unreadable) + len(done))
         return Batch(scored, skipped)
 
     @staticmethod
