@@ -32,7 +32,7 @@ import numpy as np
 from crane import __version__
 from crane.checkpoints import CheckpointInfo
 from crane.cli.common import add_model_flags as add_checkpoint_model_flags
-from crane.cli.common import checkpoint_of
+from crane.cli.common import add_bit_depth_flag, checkpoint_of
 from crane.cli.predict import TorchPredictor, load_input, resolve_thresholds, score_inputs, threshold_notes
 from crane.cli.serving import open_predictor, thresholds_note
 from crane.cli.setup import describe_model, flag_errors, settle_model
@@ -54,6 +54,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """``predict``'s model flags (checkpoint, weights, settings, device, precision, batch size), plus
     ``--model``/``--backend`` for an exported graph and ``--thresholds``/``--threshold``."""
     add_checkpoint_model_flags(parser)
+    add_bit_depth_flag(parser)
     g = parser.add_argument_group("exported model (instead of --checkpoint: no torch; settings from its metadata)")
     g.add_argument("--model", metavar="PATH", help="graph written by `python -m crane export` (.onnx, or OpenVINO "
                                                    ".xml)")
@@ -214,7 +215,8 @@ class Engine:
         skipped: list[tuple[Path, str]] = []
         size = self.args.batch_size
         with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
-            for unreadable, done in score_inputs(items, self.predictor, size, predict=self._predict):
+            for unreadable, done in score_inputs(items, self.predictor, size, self.args.bit_depth,
+                                                 predict=self._predict):
                 skipped += [(_relative(item.path, folder), _reason(reason, folder)) for item, reason in unreadable]
                 scored += [Scored(_relative(item.path, folder), item.name, rgb, score, amap)
                            for item, rgb, score, amap in done]
@@ -281,7 +283,7 @@ class Engine:
             for start in range(0, len(samples), size):
                 batch = []
                 for sample in samples[start:start + size]:
-                    rgb, x = load_input(InputFile(sample.path, ""), self.predictor)
+                    rgb, x = load_input(InputFile(sample.path, ""), self.predictor, self.args.bit_depth)
                     if rgb is None:
                         skipped.append((sample.path, x))
                         bar.update(1)
@@ -318,7 +320,7 @@ class Engine:
         """``{"score", "decision", "map_shape"}`` of one image file: the decision at ``image_threshold``, else at
         the image threshold loaded at start (``None`` without one)."""
         path = Path(path)
-        rgb, x = load_input(InputFile(path, path.stem), self.predictor)
+        rgb, x = load_input(InputFile(path, path.stem), self.predictor, self.args.bit_depth)
         if rgb is None:
             raise CraneError(_reason(x, path.parent))
         scores, maps = self._predict([x])
