@@ -20,6 +20,7 @@ die() { echo "$SCRIPT: $*" >&2; exit 2; }
 table1_init() {
     DEVICE=$1
     shift
+    GIVEN=("$@")
     SELECTED=("$@")
     [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
     local ds
@@ -90,6 +91,15 @@ evaluate() {
 
 # table1_check: after the check pass, stop with one message naming everything that is missing
 table1_check() {
+    # the weights (one line each, no traceback), reported with the missing datasets in one round
+    local vfm=none weights
+    [ "$NEEDS_DINO" = 0 ] || vfm=dinov2
+    weights=$("$PY" -c "import sys; from crane.models.weights import weights_problems as p; print('\n'.join(p(sys.argv[1], sys.argv[2], sys.argv[3] or None)))" "$CLIP" "$vfm" "$DINO" 2>&1) \
+        || weights="cannot check the weights: $weights"
+    [ -z "$weights" ] || MISSING+=("weights: ${weights//$'\n'/$'\n'  weights: }  (set CLIP_WEIGHTS / DINO_WEIGHTS to files, or CLIP_WEIGHTS=synthetic for a pipeline run)")
+    if [[ "$DEVICE" != cpu ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        MISSING+=("device: no GPU (CUDA) here for DEVICE $DEVICE: run 'bash $SCRIPT cpu${GIVEN[*]:+ ${GIVEN[*]}}' instead")
+    fi
     if [ ${#MISSING[@]} -gt 0 ]; then
         local unique
         unique=$(printf '  %s\n' "${MISSING[@]}" | sort -u)
@@ -98,19 +108,5 @@ $unique
   datasets: unpack each archive to $ROOT/KEY and run 'python -m datasets.generate KEY $ROOT/KEY'
   (datasets/README.md); set CRANE_DATASETS for another root, or name the datasets to run, e.g.:
   bash $SCRIPT ${SCRIPT_ARGS:-} mvtec visa"
-    fi
-    case $CLIP in
-        openai) "$PY" -c "from crane.models.clip_loader import resolve_openai_weights; resolve_openai_weights()" \
-                    || die "OpenAI CLIP weights not found (see above); or set CLIP_WEIGHTS=/path/to/ViT-L-14-336px.pt" ;;
-        synthetic) ;;
-        *) [ -f "$CLIP" ] || die "CLIP_WEIGHTS file not found: $CLIP" ;;
-    esac
-    if [ "$NEEDS_DINO" = 1 ]; then
-        case $DINO in
-            "") "$PY" -c "from crane.models.vfm import resolve_vfm_weights; resolve_vfm_weights('dinov2')" \
-                    || die "DINOv2 weights not found (see above); or set DINO_WEIGHTS=/path/to/dinov2_vitb14_reg4_pretrain.pth" ;;
-            synthetic) ;;
-            *) [ -f "$DINO" ] || die "DINO_WEIGHTS file not found: $DINO" ;;
-        esac
     fi
 }
