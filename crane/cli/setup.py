@@ -76,7 +76,7 @@ def input_problems(args: argparse.Namespace) -> list[str]:
     for flag in ("normal", "labelled"):
         for folder in getattr(args, flag, None) or []:
             if not Path(folder).expanduser().exists():
-                errors.append(f"--{flag} {folder}: no such folder")
+                errors.append(f"--{flag} {folder}: no such file or folder")
     return errors
 
 
