@@ -22,7 +22,7 @@ from .models.crane import CraneConfig, CraneModel
 from .models.precision import autocast, maybe_compiled
 from .models.smoothing import smooth as smooth_on_device
 from .models.vfm import VfmWeights
-from .models.weights import tower_depth_of
+from .models.weights import clip_state_depth, tower_depth_of
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ class Detector:
             for note in apply_settings(options, set(model_settings), info, force):
                 log.warning("%s", note)
             recorded = set(info.settings)
-        if not isinstance(clip_weights, Mapping):  # the tower-scaled defaults follow the chosen tower's depth
-            settings.scale_to_tower(options, tower_depth_of(options.clip_model, str(clip_weights)),
-                                    set(model_settings) | recorded)
+        depth = (clip_state_depth(clip_weights) if isinstance(clip_weights, Mapping)
+                 else tower_depth_of(options.clip_model, str(clip_weights)))
+        settings.scale_to_tower(options, depth, set(model_settings) | recorded)  # defaults follow the tower
         return cls(build_model(clip_weights, state, dino_weights, CraneConfig.from_options(options)), device,
                    precision, batch_size, compile)
 

@@ -66,8 +66,9 @@ def last_block(depth: int) -> tuple[int, ...]:
 
 def eattn_blocks(depth: int) -> int:
     """Tower rule of ``eattn_layers``: the dual path runs from the first quarter block ``depth // 4`` to the
-    last, ``depth - depth // 4 + 1`` blocks (19 of 24: blocks 6..24, as published; 10 of 12: blocks 3..12)."""
-    return depth - depth // 4 + 1
+    last, ``depth - depth // 4 + 1`` blocks (19 of 24: blocks 6..24, as published; 10 of 12: blocks 3..12;
+    every block of a tower under 4 blocks)."""
+    return depth - max(1, depth // 4) + 1
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ def clip_depth(weights: str, clip_model: str = DEFAULT_CLIP_MODEL) -> Optional[i
     return None
 
 
+def clip_state_depth(state_dict: Mapping) -> Optional[int]:
+    """Blocks of the vision tower of an in-memory CLIP state dict (``None`` when it has none)."""
+    return _resblocks(state_dict.keys()) or None
+
+
 def _resblocks(keys) -> int:
     return len({m.group(1) for m in map(_RESBLOCK.match, keys) if m})
 
