@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from crane.errors import CraneError
-from crane.settings import CHECKPOINT_KEYS, flag_value, same
+from crane.settings import CHECKPOINT_KEYS, DEFAULT_CLIP_MODEL, flag_value, same
 
 METADATA_KEY = "crane"
 """Extra top-level key of our checkpoints (ignored by the published ``test.py``)."""
 
 
-CRANE = {"dino_model": "none", "features_list": [6, 12, 18, 24], "soft_mean": True}
+CRANE = {"clip_model": DEFAULT_CLIP_MODEL, "dino_model": "none", "features_list": [6, 12, 18, 24], "soft_mean": True}
 """Published settings of the official Crane checkpoints (``test.sh``)."""
-CRANE_PLUS = {"dino_model": "dinov2", "features_list": [24]}
+CRANE_PLUS = {"clip_model": DEFAULT_CLIP_MODEL, "dino_model": "dinov2", "features_list": [24]}
 """Published settings of the official Crane+ checkpoints; ``soft_mean`` varies by dataset in ``test.sh``."""
 
 _OFFICIAL_SUMS = {

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import settings
 from .checkpoints import apply_settings, read_checkpoint
 from .data.image import ImageInput, preprocess
 from .device import precision_error
@@ -21,6 +22,7 @@ from .models.crane import CraneConfig, CraneModel
 from .models.precision import autocast, maybe_compiled
 from .models.smoothing import smooth as smooth_on_device
 from .models.vfm import VfmWeights
+from .models.weights import clip_state_depth, tower_depth_of
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,15 @@ class Detector:
             raise TypeError(f"unknown model setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
         options = SimpleNamespace(**{**{f.name: f.default for f in dataclasses.fields(CraneConfig)}, **model_settings})
         state = checkpoint
+        recorded: set = set()
         if checkpoint is not None and not isinstance(checkpoint, Mapping):
             state, info = read_checkpoint(checkpoint)
             for note in apply_settings(options, set(model_settings), info, force):
                 log.warning("%s", note)
+            recorded = set(info.settings)
+        depth = (clip_state_depth(clip_weights) if isinstance(clip_weights, Mapping)
+                 else tower_depth_of(options.clip_model, str(clip_weights)))
+        settings.scale_to_tower(options, depth, set(model_settings) | recorded)  # defaults follow the tower
         return cls(build_model(clip_weights, state, dino_weights, CraneConfig.from_options(options)), device,
                    precision, batch_size, compile)
 

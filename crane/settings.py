@@ -37,8 +37,13 @@ RECORDS = ("checkpoint", "thresholds", "results", "train", "config")
 
 ATTN_TYPES = ("qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2")
 """E-Attn self-correlation attention types (docs/method.md)."""
-DINO_MODELS = ("none", "dinov2", "dino", "sam")
-"""Vision foundation model of D-Attn: none = Crane, dinov2 = Crane+, dino / sam = ablations."""
+DINO_MODELS = ("none", "dinov2", "dino", "sam", "dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitb14",
+               "dinov2_vitb14_reg", "dinov2_vitl14", "dinov2_vitl14_reg", "dinov3_vits16", "dinov3_vitb16",
+               "dinov3_vitl16")
+"""Vision foundation model of D-Attn: none = Crane, dinov2 = Crane+ (DINOv2 ViT-B/14 with registers, the same
+model as dinov2_vitb14_reg), dino / sam and the other DINOv2 / DINOv3 sizes = ablations."""
+ALIASES = {"dinov2_vitb14_reg": "dinov2"}
+"""Setting values that name the same thing (compared as equal by :func:`same`)."""
 IMAGE_TOKEN_TYPES = ("none", "replace_prefix", "replace_suffix", "pad_prefix", "pad_suffix")
 """Where the image embedding enters the prompts when they are image-conditioned."""
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -48,8 +53,22 @@ AUPRO_METHODS = ("crane", "mvtec")
 
 MIN_IMAGE_SIZE = 14
 """One ViT patch: the smallest model input."""
+DEFAULT_CLIP_MODEL = "ViT-L-14-336"
+"""The published CLIP tower (OpenAI ViT-L/14@336px)."""
 CLIP_DEPTH = 24
-"""Blocks of the vision tower that ``--clip_weights openai`` and ``synthetic`` build (ViT-L/14@336)."""
+"""Blocks of the published vision tower (ViT-L/14@336); the tower rules below give its published values."""
+
+
+def last_block(depth: int) -> tuple[int, ...]:
+    """Tower rule of ``features_list``: the last block (24 of 24; Crane's own 6 12 18 24 are the quarters)."""
+    return (depth,)
+
+
+def eattn_blocks(depth: int) -> int:
+    """Tower rule of ``eattn_layers``: the dual path runs from the first quarter block ``depth // 4`` to the
+    last, ``depth - depth // 4 + 1`` blocks (19 of 24: blocks 6..24, as published; 10 of 12: blocks 3..12;
+    every block of a tower under 4 blocks)."""
+    return depth - max(1, depth // 4) + 1
 
 
 @dataclass(frozen=True)
@@ -72,9 +91,14 @@ class Setting:
     contexts: Mapping[str, Any] = field(default_factory=dict)
     why: str = ""
     rule: Optional[Callable[[Any, str], Optional[str]]] = None
+    tower_rule: Optional[Callable[[int], Any]] = None
+    """The default for a CLIP vision tower of ``depth`` blocks (``default`` is its value for the published
+    tower, :data:`CLIP_DEPTH` blocks); ``None``: the default does not depend on the tower."""
 
-    def default_for(self, context: str) -> Any:
-        """The default in ``context`` (one of :data:`CONTEXTS`)."""
+    def default_for(self, context: str, depth: Optional[int] = None) -> Any:
+        """The default in ``context`` (one of :data:`CONTEXTS`), for a tower of ``depth`` blocks when given."""
+        if self.tower_rule is not None and depth is not None:
+            return self.tower_rule(depth)
         return self.contexts.get(context, self.default)
 
     def offered_in(self, context: str) -> bool:
@@ -102,8 +126,13 @@ def _records(*names: str) -> frozenset:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("clip_weights", str, "openai", role="weights", records=_records("thresholds", "results", "train"),
-            help="'openai' (HF cache / ~/.cache/clip), a ViT-L-14-336px.pt file, or 'synthetic' (random weights: "
-                 "meaningless numbers, for pipeline demos)"),
+            help="weights of the --clip_model tower: 'openai' or another open_clip pretrained tag of it (HF cache / "
+                 "~/.cache/clip), a weights file (ViT-L-14-336px.pt for the default tower), or 'synthetic' (random "
+                 "weights of that architecture: meaningless numbers, for pipeline demos)"),
+    Setting("clip_model", str, DEFAULT_CLIP_MODEL, role="model", records=_ALL,
+            help="open_clip architecture of the CLIP tower (a CLIP ViT with a class token: ViT-B-16, ViT-L-14, "
+                 "ViT-L-14-quickgelu, ViT-H-14, ...; not SigLIP); the default E-Attn blocks and --features_list "
+                 "follow its depth"),
     Setting("dino_weights", str, None, role="weights", records=_records("thresholds", "results", "train"),
             help="VFM weights for --dino_model: a file, or 'synthetic' (random weights: meaningless numbers, for "
                  "offline pipeline runs) (default: the torch hub / HF cache)"),
@@ -112,8 +141,9 @@ SETTINGS: tuple[Setting, ...] = (
             why="the published test.py and train.py default to DINOv2 (Crane+), and so do the command lines; the "
                 "Python API builds plain Crane unless told otherwise or the checkpoint records a VFM",
             help="vision foundation model of D-Attn: none = Crane, dinov2 = Crane+"),
-    Setting("features_list", int, (24,), role="model", records=_ALL, many=True, minimum=1,
-            help="CLIP blocks whose tokens are compared with the text (Crane: 6 12 18 24)"),
+    Setting("features_list", int, (24,), role="model", records=_ALL, many=True, minimum=1, tower_rule=last_block,
+            help="CLIP blocks whose tokens are compared with the text (default: the tower's last block, 24 of "
+                 "ViT-L-14-336, 12 of ViT-B-16; Crane: the quarters, 6 12 18 24 of 24 blocks)"),
     Setting("soft_mean", bool, False, role="map", records=_records("checkpoint", "thresholds", "results", "config"),
             help="average softmaxed maps over layers (Crane: True), else softmax of averaged logits"),
     Setting("image_size", int, 518, role="model", records=_records("thresholds", "results", "train", "config"),
@@ -143,8 +173,10 @@ SETTINGS: tuple[Setting, ...] = (
             help="deep text prompt length"),
     Setting("layer_aliasing", bool, True, role="model", records=_records("config"), flag=False,
             help="quirk 1: every E-Attn layer returns the last refined stream (docs/method.md)"),
-    Setting("eattn_layers", int, 19, role="model", records=_records("config"), flag=False,
-            help="E-Attn blocks at the end of the vision tower"),
+    Setting("eattn_layers", int, 19, role="model", records=_records("config"), flag=False, tower_rule=eattn_blocks,
+            contexts={"api": None}, why="CraneConfig leaves it to the tower: CraneModel applies the rule to the "
+                                        "depth of the tower it is built on (None there means that)",
+            help="E-Attn blocks at the end of the vision tower (default: depth - depth // 4 + 1; 19 of 24)"),
     Setting("dattn_gamma", float, 3.0, role="vfm", records=_records("config"), flag=False,
             help="D-Attn mask threshold multiplier"),
 )
@@ -163,13 +195,14 @@ THRESHOLD_KEYS = names("thresholds")
 """Settings ``thresholds.json`` (and an exported graph) records, compared when they are used."""
 
 
-def defaults(context: str, offered_only: bool = False) -> dict[str, Any]:
-    """``{name: default}`` of ``context``; lists as lists. ``offered_only``: only its flags."""
+def defaults(context: str, offered_only: bool = False, depth: Optional[int] = None) -> dict[str, Any]:
+    """``{name: default}`` of ``context`` (for a CLIP tower of ``depth`` blocks, when given); lists as lists.
+    ``offered_only``: only its flags."""
     out = {}
     for s in SETTINGS:
         if offered_only and not s.offered_in(context):
             continue
-        value = s.default_for(context)
+        value = s.default_for(context, depth)
         out[s.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -212,6 +245,8 @@ def same(a: Any, b: Any) -> bool:
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
+    if isinstance(a, str) and isinstance(b, str):
+        return ALIASES.get(a, a) == ALIASES.get(b, b)
     return a == b
 
 
@@ -255,6 +290,24 @@ def problems(values: Any, context: str, only: Optional[Iterable[str]] = None) ->
         if problem:
             out.append(problem)
     return out
+
+
+def tower_scaled() -> tuple[str, ...]:
+    """Names of the settings whose default follows the CLIP tower's depth (:attr:`Setting.tower_rule`)."""
+    return tuple(s.name for s in SETTINGS if s.tower_rule is not None)
+
+
+def scale_to_tower(values: Any, depth: Optional[int], keep: Iterable[str] = ()) -> None:
+    """Give the tower-scaled settings of ``values`` (an object with attributes named as the settings) their
+    default for a tower of ``depth`` blocks, except those in ``keep`` (typed, or from a checkpoint) and those
+    ``values`` lacks. ``depth=None`` (not known): nothing changes."""
+    if depth is None:
+        return
+    keep = set(keep)
+    for s in SETTINGS:
+        if s.tower_rule is not None and s.name not in keep and hasattr(values, s.name):
+            value = s.tower_rule(depth)
+            setattr(values, s.name, list(value) if s.many else value)
 
 
 def layer_problems(features_list: Sequence[int], depth: Optional[int], tower: str,

@@ -70,9 +70,12 @@ def add_setting_flags(group: argparse._ArgumentGroup, context: str, *, defaults_
         default = (defaults or {}).get(s.name, s.default_for(context))
         default = list(default) if isinstance(default, tuple) else default
         if s.name in suppressed:
-            origin = "the checkpoint's setting" if s.name in settings.CHECKPOINT_KEYS else None
-            text = f"{s.help} (default: {origin + ', else ' if origin else ''}{_shown(default)})" \
-                if default is not None else s.help
+            origin = "the checkpoint's setting" if s.name in settings.CHECKPOINT_KEYS and context != "train" else None
+            if "(default: " in s.help:  # a tower-scaled default says its rule
+                text = s.help.replace("(default: ", f"(default: {origin}, else ", 1) if origin else s.help
+            else:
+                text = f"{s.help} (default: {origin + ', else ' if origin else ''}{_shown(default)})" \
+                    if default is not None else s.help
             default = argparse.SUPPRESS
         else:
             text = s.help if "(default" in s.help else _help(s.help, defaults_in_help and default is not None)
@@ -96,8 +99,15 @@ def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
 
 
 def fill_settings(args: argparse.Namespace, context: str) -> None:
-    """Give every setting ``args`` lacks its ``context`` default (after the checkpoint's were applied)."""
-    for name, value in settings.defaults(context).items():
+    """Give every setting ``args`` lacks its ``context`` default (after the checkpoint's were applied); the
+    tower-scaled ones (:func:`crane.settings.tower_scaled`) for the depth of the run's CLIP tower."""
+    from crane.models.weights import tower_depth_of
+
+    for name in ("clip_model", "clip_weights"):
+        if not hasattr(args, name):
+            setattr(args, name, settings.BY_NAME[name].default_for(context))
+    depth = tower_depth_of(args.clip_model, args.clip_weights)
+    for name, value in settings.defaults(context, depth=depth).items():
         if not hasattr(args, name):
             setattr(args, name, value)
 

@@ -90,19 +90,22 @@ def settle_model(args: argparse.Namespace, context: str = "inspect"
     with one line per problem found (all of them), before any model work.
     """
     from crane.models.prompts import prompt_shape_problem
-    from crane.models.weights import clip_depth, weights_problems
+    from crane.models.weights import clip_depth, text_width_of, weights_problems
 
     explicit = explicit_flags(args)
     state, info = read_checkpoint(args.checkpoint)
     notes = apply_settings(args, explicit, info, bool(getattr(args, "force", False)))
     fill_settings(args, context)
     problems = settings.problems(args, context)
-    if not problems:
+    weights = weights_problems(args.clip_weights, args.dino_model, args.dino_weights, args.clip_model)
+    if not problems and not weights:
         given = "--features_list" if "features_list" in explicit else f"the {info.source}'s layers"
-        problems += settings.layer_problems(args.features_list, clip_depth(str(args.clip_weights)),
-                                            str(args.clip_weights), given)
-    problems += weights_problems(args.clip_weights, args.dino_model, args.dino_weights)
-    shape = prompt_shape_problem(state, args.n_ctx, args.t_n_ctx, args.depth) if not problems else None
+        problems += settings.layer_problems(args.features_list, clip_depth(str(args.clip_weights), args.clip_model),
+                                            f"{args.clip_model} {args.clip_weights}", given)
+    problems += weights
+    shape = prompt_shape_problem(state, args.n_ctx, args.t_n_ctx, args.depth,
+                                 text_width_of(args.clip_model, args.clip_weights),
+                                 info.settings.get("clip_model")) if not problems else None
     problems += [f"{args.checkpoint}: {shape}"] if shape else []
     if problems:
         raise CraneError("\n".join(problems))
@@ -115,5 +118,6 @@ def describe_model(args: argparse.Namespace, info: CheckpointInfo) -> str:
     layers = " ".join(map(str, args.features_list))
     origin = f"the {info.source}" if info.settings else \
         f"the defaults (checkpoint {info.path} records no settings)"
-    return (f"{kind}, layers {layers}, soft_mean {args.soft_mean}, S {args.image_size}, CLIP {args.clip_weights}; "
+    return (f"{kind}, layers {layers}, soft_mean {args.soft_mean}, S {args.image_size}, CLIP {args.clip_model} "
+            f"{args.clip_weights}; "
             f"settings not given as flags from {origin}")

@@ -22,7 +22,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from crane.cli.args import HelpFormatter, add_bool_flag, add_data_flags, add_precision_flags, add_setting_flags
+from crane import settings
+from crane.cli.args import (HelpFormatter, add_bool_flag, add_data_flags, add_precision_flags, add_setting_flags,
+                            fill_settings)
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, TrainOptions, train
 from crane.errors import EXIT_INTERRUPTED, EXIT_USAGE, CraneError
 from crane.logs import setup_logging
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_checkpoint", default=None,
                    help="start from this prompt-learner checkpoint (official format) instead of the seeded init")
     g = p.add_argument_group("model")
-    add_setting_flags(g, "train", roles=("vfm", "model", "map", "prompt"))
+    add_setting_flags(g, "train", roles=("vfm", "model", "map", "prompt"), suppressed=settings.tower_scaled())
     g.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation,
                    help="upsampling of the training maps")
     g = p.add_argument_group("optimisation")
@@ -89,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and train; return the exit code (2 for unusable input, 130 when interrupted)."""
     setup_logging()
     args = build_parser().parse_args(argv)
+    fill_settings(args, "train")  # the tower-scaled defaults (--features_list) for the --clip_model tower
     opts = TrainOptions(**vars(args))
     try:
         folder = train(opts)

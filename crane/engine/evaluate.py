@@ -66,7 +66,7 @@ from crane.files import file_identity, is_identity, output_problem
 from crane.logs import progress, setup_logging
 from crane.models.prompts import prompt_shape_problem
 from crane.models.smoothing import smooth
-from crane.models.weights import clip_depth, weights_file, weights_problems
+from crane.models.weights import clip_depth, text_width_of, tower_depth_of, weights_file, weights_problems
 from crane.settings import AUPRO_METHODS
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,12 @@ def save_path(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> Path:
     return Path("results") / run_name(opts, info) / f"test_on_{opts.dataset}"
 
 
-def weights_identity(weights: Optional[str], kind: str) -> Optional[str]:
-    """What identifies the CLIP (``kind="clip"``) or VFM (the ``dino_model``) weights a run uses: the
-    :func:`crane.files.file_identity` of the file (the cached file for ``openai`` / ``None``), or the tag
-    ``synthetic``."""
-    path = weights_file(kind, weights)
+def weights_identity(weights: Optional[str], kind: str, clip_model: str = settings.DEFAULT_CLIP_MODEL
+                     ) -> Optional[str]:
+    """What identifies the CLIP (``kind="clip"``, of tower ``clip_model``) or VFM (the ``dino_model``) weights a
+    run uses: the :func:`crane.files.file_identity` of the file (the cached file for a pretrained tag such as
+    ``openai`` / ``None``), or the tag ``synthetic``."""
+    path = weights_file(kind, weights, clip_model)
     return path if path in (None, "synthetic") else file_identity(Path(path).expanduser())
 
 
@@ -179,7 +180,7 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
     ``compile`` does not (it only reorders float operations, as other thread counts do).
     """
     recorded = settings.recorded(opts, "results")
-    recorded["clip_weights"] = weights_identity(opts.clip_weights, "clip")
+    recorded["clip_weights"] = weights_identity(opts.clip_weights, "clip", opts.clip_model)
     recorded["dino_weights"] = None if opts.dino_model == "none" else weights_identity(opts.dino_weights,
                                                                                        opts.dino_model)
     run_settings = {"dataset": opts.dataset, "checkpoint_sha256": info.sha256, **recorded,
@@ -219,7 +220,6 @@ def _check_options(opts: EvalOptions) -> None:
     if not checkpoint.is_file():
         problems.append(f"checkpoint not found: {checkpoint}; pass --checkpoint FILE, or --model_name NAME --epoch N "
                         "for checkpoints/NAME/epoch_N.pth (shipped: trained_on_{mvtec,visa}_{crane,cranep}, epochs 1-5)")
-    problems += weights_problems(opts.clip_weights, "none", None)
     if opts.save_path:
         problems += [p for p in [output_problem(opts.save_path, folder=True, flag="--save_path")] if p]
     if problems:
@@ -228,12 +228,14 @@ def _check_options(opts: EvalOptions) -> None:
 
 def _check_model_options(opts: EvalOptions) -> None:
     """The model settings, after the checkpoint's are filled in (:func:`crane.settings.problems`), the
-    layers against the tower read from the weights file, and the VFM weights."""
+    layers against the tower (read from the weights file, else ``--clip_model``'s), and the weights (the
+    CLIP weights of the tower the checkpoint records or the flag names)."""
     problems = settings.problems(opts, "test")
-    if not problems:
-        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
-                                            str(opts.clip_weights))
-    problems += weights_problems("synthetic", opts.dino_model, opts.dino_weights)
+    clip = weights_problems(opts.clip_weights, "none", None, opts.clip_model)
+    if not problems and not clip:
+        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights), opts.clip_model),
+                                            f"{opts.clip_model} {opts.clip_weights}")
+    problems += clip + weights_problems("synthetic", opts.dino_model, opts.dino_weights)
     if problems:
         raise EvalError("; ".join(problems))
 
@@ -313,8 +315,10 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     state, info = read_checkpoint(checkpoint_path(opts))
     for note in apply_settings(opts, opts.explicit, info, opts.force):
         log.warning("%s", note)
+    settings.scale_to_tower(opts, tower_depth_of(opts.clip_model, opts.clip_weights), opts.explicit | set(info.settings))
     _check_model_options(opts)
-    problem = prompt_shape_problem(state, opts.n_ctx, opts.t_n_ctx, opts.depth)
+    problem = prompt_shape_problem(state, opts.n_ctx, opts.t_n_ctx, opts.depth, text_width_of(opts.clip_model, opts.clip_weights),
+                                   info.settings.get("clip_model"))
     if problem:
         raise EvalError(f"{checkpoint_path(opts)}: {problem}")
     root = Path(opts.datasets_root_dir) / opts.dataset

@@ -127,7 +127,7 @@ def replay_published_draws(shapes: ClipShapes, dino_model: str) -> bool:
     _eattn(shapes)
     if dino_model == "none":
         return True
-    if dino_model == "dinov2":
+    if dino_model in ("dinov2", "dinov2_vitb14_reg"):  # one model, two names
         _dinov2_hub()
         return True
     return False

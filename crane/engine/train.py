@@ -193,10 +193,11 @@ def _check_options(opts: TrainOptions) -> None:
     ]
     problems = [message for bad, message in checks if bad] + settings.problems(opts, "train")
     problems += [p for p in [output_problem(run_dir(opts), folder=True, flag="--save_path")] if p]
-    if not problems:
-        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights)),
-                                            str(opts.clip_weights))
-    problems += weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, caches=False)
+    weights = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, opts.clip_model, caches=False)
+    if not problems and not weights:
+        problems += settings.layer_problems(opts.features_list, clip_depth(str(opts.clip_weights), opts.clip_model),
+                                            f"{opts.clip_model} {opts.clip_weights}")
+    problems += weights
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -681,7 +682,8 @@ def disk_cache_folder(opts: TrainOptions, config: CraneConfig) -> Path:
     their image's and mask's identities, so changed files or weights are never served from the cache."""
     image_side = {name: value for name, value in settings.recorded(opts, "train").items()
                   if settings.BY_NAME[name].role in ("model", "vfm")}  # what shapes the frozen features
-    key = options_key({"format": CACHE_FORMAT, "clip": file_identity_of(weights_file("clip", opts.clip_weights)),
+    key = options_key({"format": CACHE_FORMAT, "clip": file_identity_of(weights_file("clip", opts.clip_weights,
+                                                                                              opts.clip_model)),
                        "dino": file_identity_of(weights_file(opts.dino_model, opts.dino_weights)),
                        **image_side, "precision": opts.precision, "config": asdict(config)})
     folder = Path(opts.save_path) / DISK_CACHE_FOLDER
@@ -720,14 +722,18 @@ def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
 def _check_init_checkpoint(opts: TrainOptions) -> None:
     """Load ``init_checkpoint`` into a bare prompt learner of the requested shape (``CheckpointMismatchError`` if
     it does not fit); its width is taken from the checkpoint, the CLIP text width is checked when the model loads."""
-    import open_clip
+    from crane.models.build import tokenizer
+    from crane.models.prompts import PromptLearner, prompt_shape_problem
+    from crane.models.weights import text_width_of
 
-    from crane.models.prompts import PromptLearner
-
-    state, _ = read_checkpoint(opts.init_checkpoint)
+    state, info = read_checkpoint(opts.init_checkpoint)
+    problem = prompt_shape_problem(state, opts.n_ctx, opts.t_n_ctx, opts.depth,
+                                   text_width_of(opts.clip_model, opts.clip_weights), info.settings.get("clip_model"))
+    if problem:
+        raise TrainError(f"--init_checkpoint {opts.init_checkpoint}: {problem}")
     ctx = state.get("ctx_pos")
     width = ctx.shape[-1] if isinstance(ctx, torch.Tensor) and ctx.ndim else 768
-    learner = PromptLearner(nn.Embedding(49408, width), open_clip.get_tokenizer("ViT-L-14-336"), opts.n_ctx,
+    learner = PromptLearner(nn.Embedding(49408, width), tokenizer(opts.clip_model), opts.n_ctx,
                             opts.t_n_ctx, opts.depth)
     learner.load_official(state, source=str(opts.init_checkpoint))
 
@@ -762,7 +768,7 @@ def train(opts: TrainOptions) -> Path:
     if done >= opts.epoch:
         log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
         return run_dir(opts)
-    problems = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights)  # the cached downloads
+    problems = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, opts.clip_model)  # the cached downloads
     if problems:
         raise TrainError("; ".join(problems))
     banner = settings.random_weights_banner(opts)

@@ -1,6 +1,7 @@
 """The Crane / Crane+ model: frozen CLIP (+ VFM) with E-Attn, D-Attn and learnable prompts."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
@@ -27,12 +28,13 @@ def _config_from_options(cls, options: Any) -> "CraneConfig":
 
 CraneConfig = make_dataclass(
     "CraneConfig",
-    [(s.name, s.type if not s.many else tuple, field(default=s.default_for("api")))
+    [(s.name, (s.type if not s.many else tuple) if s.default_for("api") is not None else Optional[s.type],
+      field(default=s.default_for("api")))
      for s in settings.SETTINGS if "config" in s.records],
     namespace={"from_options": classmethod(_config_from_options), "__module__": __name__,
                "__doc__": "The model's settings: the ``config`` settings of :data:`crane.settings.SETTINGS`, with "
                           "their ``api`` defaults (``layer_aliasing`` reproduces quirk 1, ``dattn_batch_mean`` "
-                          "quirk 3)."})
+                          "quirk 3; ``eattn_layers=None``: the tower rule, 19 of 24 blocks)."})
 
 
 @dataclass
@@ -65,12 +67,14 @@ class CraneModel(nn.Module):
     def __init__(self, clip: nn.Module, tokenizer, config: CraneConfig,
                  vfm: Optional[VisionFoundationModel] = None) -> None:
         super().__init__()
+        depth = len(clip.visual.transformer.resblocks)
+        if config.eattn_layers is None:  # the tower rule of the one declaration (19 of 24 blocks)
+            config = dataclasses.replace(config, eattn_layers=settings.BY_NAME["eattn_layers"].tower_rule(depth))
         self.config = config
         self.clip = clip.eval().requires_grad_(False)
         self.vision = CraneVisionEncoder(clip.visual, config.attn_type, config.eattn_layers, config.layer_aliasing)
         self.vfm = vfm
         self.prompt_learner = PromptLearner(clip.token_embedding, tokenizer, config.n_ctx, config.t_n_ctx, config.depth)
-        depth = self.vision.depth
         bad = [i for i in config.features_list if not 1 <= i <= depth]
         if bad:
             raise ModelSettingsError(f"features_list {bad} outside the vision tower's blocks 1..{depth}")

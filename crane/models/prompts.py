@@ -107,11 +107,21 @@ class PromptLearner(nn.Module):
         return torch.cat(prompts, dim=0), torch.cat(ids, dim=0)
 
 
-def prompt_shape_problem(state_dict: Mapping[str, torch.Tensor], n_ctx: int, t_n_ctx: int, depth: int
-                         ) -> Optional[str]:
-    """Why a prompt-learner state dict cannot load into a learner of ``n_ctx``, ``t_n_ctx`` and ``depth``,
-    as one line (``None`` when its shapes fit); read from the tensors, before any model is built."""
+def prompt_shape_problem(state_dict: Mapping[str, torch.Tensor], n_ctx: int, t_n_ctx: int, depth: int,
+                         width: Optional[int] = None, trained_on: Optional[str] = None) -> Optional[str]:
+    """Why a prompt-learner state dict cannot load into a learner of ``n_ctx``, ``t_n_ctx``, ``depth`` and
+    (when given) the text ``width`` of the run's CLIP tower, as one line (``None`` when its shapes fit); read
+    from the tensors, before any model is built. ``trained_on``: the ``clip_model`` the checkpoint records.
+    A width that differs is another backbone, which no flag (``--force`` included) can bridge."""
     ctx = state_dict.get("ctx_pos")
+    found_w = ctx.shape[-1] if isinstance(ctx, torch.Tensor) and ctx.ndim >= 1 else None
+    if width is not None and found_w is not None and found_w != width:
+        from crane.settings import DEFAULT_CLIP_MODEL
+
+        made = trained_on or f"{DEFAULT_CLIP_MODEL}, as it records no --clip_model"
+        return (f"the checkpoint's prompts are {found_w} wide (made for --clip_model {made}) but this CLIP text "
+                f"tower is {width} wide: use the checkpoint with its own --clip_model (--force cannot bridge "
+                "prompt widths that differ)")
     deep = sorted(k for k in state_dict if k.startswith("compound_prompts_text."))
     found_n = ctx.shape[-2] if isinstance(ctx, torch.Tensor) and ctx.ndim >= 2 else None
     found_t = state_dict[deep[0]].shape[0] if deep else None

@@ -1,4 +1,5 @@
-"""Vision foundation models for D-Attn (Crane+): DINOv2, DINO v1 and SAM via timm.
+"""Vision foundation models for D-Attn (Crane+): DINOv2 (S/B/L, with and without registers), DINOv3
+(S/B/L), DINO v1 and SAM via timm.
 
 Each VFM takes the CLIP-normalised image, un-normalises it to [0, 1] (clamped),
 re-normalises it with its own statistics and returns dense features
@@ -11,6 +12,19 @@ every forward pass for the input's grid, each with its own rule
 (:class:`PosEmbedRule`). We keep the checkpoint's grid too and resample with the
 same rule at forward time, so the features equal the hub models' at any input
 size, and one VFM serves every size.
+
+DINOv3 has no position embedding to resample: its RoPE (Meta's ``RopePositionEmbedding``,
+``facebookresearch/dinov3``) places each patch at its centre ``(i + 0.5) / g`` mapped to
+``[-1, 1]`` per axis (``normalize_coords="separate"``) and rotates query and key of the patch
+tokens (not the class and register tokens) by ``2 pi coord / period``, periods
+``100 ** (2 j / (D_head / 2))``; the coordinate shift / jitter / rescale act only in training.
+So at a non-native grid the positions are the same fractions of the image, recomputed for that
+grid, with nothing interpolated. timm's ``RotaryEmbeddingDinoV3`` (``rope_type="dinov3"``)
+computes the same; its periods are made in float32 by the formula, and Meta's checkpoint stores
+them too, so :func:`load_vfm` copies the stored periods (what Meta's model uses) when the file has
+them. Meta's patch embedding is a stride-16 convolution, which drops the pixels past the last
+whole patch (518 px -> 32 x 32 patches): ``floor_input``. ``tests/test_backbones.py`` checks the
+rotation against a from-definition reference at non-native grids.
 """
 from __future__ import annotations
 
@@ -77,11 +91,33 @@ class VfmSpec:
     pos_rule: Optional[PosEmbedRule] = None
     floor_input: bool = False
     norm_eps: Optional[float] = None
+    rope: bool = False  # DINOv3: RoPE positions (no embedding to resample), timm's Eva
+
+
+def _dinov2(size: str, timm_size: str, reg: bool) -> VfmSpec:
+    """A DINOv2 of the torch hub: with registers its position rule is antialiased with the output size
+    given; without, the hub uses offset 0.1 and no antialias (``interpolate_offset=0.1``), as DINO v1."""
+    tag = "_reg4" if reg else ""
+    return VfmSpec(f"vit_{timm_size}_patch14{tag}_dinov2", f"timm/vit_{timm_size}_patch14{tag}_dinov2.lvd142m",
+                   f"dinov2_vit{size}14{tag}_pretrain.pth", patch=14, pos_rule=DINOV2_REG_RULE if reg else DINO_V1_RULE)
+
+
+def _dinov3(size: str, timm_size: str) -> VfmSpec:
+    return VfmSpec(f"vit_{timm_size}_patch16_dinov3", f"timm/vit_{timm_size}_patch16_dinov3.lvd1689m",
+                   f"dinov3_vit{size}16_pretrain_lvd1689m*.pth", patch=16, floor_input=True, rope=True)
 
 
 VFMS: dict[str, VfmSpec] = {
-    "dinov2": VfmSpec("vit_base_patch14_reg4_dinov2", "timm/vit_base_patch14_reg4_dinov2.lvd142m",
-                      "dinov2_vitb14_reg4_pretrain.pth", patch=14, pos_rule=DINOV2_REG_RULE),
+    "dinov2": _dinov2("b", "base", reg=True),
+    "dinov2_vits14": _dinov2("s", "small", reg=False),
+    "dinov2_vits14_reg": _dinov2("s", "small", reg=True),
+    "dinov2_vitb14": _dinov2("b", "base", reg=False),
+    "dinov2_vitb14_reg": _dinov2("b", "base", reg=True),
+    "dinov2_vitl14": _dinov2("l", "large", reg=False),
+    "dinov2_vitl14_reg": _dinov2("l", "large", reg=True),
+    "dinov3_vits16": _dinov3("s", "small"),
+    "dinov3_vitb16": _dinov3("b", "base"),
+    "dinov3_vitl16": _dinov3("l", "large"),
     "dino": VfmSpec("vit_base_patch8_224", "timm/vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth", patch=8,
                     pos_rule=DINO_V1_RULE, floor_input=True),
     "sam": VfmSpec("samvit_base_patch16", "timm/samvit_base_patch16.sa1b", "sam_vit_b_01ec64.pth", patch=16,
@@ -120,8 +156,9 @@ def resolve_vfm_weights(name: str) -> str:
 def _resolve_file(name: str, spec: VfmSpec) -> str:
     """Find Meta's checkpoint in the torch hub cache or timm's in the HF cache; fail fast otherwise."""
     local = torch_hub_checkpoint(spec.meta_file)
-    if local.is_file():
-        return str(local)
+    found = sorted(local.parent.glob(local.name)) if "*" in local.name and local.parent.is_dir() else []
+    if local.is_file() or found:
+        return str(found[-1] if found else local)
     cached = find_in_hf_cache(spec.hf_repo, ("model.safetensors", "pytorch_model.bin"))
     if cached:
         return cached
@@ -185,6 +222,10 @@ class VisionFoundationModel(nn.Module):
         m, patch = self.model, self.model.patch_embed.patch_size
         if self.spec.floor_input:  # a stride-p convolution ignores the pixels past the last whole patch
             x = x[..., : x.shape[-2] // patch[0] * patch[0], : x.shape[-1] // patch[1] * patch[1]]
+        if self.spec.rope:  # DINOv3: timm's Eva places the RoPE for this grid (module docstring)
+            gh, gw = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+            tokens = m.forward_features(x)
+            return tokens[:, m.num_prefix_tokens:].reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
         patches = m.patch_embed(x)  # B x gh x gw x C (timm's dynamic_img_size layout)
         b, gh, gw, c = patches.shape
         prefix = 0 if m.no_embed_class else m.num_prefix_tokens  # position rows before the patch rows
@@ -200,7 +241,8 @@ class VisionFoundationModel(nn.Module):
 
 
 def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> VisionFoundationModel:
-    """Build the frozen VFM ``name`` (``dinov2``, ``dino`` or ``sam``) for input size ``image_size``.
+    """Build the frozen VFM ``name`` (a key of :data:`VFMS`: ``dinov2``, ``dinov3_vitb16``, ``dino``, ``sam``, ...)
+    for input size ``image_size``.
 
     ``weights``: ``None`` (look in the torch hub and Hugging Face caches), a file
     (Meta's checkpoint or a timm state dict), an in-memory state dict, or ``"synthetic"``
@@ -225,9 +267,12 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
         return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
     sd = _load_state_dict(name, spec, weights)
-    if not spec.fixed_input:
+    periods = sd.get("rope_embed.periods") if spec.rope else None
+    if not spec.fixed_input and not spec.rope:
         kwargs.update(img_size=_weights_grid(sd) * spec.patch)
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the weights
+    # No random initialisation: every tensor comes from the weights (DINOv3's RoPE periods are a
+    # non-persistent buffer the model makes itself, so it is built on the CPU)
+    with torch.device("cpu" if spec.rope else "meta"):
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn")
     sd = filter_fn(sd, model)
@@ -244,6 +289,8 @@ def load_vfm(name: str, weights: VfmWeights = None, image_size: int = 518) -> Vi
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"{name}: {spec.timm_name} has tensors the weights do not provide: {left[:5]}")
+    if periods is not None:  # Meta's model rotates by the periods its checkpoint stores
+        model.rope.periods.copy_(periods.float())
     return VisionFoundationModel(name, model.eval().requires_grad_(False), spec)
 
 
