@@ -183,6 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
+BEFORE_RECORDED = {"clip_model": "ViT-L-14-336"}
+"""Settings added after records (``thresholds.json``, exported graphs) were first written, with the value
+every record that lacks them was made with."""
+
 
 def names(record: Optional[str] = None, role: Optional[str] = None) -> tuple[str, ...]:
     """Names of the settings a ``record`` carries (:data:`RECORDS`) and/or of a ``role``, in declaration order."""

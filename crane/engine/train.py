@@ -768,7 +768,7 @@ def train(opts: TrainOptions) -> Path:
     if done >= opts.epoch:
         log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
         return run_dir(opts)
-    problems = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, opts.clip_model)  # the cached downloads
+    problems = weights_problems(opts.clip_weights, opts.dino_model, opts.dino_weights, opts.clip_model)  # caches
     if problems:
         raise TrainError("; ".join(problems))
     banner = settings.random_weights_banner(opts)

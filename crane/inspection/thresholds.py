@@ -243,10 +243,11 @@ def threshold_differences(recorded: Mapping[str, Any], current: Mapping[str, Any
     for key in settings.names("thresholds"):
         if settings.BY_NAME[key].role == "weights":
             continue
-        if key not in recorded:
+        value = recorded.get(key, settings.BEFORE_RECORDED.get(key))
+        if key not in recorded and key not in settings.BEFORE_RECORDED:
             out.append(f"it records no --{key}")
-        elif not settings.same(recorded[key], current[key]):
-            out.append(f"{settings.flag_value(key, recorded[key])}, this run {settings.flag_value(key, current[key])}")
+        elif not settings.same(value, current[key]):
+            out.append(f"{settings.flag_value(key, value)}, this run {settings.flag_value(key, current[key])}")
     if "batch_size" in recorded and "batch_size" in current and recorded["batch_size"] != current["batch_size"]:
         out.append(f"--batch_size {recorded['batch_size']} with the batch-wide D-Attn mean, this run "
                    f"--batch_size {current['batch_size']}")
