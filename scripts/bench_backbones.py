@@ -1,6 +1,6 @@
 """Milliseconds per image and parameters per CLIP x VFM pair, with synthetic weights of the real shapes.
 
-    python scripts/bench_backbones.py --repeats 3 --out docs/backbones.md
+    python scripts/bench_backbones.py --repeats 3 --out table.md
 
 Every pair runs at its CLIP tower's usual size (518 for /14 towers, 512 for /16: 37 / 32 patches),
 in one process against the published pair (ViT-L/14@336 + DINOv2-B). The speed check compares
