@@ -98,16 +98,17 @@ def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(k for k in settings.BY_NAME if k in vars(args))
 
 
-def fill_settings(args: argparse.Namespace, context: str) -> None:
+def fill_settings(args: argparse.Namespace, context: str, offered_only: bool = False) -> None:
     """Give every setting ``args`` lacks its ``context`` default (after the checkpoint's were applied); the
-    tower-scaled ones (:func:`crane.settings.tower_scaled`) for the depth of the run's CLIP tower."""
+    tower-scaled ones (:func:`crane.settings.tower_scaled`) for the depth of the run's CLIP tower.
+    ``offered_only``: only the settings ``context`` has flags for (``train.py``'s options have no others)."""
     from crane.models.weights import tower_depth_of
 
     for name in ("clip_model", "clip_weights"):
         if not hasattr(args, name):
             setattr(args, name, settings.BY_NAME[name].default_for(context))
     depth = tower_depth_of(args.clip_model, args.clip_weights)
-    for name, value in settings.defaults(context, depth=depth).items():
+    for name, value in settings.defaults(context, offered_only, depth).items():
         if not hasattr(args, name):
             setattr(args, name, value)
 

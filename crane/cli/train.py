@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and train; return the exit code (2 for unusable input, 130 when interrupted)."""
     setup_logging()
     args = build_parser().parse_args(argv)
-    fill_settings(args, "train")  # the tower-scaled defaults (--features_list) for the --clip_model tower
+    fill_settings(args, "train", offered_only=True)  # the tower-scaled defaults (--features_list) for the --clip_model tower
     opts = TrainOptions(**vars(args))
     try:
         folder = train(opts)
