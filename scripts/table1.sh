@@ -97,7 +97,7 @@ table1_check() {
     weights=$("$PY" -c "import sys; from crane.models.weights import weights_problems as p; print('\n'.join(p(sys.argv[1], sys.argv[2], sys.argv[3] or None)))" "$CLIP" "$vfm" "$DINO" 2>&1) \
         || weights="cannot check the weights: $weights"
     [ -z "$weights" ] || MISSING+=("weights: ${weights//$'\n'/$'\n'  weights: }  (set CLIP_WEIGHTS / DINO_WEIGHTS to files, or CLIP_WEIGHTS=synthetic for a pipeline run)")
-    if [[ "$DEVICE" != cpu ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if [[ "$DEVICE" != cpu && "${DRY_RUN:-0}" = 0 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         MISSING+=("device: no GPU (CUDA) here for DEVICE $DEVICE: run 'bash $SCRIPT cpu${GIVEN[*]:+ ${GIVEN[*]}}' instead")
     fi
     if [ ${#MISSING[@]} -gt 0 ]; then

@@ -135,8 +135,8 @@ def test_published_batching_with_a_class_inside_one_batch(synth_weights, tmp_pat
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert script.main(_args(expected, root, clip, dino, whole)) == 0
 
-    det = crane.Detector.from_config(str(clip), REPO_CHECKPOINTS / expected["weights"]["checkpoint"], str(dino),
-                                     dino_model="dinov2", features_list=(24,), image_size=112, dattn_batch_mean=True)
+    det = crane.Detector.from_config(str(clip), REPO_CHECKPOINTS / expected["weights"]["checkpoint"],
+                                     dino_weights=str(dino), dino_model="dinov2", features_list=(24,), image_size=112, dattn_batch_mean=True)
     paths = [s["img_path"] for c in meta["test"].values() for s in c]
     images = torch.stack([preprocess(root / "pipe" / p, 112) for p in paths])
     reference = np.concatenate([det.predict_tensor(images[i:i + 8])[0].numpy() for i in range(0, len(paths), 8)])

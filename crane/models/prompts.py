@@ -125,8 +125,9 @@ def prompt_shape_problem(state_dict: Mapping[str, torch.Tensor], n_ctx: int, t_n
     deep = sorted(k for k in state_dict if k.startswith("compound_prompts_text."))
     found_n = ctx.shape[-2] if isinstance(ctx, torch.Tensor) and ctx.ndim >= 2 else None
     found_t = state_dict[deep[0]].shape[0] if deep else None
-    wrong = [f"--{flag} {value} (the checkpoint has {found})" for flag, value, found in
-             (("n_ctx", n_ctx, found_n), ("depth", depth, len(deep) + 1), ("t_n_ctx", t_n_ctx, found_t))
+    wrong = [f"--{flag} {value} (the checkpoint's {tensor} has {found})" for flag, value, found, tensor in
+             (("n_ctx", n_ctx, found_n, "ctx_pos"), ("depth", depth, len(deep) + 1, "compound_prompts_text"),
+              ("t_n_ctx", t_n_ctx, found_t, "compound_prompts_text"))
              if found is not None and value != found]
     return f"the checkpoint does not fit the prompt learner: {', '.join(wrong)}" if wrong else None
 
