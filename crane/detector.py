@@ -12,6 +12,7 @@ import torch
 from .data.image import ImageInput, preprocess
 from .models.clip_loader import ClipWeights, load_clip
 from .models.crane import CraneConfig, CraneModel
+from .models.memory import ReferenceMemory
 from .choices import precision_error
 from .models.precision import autocast, maybe_compiled
 from .models.smoothing import smooth as smooth_on_device
@@ -19,6 +20,18 @@ from .models.prompts import load_prompt_checkpoint
 from .models.vfm import VfmWeights, load_vfm
 
 log = logging.getLogger(__name__)
+
+
+ReferenceInput = Union[None, ImageInput, Iterable[ImageInput], ReferenceMemory]
+"""What :meth:`Detector.set_reference` takes: images, a ``reference.pt`` path, a memory, or ``None``."""
+
+
+def as_image_list(images: Union[ImageInput, Iterable[ImageInput]]) -> list[ImageInput]:
+    """One image (path, PIL image, ``H x W [x C]`` array) or an iterable of them, as a list."""
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        return [images]
+    return list(images)
 
 
 @dataclass
@@ -74,6 +87,11 @@ class Detector:
     stay float32 (:mod:`crane.models.precision`). ``compile``: run the image side through
     ``torch.compile`` (the first batch, and each new batch shape, pays the compilation; it
     runs uncompiled, with one warning, where compiling fails).
+
+    Few-shot: with reference images of normal parts (:meth:`set_reference`, or ``reference=`` in
+    :meth:`from_config`) each image's score and map mix the zero-shot ones with the distance of its
+    patches to the references' (``docs/few_shot.md``); without references the results are the
+    zero-shot ones, unchanged.
     """
 
     def __init__(self, model: CraneModel, device: Union[str, torch.device] = "cpu", precision: str = "fp32",
@@ -88,6 +106,7 @@ class Detector:
         self.precision = precision
         self.batch_size = batch_size
         self._encode_image = maybe_compiled(self.model.encode_image, compile, "the image encoder")
+        self.reference: Optional[ReferenceMemory] = None
         self.refresh_text_features()
 
     @classmethod
@@ -96,13 +115,19 @@ class Detector:
                     dino_weights: VfmWeights = None, features_list: Sequence[int] = (24,), soft_mean: bool = False,
                     image_size: int = 518, attn_type: str = "qq+kk+vv", sigma: float = 4,
                     dattn_batch_mean: bool = False, device: str = "cpu", precision: str = "fp32",
-                    batch_size: int = 8, compile: bool = False, **options) -> "Detector":
+                    batch_size: int = 8, compile: bool = False, reference: ReferenceInput = None,
+                    coreset_ratio: float = 1.0, few_shot_weight: float = 0.5, **options) -> "Detector":
         """Build a detector. ``options`` are further :class:`CraneConfig` fields
-        (``both_eattn_dattn``, ``use_scorebase_pooling``, ``layer_aliasing``, ``n_ctx``, ...)."""
+        (``both_eattn_dattn``, ``use_scorebase_pooling``, ``layer_aliasing``, ``n_ctx``, ...);
+        ``reference``, ``coreset_ratio`` and ``few_shot_weight`` go to :meth:`set_reference`."""
         config = CraneConfig(features_list=tuple(int(f) for f in features_list), dino_model=dino_model,
                              soft_mean=soft_mean, image_size=image_size, attn_type=attn_type, sigma=sigma,
                              dattn_batch_mean=dattn_batch_mean, **options)
-        return cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size, compile)
+        detector = cls(build_model(clip_weights, checkpoint, dino_weights, config), device, precision, batch_size,
+                       compile)
+        if reference is not None:
+            detector.set_reference(reference, coreset_ratio, few_shot_weight)
+        return detector
 
     @property
     def config(self) -> CraneConfig:
@@ -113,40 +138,86 @@ class Detector:
         with torch.no_grad():
             self.text_features = self.model.text_features()
 
-    @torch.no_grad()
-    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, maps ``B x S x S``), on CPU, float32.
+    def set_reference(self, reference: ReferenceInput, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
+                      use_vfm: bool = True, progress: bool = False) -> Optional[ReferenceMemory]:
+        """Score from now on with a reference memory of normal images (``None``: zero-shot again).
 
-        ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
-        embedding (``--train_with_img_cls_prob 1``); ``None`` uses the cached text pair.
-        ``smooth``: apply the Gaussian smoothing (``sigma``) where the maps are, before they
-        leave the device; otherwise the maps are returned unsmoothed.
+        ``reference``: reference images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list), a
+        ``reference.pt`` path (:func:`crane.reference.load_reference`, refused in one line when built with
+        other settings) or a :class:`ReferenceMemory`. Images are encoded in batches and kept as a memory
+        of their patch features, subsampled to ``coreset_ratio`` (greedy k-centre) with the VFM features
+        when a VFM is loaded and ``use_vfm``; ``few_shot_weight`` is the few-shot part's weight ``w``.
+        Returns the memory (save it with :func:`crane.reference.save_reference`).
         """
-        scores, maps = self.forward(images, image_token_type)
-        if smooth:
-            maps = smooth_on_device(maps, self.config.sigma)
-        return scores.cpu(), maps.cpu()
+        from . import reference as files
+
+        if reference is None or isinstance(reference, ReferenceMemory):
+            memory = reference
+        elif isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
+            memory = files.load_reference(reference, self.model)
+        else:
+            memory = files.build_reference(self, reference, coreset_ratio, few_shot_weight, use_vfm, progress)
+        self.reference = None if memory is None else memory.to(self.device)
+        return self.reference
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
-        maps ``B x S x S``, float32. The copy of ``images`` to the device does not block."""
+    def encode(self, images: torch.Tensor):
+        """Preprocessed batch ``B x 3 x S x S`` -> :class:`~crane.models.crane.ImageFeatures` on the device."""
         with autocast(self.device.type, self.precision):
-            features = self._encode_image(images.to(self.device, non_blocking=True))
+            return self._encode_image(images.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def zero_shot(self, features, image_token_type: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-shot scores ``B`` and unsmoothed maps ``B x S x S`` (float32, on the device) of :meth:`encode`'s
+        features; ``image_token_type``: see :meth:`predict_tensor`."""
         text = self.text_features if image_token_type is None else \
             self.model.text_features(features.image_embedding, image_token_type)
         logits = self.model.patch_logits(features, text)
         return self.model.scores(features, logits, text).float(), self.model.maps(logits).float()
 
+    @torch.no_grad()
+    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False,
+                       exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, maps ``B x S x S``), on CPU, float32.
+
+        ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
+        embedding (``--train_with_img_cls_prob 1``); ``None`` uses the cached text pair.
+        ``smooth``: apply the Gaussian smoothing (``sigma``) where the maps are, before they
+        leave the device; otherwise the maps are returned unsmoothed. ``exclude``: see :meth:`forward`.
+        """
+        scores, maps = self.forward(images, image_token_type, exclude)
+        if smooth:
+            maps = smooth_on_device(maps, self.config.sigma)
+        return scores.cpu(), maps.cpu()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None,
+                exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
+        maps ``B x S x S``, float32. The copy of ``images`` to the device does not block.
+
+        With a reference memory the few-shot part is mixed in; ``exclude`` (``B`` reference indices, ``-1``
+        for none) then scores image ``b`` without the patches of reference ``exclude[b]`` (leave-one-out).
+        """
+        features = self.encode(images)
+        scores, maps = self.zero_shot(features, image_token_type)
+        if self.reference is None:
+            if exclude is not None:
+                raise ValueError("exclude needs a reference memory (set_reference)")
+            return scores, maps
+        return self.reference.fuse(features, scores, maps, exclude)
+
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
-                progress: bool = False) -> Prediction:
-        """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list)."""
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
-        images = list(images)
+                progress: bool = False, leave_one_out: bool = False) -> Prediction:
+        """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list).
+
+        ``leave_one_out`` (with a reference memory): an image that is one of the references (the same
+        preprocessed pixels) is scored against the memory without its own patches, as a new normal image
+        would be; for calibrating thresholds on the reference images themselves.
+        """
+        images = as_image_list(images)
+        if leave_one_out and (self.reference is None or self.reference.references < 2):
+            raise ValueError("leave-one-out scoring needs a reference memory of at least two images")
         bs = batch_size or self.batch_size
         size = self.config.image_size
         scores, maps = [], []
@@ -157,7 +228,12 @@ class Detector:
             batches = tqdm(batches, desc="predict", unit="batch")
         for start in batches:
             batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
-            s, m = self.predict_tensor(batch, smooth=True)
+            exclude = None
+            if leave_one_out:
+                from .reference import tensor_digest
+
+                exclude = torch.tensor([self.reference.index_of(tensor_digest(t)) for t in batch])
+            s, m = self.predict_tensor(batch, smooth=True, exclude=exclude)
             scores.append(s.numpy())
             maps.append(m.numpy())
         if not scores:
