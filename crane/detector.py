@@ -139,14 +139,16 @@ class Detector:
             self.text_features = self.model.text_features()
 
     def set_reference(self, reference: ReferenceInput, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
-                      use_vfm: bool = True, progress: bool = False) -> Optional[ReferenceMemory]:
+                      use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False
+                      ) -> Optional[ReferenceMemory]:
         """Score from now on with a reference memory of normal images (``None``: zero-shot again).
 
         ``reference``: reference images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list), a
         ``reference.pt`` path (:func:`crane.reference.load_reference`, refused in one line when built with
         other settings) or a :class:`ReferenceMemory`. Images are encoded in batches and kept as a memory
         of their patch features, subsampled to ``coreset_ratio`` (greedy k-centre) with the VFM features
-        when a VFM is loaded and ``use_vfm``; ``few_shot_weight`` is the few-shot part's weight ``w``.
+        when a VFM is loaded and ``use_vfm``; ``few_shot_weight`` is the few-shot part's weight ``w``;
+        ``exif_orientation``: files are turned as their EXIF tag says (as the command line reads them).
         Returns the memory (save it with :func:`crane.reference.save_reference`).
         """
         from . import reference as files
@@ -156,7 +158,8 @@ class Detector:
         elif isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
             memory = files.load_reference(reference, self.model)
         else:
-            memory = files.build_reference(self, reference, coreset_ratio, few_shot_weight, use_vfm, progress)
+            memory = files.build_reference(self, reference, coreset_ratio, few_shot_weight, use_vfm, progress,
+                                           exif_orientation)
         self.reference = None if memory is None else memory.to(self.device)
         return self.reference
 
@@ -228,11 +231,7 @@ class Detector:
             batches = tqdm(batches, desc="predict", unit="batch")
         for start in batches:
             batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
-            exclude = None
-            if leave_one_out:
-                from .reference import tensor_digest
-
-                exclude = torch.tensor([self.reference.index_of(tensor_digest(t)) for t in batch])
+            exclude = self.reference.exclusions(batch) if leave_one_out else None
             s, m = self.predict_tensor(batch, smooth=True, exclude=exclude)
             scores.append(s.numpy())
             maps.append(m.numpy())

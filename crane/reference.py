@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data.image import preprocess
+from .data.image import load_rgb, preprocess
 from .models.crane import CraneModel
 from .models.memory import (Bank, MapStatistics, MemorySpec, ReferenceMemory, coreset_size, distinct_sets,
-                            memory_queries)
+                            memory_queries, tensor_digest)
 
 FORMAT = "crane-reference-1"
 FEATURE_SETTINGS = ("features_list", "dino_model", "image_size", "attn_type", "both_eattn_dattn", "layer_aliasing",
@@ -43,12 +43,6 @@ _SAMPLE = 4096
 
 class ReferenceMemoryError(ValueError):
     """A reference memory cannot be built, read or used with this model (one-line message)."""
-
-
-def tensor_digest(image: torch.Tensor) -> str:
-    """SHA-256 of a preprocessed ``3 x S x S`` float32 image: how a reference image is recognised again
-    (leave-one-out scoring) whatever it was given as."""
-    return hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def image_record(image: Any, digest: str) -> dict[str, Any]:
@@ -116,9 +110,10 @@ def check_reference(memory: ReferenceMemory, model: CraneModel, source: str = "t
 
 
 def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
-                    use_vfm: bool = True, progress: bool = False) -> ReferenceMemory:
+                    use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False) -> ReferenceMemory:
     """A :class:`ReferenceMemory` of ``images`` (one or a list of paths, PIL images, arrays) as ``detector``
     (a :class:`crane.Detector`) encodes them, on its device; see :meth:`crane.Detector.set_reference`.
+    ``exif_orientation``: files are turned as their EXIF orientation tag says before preprocessing.
 
     Raises :class:`ReferenceMemoryError` (one line) for no images. An image given twice (the same
     preprocessed pixels) is kept once: a copy adds nothing to the memory, and would be its own nearest
@@ -139,7 +134,7 @@ def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_
     for start in range(0, len(images), bs):
         tensors, kept = [], []
         for image in images[start:start + bs]:
-            tensor = preprocess(image, size)
+            tensor = preprocess(load_rgb(image, exif_orientation=exif_orientation), size)
             digest = tensor_digest(tensor)
             if digest in digests:
                 continue

@@ -157,6 +157,10 @@ def test_coreset_covers_every_row_within_its_radius():
     pairwise = 1.0 - kept @ kept.T
     assert float(pairwise[~torch.eye(40, dtype=torch.bool)].min()) >= coreset.radius - 1e-6
     assert torch.equal(greedy_coreset(x, 40).indices, coreset.indices)  # deterministic
+    repeated = torch.cat([x[:5], x[:5], x[:5]])  # identical rows: still distinct picks, radius 0 once all are kept
+    picked = greedy_coreset(repeated, 8).indices.tolist()
+    assert len(set(picked)) == 8
+    assert greedy_coreset(repeated, 5).radius == pytest.approx(0.0, abs=1e-6)
 
 
 def test_memory_coreset_covers_the_reference_patches(detector, demo):

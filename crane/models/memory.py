@@ -7,9 +7,11 @@ patch features ``q`` (``L x E`` per bank) gets, per bank, the cosine distance of
 nearest reference patch, ``d = 1 - max_m q . m``; the few-shot patch distance is the mean of ``d``
 over the banks (``B x L``), its map that distance upsampled to ``S x S`` as Crane's maps are
 (bilinear, ``align_corners=False``), its image score the largest patch distance. They are mixed with
-Crane's zero-shot map and score per image, with a fixed weight ``w``:
-``map = (1 - w) zero_map + w few_map``, ``score = (1 - w) zero_score + w max_L d``. Nothing is
-normalised over a set of test images, so an image's score does not depend on the others.
+Crane's zero-shot map and score per image, after an affine map ``a F + b`` fixed when the memory is built
+(it gives the few-shot maps of the references, scored by leave-one-out, the mean and spread of their
+zero-shot maps): ``map = (1 - w) zero_map + w (a few_map + b)``,
+``score = (1 - w) zero_score + w (a max_L d + b)``. Nothing is normalised over a set of test images, so an
+image's score does not depend on the others.
 
 Token sets. A memory uses every distinct token set the model scores with (``ImageFeatures.patch_tokens``;
 with quirk 1 the E-Attn sets of layers 6/12/18/24 are one tensor and are stored once, which leaves
@@ -24,6 +26,7 @@ distances up to float rounding.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -51,6 +54,12 @@ def faiss_available() -> bool:
 
 
 # ------------------------------------------------------------------------------ token sets
+
+
+def tensor_digest(image: torch.Tensor) -> str:
+    """SHA-256 of a preprocessed ``3 x S x S`` float32 image: how a reference image is recognised again
+    (leave-one-out scoring), whatever it was given as."""
+    return hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def distinct_sets(features: ImageFeatures) -> list[int]:
@@ -146,10 +155,12 @@ def greedy_coreset(x: torch.Tensor, count: int, progress: Optional[Callable[[int
     chosen = torch.empty(count, dtype=torch.long, device=x.device)
     chosen[0] = 0
     nearest = 1.0 - x @ x[0]
+    nearest[0] = -math.inf  # a kept row is never picked again, even among identical rows
     for i in range(1, count):
-        pick = int(torch.argmax(nearest))
+        pick = torch.argmax(nearest)  # stays on the device: no synchronisation per step on a GPU
         chosen[i] = pick
         nearest = torch.minimum(nearest, 1.0 - x @ x[pick])
+        nearest[pick] = -math.inf
         if progress is not None:
             progress(1)
     radius = float(nearest.clamp_min(0.0).max()) if count < n else 0.0
@@ -310,9 +321,12 @@ class ReferenceMemory(nn.Module):
         """Number of reference images ``K``."""
         return len(self.spec.digests)
 
-    def index_of(self, digest: str) -> int:
-        """The reference index of the image with preprocessed-tensor ``digest``, ``-1`` if it is none of them."""
-        return self.spec.digests.index(digest) if digest in self.spec.digests else -1
+    def exclusions(self, images: torch.Tensor) -> torch.Tensor:
+        """For preprocessed images ``B x 3 x S x S``: the reference index of each (the same pixels as a
+        reference, by :func:`tensor_digest`), ``-1`` for an image that is none of them; the ``exclude`` of
+        leave-one-out scoring. ``B`` int64 on the CPU."""
+        index = {digest: i for i, digest in enumerate(self.spec.digests)}
+        return torch.tensor([index.get(tensor_digest(image), -1) for image in images], dtype=torch.long)
 
     def nbytes(self) -> int:
         """Bytes of the banks' features."""
