@@ -153,7 +153,10 @@ class Detector:
         """
         from . import reference as files
 
-        if reference is None or isinstance(reference, ReferenceMemory):
+        if reference is None:
+            memory = None
+        elif isinstance(reference, ReferenceMemory):
+            files.check_reference(reference, self.model)
             memory = reference
         elif isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
             memory = files.load_reference(reference, self.model)

@@ -7,12 +7,14 @@ demo model's (vision 256; ``crane.models.synthetic``). Images are procedural tex
 
 For each K and coreset ratio the memory is built from K images (``Detector.set_reference``: encoding,
 coreset, the references' statistics; "build s"), then ``Detector.predict`` scores ``--test-images`` other images
-per repeat; zero-shot (no memory) is timed the same way, interleaved with the memory runs, so load from other
-processes spreads over all of them. "ms/image" is the median over repeats; "x zero-shot" its ratio to the
-zero-shot median. "peak MB" is the largest increase of the process's memory while predicting (resident set
-size sampled every millisecond on the CPU; ``torch.cuda.max_memory_allocated`` on a GPU), "memory MB" the
-banks' size. With faiss installed (``pip install faiss-cpu``) each CPU memory is also searched with faiss's
-exact index (backend ``faiss``; the distances equal torch's to float rounding).
+per repeat (torch search); zero-shot (no memory) is timed the same way, all runs in a new random order each
+round, so load from other processes spreads over all of them. "ms/image" is the median over repeats;
+"x zero-shot" its ratio to the zero-shot median; "search ms/image" the nearest-neighbour search alone
+(``ReferenceMemory.distances`` on the test images' features, median over repeats) with torch and with faiss. "peak RSS MiB" is the largest increase of the process's memory while predicting (resident set
+size sampled every millisecond on the CPU, which misses what the allocator reuses; exact on a GPU:
+``torch.cuda.max_memory_allocated``), "search buffer MiB" the similarities the torch search holds at a time
+(``B L x min(rows, 4096)`` float32), "memory MiB" the banks' size. The faiss column needs
+``pip install faiss-cpu`` (exact index; distances equal torch's to float rounding).
 
     .venv/bin/python scripts/bench_few_shot.py --widths full --image-size 224 --k 1 4 16 64 --ratios 1 0.1
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import threading
 import time
@@ -32,7 +35,8 @@ from tabulate import tabulate
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import crane  # noqa: E402
-from crane.models.memory import ReferenceMemory, faiss_available  # noqa: E402
+from crane.data.image import preprocess  # noqa: E402
+from crane.models.memory import ReferenceMemory, faiss_available, memory_queries  # noqa: E402
 from crane.models.synthetic import synthetic_clip_state_dict  # noqa: E402
 
 
@@ -151,42 +155,52 @@ def main() -> None:
         print(f"K {k:3d} ratio {ratio:<5}: {sum(b.features.shape[0] for b in memory.banks)} rows in "
               f"{len(memory.banks)} bank(s), built in {memories[(k, ratio)][1]:.1f} s", flush=True)
 
-    runs: dict[tuple, list[tuple[float, float]]] = {("zero-shot",): []}
-    runs.update({(k, r, b): [] for (k, r) in configs for b in backends})
+    features = det.encode(torch.stack([preprocess(t, size) for t in tests]))
+    predicts: dict[tuple, list[tuple[float, float]]] = {("zero-shot",): []}
+    predicts.update({key: [] for key in configs})
+    searches: dict[tuple, list[float]] = {(k, r, b): [] for (k, r) in configs for b in backends}
 
     def run(key: tuple) -> None:
-        if key == ("zero-shot",):
-            det.set_reference(None)
-        else:
+        if len(key) == 3:  # the search alone, with one backend
             memory = memories[key[:2]][0]
             memory.backend = key[2]
-            det.set_reference(memory)
-        runs[key].append(timed(lambda: det.predict(tests), device))
+            queries = memory_queries(features, memory.spec.sets, memory.spec.use_vfm)
+            searches[key].append(timed(lambda: memory.distances(queries), device)[0])
+            memory.backend = "torch"
+            return
+        det.set_reference(None if key == ("zero-shot",) else memories[key][0])
+        predicts[key].append(timed(lambda: det.predict(tests), device))
 
-    for key in runs:  # warm-up (faiss builds its index here)
+    keys = list(predicts) + list(searches)
+    for key in keys:  # warm-up (faiss builds its index here)
         run(key)
-        runs[key].clear()
+        (predicts.get(key) or searches[key]).clear()
+    order = random.Random(0)
     for r in range(args.repeats):
-        for key in runs:
+        for key in order.sample(keys, len(keys)):  # a new order each round: load from other processes spreads
             run(key)
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
 
-    def ms(key: tuple) -> float:
-        return 1000.0 * statistics.median(t for t, _ in runs[key]) / len(tests)
+    def ms(values: list[float]) -> float:
+        return 1000.0 * statistics.median(values) / len(tests)
 
-    def peak(key: tuple) -> float:
-        return max(p for _, p in runs[key])
-
-    base = ms(("zero-shot",))
-    rows = [["zero-shot", "-", "-", "-", "-", "-", "-", f"{base:.1f}", "1.00", f"{peak(('zero-shot',)):.0f}"]]
-    for key in list(runs)[1:]:
-        k, ratio, backend = key
-        memory, build = memories[(k, ratio)]
-        rows.append([k, ratio, backend, sum(b.features.shape[0] for b in memory.banks),
-                     f"{memory.nbytes() / 2**20:.1f}", f"{max(memory.radii):.4f}", f"{build:.1f}", f"{ms(key):.1f}",
-                     f"{ms(key) / base:.2f}", f"{peak(key):.0f}"])
-    print(tabulate(rows, headers=["K", "coreset", "search", "memory rows", "memory MB", "radius", "build s",
-                                  "ms/image", "x zero-shot", "peak MB"], tablefmt="github"))
+    base = ms([t for t, _ in predicts[("zero-shot",)]])
+    rows = [["zero-shot", "-", "-", "-", "-", "-", f"{base:.1f}", "1.00", "-", "-", "-",
+             f"{max(p for _, p in predicts[('zero-shot',)]):.0f}"]]
+    queries = len(tests) * memories[configs[0]][0].spec.patches_per_image
+    for key in configs:
+        memory, build = memories[key]
+        rows_per_bank = [b.features.shape[0] for b in memory.banks]
+        predict_ms = ms([t for t, _ in predicts[key]])
+        search = [f"{ms(searches[key + (b,)]):.1f}" for b in backends]
+        rows.append([key[0], key[1], sum(rows_per_bank), f"{memory.nbytes() / 2**20:.1f}", f"{max(memory.radii):.4f}",
+                     f"{build:.1f}", f"{predict_ms:.1f}", f"{predict_ms / base:.2f}", *search,
+                     *([] if len(backends) == 2 else ["-"]),
+                     f"{queries * min(max(rows_per_bank), memory.chunk) * 4 / 2**20:.0f}",
+                     f"{max(p for _, p in predicts[key]):.0f}"])
+    print(tabulate(rows, headers=["K", "coreset", "memory rows", "memory MiB", "radius", "build s", "ms/image",
+                                  "x zero-shot", "search ms/image (torch)", "search ms/image (faiss)",
+                                  "search buffer MiB", "peak RSS MiB"], tablefmt="github"))
 
 
 if __name__ == "__main__":

@@ -244,10 +244,12 @@ class ReferenceMemory(nn.Module):
     Build one with :meth:`build`. Its banks are buffers, so ``.to(device)`` moves them and an exported graph
     holds them as constants. ``info``: a JSON-able record of what built it (:mod:`crane.reference` fills and
     checks it). ``backend``: ``torch`` (chunked matrix products), ``faiss`` (exact index, CPU tensors only) or
-    ``auto`` (faiss for CPU tensors where installed); leave-one-out search always runs on torch.
+    ``auto`` (faiss for CPU tensors where installed, 10-40% faster there in ``scripts/bench_few_shot.py``);
+    leave-one-out search, GPU tensors and graphs being traced (``torch.export``, ``torch.compile``) always
+    run on torch.
     """
 
-    def __init__(self, banks: Sequence[Bank], spec: MemorySpec, backend: str = "torch", chunk: int = CHUNK,
+    def __init__(self, banks: Sequence[Bank], spec: MemorySpec, backend: str = "auto", chunk: int = CHUNK,
                  info: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
         if not banks:
