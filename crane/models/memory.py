@@ -244,7 +244,7 @@ class ReferenceMemory(nn.Module):
     Build one with :meth:`build`. Its banks are buffers, so ``.to(device)`` moves them and an exported graph
     holds them as constants. ``info``: a JSON-able record of what built it (:mod:`crane.reference` fills and
     checks it). ``backend``: ``torch`` (chunked matrix products), ``faiss`` (exact index, CPU tensors only) or
-    ``auto`` (faiss for CPU tensors where installed, 10-40% faster there in ``scripts/bench_few_shot.py``);
+    ``auto`` (faiss for CPU tensors where installed: as fast or faster in ``scripts/bench_few_shot.py``);
     leave-one-out search, GPU tensors and graphs being traced (``torch.export``, ``torch.compile``) always
     run on torch.
     """
