@@ -6,7 +6,8 @@ A ``reference.pt`` is a torch file (loaded with ``weights_only``) holding::
      "banks": [{"features": M x E float32, "indices": M int64, "radius": float}, ...],
      "spec": {"sets": [...], "use_vfm": bool, "weight": w, "scale": a, "shift": b, "coreset_ratio": r,
               "patches_per_image": L, "digests": [sha256 of each reference's preprocessed tensor, ...]},
-     "info": {"model": model_identity(...), "images": [image_record(...), ...], "provenance": {...}}}
+     "info": {"model": model_identity(...), "images": [image_record(...), ...],
+              "statistics": {"zero_shot": {"mean", "std", "pixels"}, "few_shot": {...}}, "provenance": {...}}}
 
 ``indices`` is the coreset choice (each kept row's place among the ``K L`` reference patches, image-major),
 ``radius`` its covering radius in cosine distance. ``info["model"]`` holds the settings that change the

@@ -299,10 +299,11 @@ class ReferenceMemory(nn.Module):
         return cls(banks, spec, **kwargs)
 
     def match_zero_shot(self, features: Sequence[torch.Tensor], zero: MapStatistics, image_size: int,
-                        batch: int = 8) -> MapStatistics:
+                        batch: int = 8) -> None:
         """Set ``spec.scale`` and ``spec.shift`` (:func:`matching_affine`) from the zero-shot maps' statistics
-        ``zero`` on the references and their own few-shot maps scored by leave-one-out (:meth:`exclusion`),
-        ``features`` being the memory's input to :meth:`build`. Returns the few-shot maps' statistics."""
+        ``zero`` on the references and those of their own few-shot maps scored by leave-one-out (:meth:`distances`
+        with ``exclude``; with one reference, each patch without only itself), ``features`` being the memory's
+        input to :meth:`build`. Both statistics go to ``info["statistics"]``."""
         few = MapStatistics()
         k = features[0].shape[0]
         for start in range(0, k, batch):
@@ -311,7 +312,8 @@ class ReferenceMemory(nn.Module):
             d = self.distances(queries, owners, by_patch=k == 1)
             few.add(upsample(d[..., None], image_size))
         self.spec.scale, self.spec.shift = matching_affine(zero, few)
-        return few
+        self.info["statistics"] = {name: {"mean": stats.mean, "std": stats.std, "pixels": stats.count}
+                                   for name, stats in (("zero_shot", zero), ("few_shot", few))}
 
     @property
     def banks(self) -> list[Bank]:
