@@ -10,8 +10,8 @@ else
     echo "[setup] reusing existing .venv ($(.venv/bin/python --version))"
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-echo "[setup] installing crane (editable) with the test, deploy, app and anomalib extras: torch==2.14.1 torchvision==0.29.1 open_clip_torch timm onnxruntime openvino gradio playwright anomalib ..."
-.venv/bin/python -m pip install --quiet -e ".[test,deploy,app,anomalib]"
+echo "[setup] installing crane (editable) with the test, deploy, app, anomalib and faiss extras: torch==2.14.1 torchvision==0.29.1 open_clip_torch timm onnxruntime openvino gradio playwright anomalib ..."
+.venv/bin/python -m pip install --quiet -e ".[test,deploy,app,anomalib,faiss]"
 .venv/bin/python - <<'PY'
 import torch, torchvision, open_clip, timm, onnxruntime, openvino, gradio, anomalib, crane
 print(f"[setup] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -19,12 +19,25 @@ from .errors import CraneError
 from .models.build import build_model
 from .models.clip_loader import ClipWeights
 from .models.crane import CraneConfig, CraneModel
+from .models.memory import ReferenceMemory
 from .models.precision import autocast, maybe_compiled
 from .models.smoothing import smooth as smooth_on_device
 from .models.vfm import VfmWeights
 from .models.weights import clip_state_depth, tower_depth_of
 
 log = logging.getLogger(__name__)
+
+
+ReferenceInput = Union[None, ImageInput, Iterable[ImageInput], ReferenceMemory]
+"""What :meth:`Detector.set_reference` takes: images, a ``reference.pt`` path, a memory, or ``None``."""
+
+
+def as_image_list(images: Union[ImageInput, Iterable[ImageInput]]) -> list[ImageInput]:
+    """One image (path, PIL image, ``H x W [x C]`` array) or an iterable of them, as a list."""
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        return [images]
+    return list(images)
 
 
 @dataclass
@@ -65,6 +78,11 @@ class Detector:
     stay float32 (:mod:`crane.models.precision`). ``compile``: run the image side through
     ``torch.compile`` (the first batch, and each new batch shape, pays the compilation; it
     runs uncompiled, with one warning, where compiling fails).
+
+    Few-shot: with reference images of normal parts (:meth:`set_reference`, or ``reference=`` in
+    :meth:`from_config`) each image's score and map mix the zero-shot ones with the distance of its
+    patches to the references' (``docs/few_shot.md``); without references the results are the
+    zero-shot ones, unchanged.
     """
 
     def __init__(self, model: CraneModel, device: Union[str, torch.device] = "cpu", precision: str = "fp32",
@@ -79,6 +97,7 @@ class Detector:
         self.precision = precision
         self.batch_size = batch_size
         self._encode_image = maybe_compiled(self.model.encode_image, compile, "the image encoder")
+        self.reference: Optional[ReferenceMemory] = None
         self.refresh_text_features()
 
     @classmethod
@@ -86,6 +105,7 @@ class Detector:
                     checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_model: Optional[str] = None,
                     dino_weights: VfmWeights = None, *, device: str = "cpu", precision: str = "fp32",
                     batch_size: int = 8, compile: bool = False, force: bool = False,
+                    reference: ReferenceInput = None, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
                     **model_settings: Any) -> "Detector":
         """Build a detector. ``dino_model`` and ``model_settings`` are :class:`CraneConfig` fields
         (``features_list``, ``soft_mean``, ``image_size``, ``sigma``, ``attn_type``, ...); ``None`` or left
@@ -95,6 +115,7 @@ class Detector:
         are used where no argument gives them, as on the command line; an argument that contradicts them
         raises :class:`~crane.checkpoints.CheckpointError` unless ``force=True`` (then a warning). The
         rest take the ``api`` defaults of :mod:`crane.settings` (``dino_model="none"``: Crane).
+        ``reference``, ``coreset_ratio`` and ``few_shot_weight`` go to :meth:`set_reference`.
         """
         if dino_model is not None:
             model_settings["dino_model"] = dino_model
@@ -113,8 +134,11 @@ class Detector:
         depth = (clip_state_depth(clip_weights) if isinstance(clip_weights, Mapping)
                  else tower_depth_of(options.clip_model, str(clip_weights)))
         settings.scale_to_tower(options, depth, set(model_settings) | recorded)  # defaults follow the tower
-        return cls(build_model(clip_weights, state, dino_weights, CraneConfig.from_options(options)), device,
-                   precision, batch_size, compile)
+        detector = cls(build_model(clip_weights, state, dino_weights, CraneConfig.from_options(options)), device,
+                       precision, batch_size, compile)
+        if reference is not None:
+            detector.set_reference(reference, coreset_ratio, few_shot_weight)
+        return detector
 
     @property
     def config(self) -> CraneConfig:
@@ -125,42 +149,91 @@ class Detector:
         with torch.no_grad():
             self.text_features = self.model.text_features()
 
+    def set_reference(self, reference: ReferenceInput, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
+                      use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False
+                      ) -> Optional[ReferenceMemory]:
+        """Score from now on with a reference memory of normal images (``None``: zero-shot again).
+
+        ``reference``: reference images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list), a
+        ``reference.pt`` path (:func:`crane.reference.load_reference`, refused in one line when built with
+        other settings) or a :class:`ReferenceMemory`. Images are encoded in batches and kept as a memory
+        of their patch features, subsampled to ``coreset_ratio`` (greedy k-centre) with the VFM features
+        when a VFM is loaded and ``use_vfm``; ``few_shot_weight`` is the few-shot part's weight ``w``;
+        ``exif_orientation``: files are turned as their EXIF tag says (as the command line reads them).
+        Returns the memory (save it with :func:`crane.reference.save_reference`).
+        """
+        from . import reference as files
+
+        if reference is None:
+            memory = None
+        elif isinstance(reference, ReferenceMemory):
+            files.check_reference(reference, self.model)
+            memory = reference
+        elif isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
+            memory = files.load_reference(reference, self.model)
+        else:
+            memory = files.build_reference(self, reference, coreset_ratio, few_shot_weight, use_vfm, progress,
+                                           exif_orientation)
+        self.reference = None if memory is None else memory.to(self.device)
+        return self.reference
+
     @torch.no_grad()
-    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor):
+        """Preprocessed batch ``B x 3 x S x S`` -> :class:`~crane.models.crane.ImageFeatures` on the device."""
+        with autocast(self.device.type, self.precision):
+            return self._encode_image(images.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def zero_shot(self, features, image_token_type: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-shot scores ``B`` and unsmoothed maps ``B x S x S`` (float32, on the device) of :meth:`encode`'s
+        features; ``image_token_type``: see :meth:`predict_tensor`."""
+        text = self.text_features if image_token_type is None else \
+            self.model.text_features(features.image_embedding, image_token_type)
+        return self.model.head(features, text)
+
+    @torch.no_grad()
+    def predict_tensor(self, images: torch.Tensor, image_token_type: Optional[str] = None, smooth: bool = False,
+                       exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed batch ``B x 3 x S x S`` -> (scores ``B``, maps ``B x S x S``), on CPU, float32.
 
         ``image_token_type`` (e.g. ``"pad_suffix"``) conditions the prompts on each image's
         embedding (``--train_with_img_cls_prob 1``); ``None`` uses the cached text pair.
         ``smooth``: apply the Gaussian smoothing (``sigma``) where the maps are, before they
-        leave the device; otherwise the maps are returned unsmoothed.
+        leave the device; otherwise the maps are returned unsmoothed. ``exclude``: see :meth:`forward`.
         """
-        scores, maps = self.forward(images, image_token_type)
+        scores, maps = self.forward(images, image_token_type, exclude)
         if smooth:
             maps = smooth_on_device(maps, self.config.sigma)
         return scores.cpu(), maps.cpu()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, image_token_type: Optional[str] = None,
+                exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`predict_tensor` (unsmoothed), but the results stay on the device: scores ``B`` and
         maps ``B x S x S``, float32. The copy of ``images`` to the device does not block.
 
-        :meth:`CraneModel.forward <crane.models.crane.CraneModel.forward>` with the image side under the
-        chosen precision (and compiled, if asked); the head stays float32."""
-        with autocast(self.device.type, self.precision):
-            features = self._encode_image(images.to(self.device, non_blocking=True))
-        text = self.text_features if image_token_type is None else \
-            self.model.text_features(features.image_embedding, image_token_type)
-        return self.model.head(features, text)
+        With a reference memory the few-shot part is mixed in; ``exclude`` (``B`` reference indices, ``-1``
+        for none) then scores image ``b`` without the patches of reference ``exclude[b]`` (leave-one-out).
+        """
+        features = self.encode(images)
+        scores, maps = self.zero_shot(features, image_token_type)
+        if self.reference is None:
+            if exclude is not None:
+                raise ValueError("exclude needs a reference memory (set_reference)")
+            return scores, maps
+        return self.reference.fuse(features, scores, maps, exclude)
 
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], batch_size: Optional[int] = None,
-                progress: bool = False) -> Prediction:
-        """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list)."""
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
-        images = list(images)
+                progress: bool = False, leave_one_out: bool = False) -> Prediction:
+        """Score images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list).
+
+        ``leave_one_out`` (with a reference memory): an image that is one of the references (the same
+        preprocessed pixels) is scored against the memory without its own patches, as a new normal image
+        would be; for calibrating thresholds on the reference images themselves.
+        """
+        images = as_image_list(images)
+        if leave_one_out and (self.reference is None or self.reference.references < 2):
+            raise ValueError("leave-one-out scoring needs a reference memory of at least two images")
         bs = batch_size or self.batch_size
         size = self.config.image_size
         scores, maps = [], []
@@ -171,7 +244,8 @@ class Detector:
             batches = progress(batches, desc="predict", unit="batch")
         for start in batches:
             batch = torch.stack([preprocess(img, size) for img in images[start:start + bs]])
-            s, m = self.predict_tensor(batch, smooth=True)
+            exclude = self.reference.exclusions(batch) if leave_one_out else None
+            s, m = self.predict_tensor(batch, smooth=True, exclude=exclude)
             scores.append(s.numpy())
             maps.append(m.numpy())
         if not scores:

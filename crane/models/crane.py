@@ -39,10 +39,12 @@ CraneConfig = make_dataclass(
 
 @dataclass
 class ImageFeatures:
-    """Normalised image embedding ``B x E`` and token sets, each ``B x L x E``."""
+    """Normalised image embedding ``B x E`` and token sets, each ``B x L x E``; with a VFM also its patch
+    features ``B x C x H x W`` as the VFM gives them (not normalised; a reference memory compares them)."""
 
     image_embedding: torch.Tensor
     patch_tokens: list[torch.Tensor]
+    vfm_features: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -150,7 +152,7 @@ class CraneModel(nn.Module):
         if dattn is None and parts.vfm_features is not None:
             dattn = self.dattn_sets(parts.dattn_inputs, parts.vfm_features)
         sets = [dattn[layer] if kind == "dattn" else parts.eattn[layer] for kind, layer in self.set_layout]
-        return ImageFeatures(parts.image_embedding, sets)
+        return ImageFeatures(parts.image_embedding, sets, parts.vfm_features)
 
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
         """``B x 3 x S x S`` CLIP-normalised images -> normalised embedding and token sets."""
