@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import settings
 from .data.image import load_rgb, preprocess
 from .errors import CraneError
 from .files import file_identity, save_torch
@@ -38,9 +39,9 @@ from .models.memory import (Bank, MapStatistics, MemorySpec, ReferenceMemory, co
                             memory_queries, tensor_digest)
 
 FORMAT = "crane-reference-1"
-FEATURE_SETTINGS = ("features_list", "dino_model", "image_size", "attn_type", "both_eattn_dattn", "layer_aliasing",
-                    "eattn_layers", "dattn_batch_mean", "dattn_gamma")
-"""``CraneConfig`` fields that change the patch features a memory holds."""
+FEATURE_SETTINGS = tuple(s.name for s in settings.SETTINGS if "config" in s.records and s.role in ("model", "vfm"))
+"""``CraneConfig`` fields of the image side (:mod:`crane.settings`): what can change the patch features a memory
+holds (a memory made with others is refused)."""
 _SAMPLE = 4096
 
 
