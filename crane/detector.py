@@ -81,7 +81,7 @@ class Detector:
 
     Few-shot: with reference images of normal parts (:meth:`set_reference`, or ``reference=`` in
     :meth:`from_config`) each image's score and map mix the zero-shot ones with the distance of its
-    patches to the references' (``docs/few_shot.md``); without references the results are the
+    patches to the references' (``docs/method.md``, "Few-shot"); without references the results are the
     zero-shot ones, unchanged.
     """
 

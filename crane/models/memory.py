@@ -1,4 +1,4 @@
-"""Few-shot scoring with a reference memory of normal images' patch features (``docs/few_shot.md``).
+"""Few-shot scoring with a reference memory of normal images' patch features (``docs/method.md``, "Few-shot").
 
 A :class:`ReferenceMemory` holds, for each of its token sets (a "bank"), the L2-normalised patch
 features of ``K`` normal reference images: ``M x E`` after an optional greedy k-centre coreset
