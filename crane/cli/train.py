@@ -31,7 +31,6 @@ from crane.logs import setup_logging
 from crane.settings import random_weights_banner
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py``."""
     p = argparse.ArgumentParser("train.py", description="Train the Crane / Crane+ prompt learner.",
