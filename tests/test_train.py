@@ -452,13 +452,19 @@ def test_augmented_epoch_encodes_mosaics(data_root, clip_file, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_two_process_gloo_run_matches_single_process(reference, tmp_path):
-    ref_opts, ref_run = reference
+    """Both runs in fresh processes (the in-process reference shares this process's state with other tests)."""
+    ref_opts, _ = reference
     cmd = [sys.executable, str(REPO / "train.py"), "--dataset", "synth", "--datasets_root_dir",
            ref_opts.datasets_root_dir, "--clip_weights", ref_opts.clip_weights, "--dino_model", "none",
-           "--features_list", "24", "--image_size", str(SIZE), "--epoch", "2", "--batch_size", "1",
-           "--save_path", str(tmp_path), "--model_name", "t", "--device", "cpu", "--devices", "0", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          cwd=REPO, timeout=600)
+           "--features_list", "24", "--image_size", str(SIZE), "--epoch", "2", "--model_name", "t",
+           "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([*cmd, "--batch_size", "2", "--save_path", str(tmp_path / "one"), "--devices", "0"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref_run = tmp_path / "one" / "trained_on_synth_t"
+    done = subprocess.run([*cmd, "--batch_size", "1", "--save_path", str(tmp_path), "--devices", "0", "1"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "trained_on_synth_t"
     assert json.loads((run / "args.json").read_text())["world_size"] == 2
