@@ -35,7 +35,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -64,7 +63,6 @@ except ImportError as error:
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from crane.checkpoints import apply_settings, read_checkpoint
 from crane.data.image import OPENAI_MEAN, OPENAI_STD, load_mask
 from crane.detector import Detector
 from crane.export.graph import InferenceGraph
@@ -73,7 +71,7 @@ from crane.models.crane import CraneConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["Crane", "CraneResize", "ExportPreprocess", "CranePreProcessor", "CranePostProcessor", "CraneTorchModel",
-           "AnomalibNotInstalledError", "model_settings"]
+           "AnomalibNotInstalledError"]
 
 ONNX_OPSET = 18
 """Opset of anomalib's exporter for Crane (anomalib's default, 14, lacks the ``Resize`` antialias that
@@ -271,31 +269,6 @@ class CraneTorchModel(nn.Module):
 # ------------------------------------------------------------------------------------------- model
 
 
-def model_settings(checkpoint: Optional[str], given: dict[str, Any], force: bool = False
-                   ) -> tuple[Optional[dict[str, torch.Tensor]], dict[str, Any], list[str]]:
-    """The :class:`crane.models.crane.CraneConfig` fields of a model, as ``test.py`` decides them.
-
-    ``given``: field -> value, ``None`` for "not given". Given values win; the settings the checkpoint
-    records (or publishes, for the official ones) fill the rest; :class:`CraneConfig`'s defaults (those of
-    ``Detector.from_config``) the remainder. A given value that contradicts the checkpoint raises
-    ``crane.checkpoints.CheckpointError`` unless ``force``. Returns (the checkpoint's prompt-learner state
-    dict or ``None``, the settings, warning lines).
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(CraneConfig)}
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise TypeError(f"not a Crane model setting: {', '.join(unknown)}")
-    explicit = {name for name, value in given.items() if value is not None}
-    options = SimpleNamespace(**{**defaults, **{name: given[name] for name in explicit}})
-    state_dict, notes = None, []
-    if checkpoint is not None:
-        state_dict, info = read_checkpoint(checkpoint)
-        notes = apply_settings(options, explicit, info, force)
-    settings = vars(options)
-    settings["features_list"] = tuple(int(layer) for layer in settings["features_list"])
-    return state_dict, settings, notes
-
-
 class Crane(AnomalibModule):
     """Crane / Crane+ zero-shot anomaly detection as an anomalib model.
 
@@ -361,9 +334,11 @@ class Crane(AnomalibModule):
                  "use_scorebase_pooling": use_scorebase_pooling, "n_ctx": n_ctx, "t_n_ctx": t_n_ctx, "depth": depth,
                  "image_size": image_size, "sigma": sigma, "dattn_batch_mean": dattn_batch_mean,
                  "layer_aliasing": layer_aliasing, "eattn_layers": eattn_layers, "dattn_gamma": dattn_gamma}
-        state_dict, settings, notes = model_settings(checkpoint, given, force)
-        for note in notes:
-            log.warning("%s", note)
+        # the checkpoint's settings under the given ones, as Detector.from_config (and the command line) decides
+        detector = Detector.from_config(clip_weights=clip_weights, checkpoint=checkpoint, dino_weights=dino_weights,
+                                        device="cpu", force=force,
+                                        **{name: value for name, value in given.items() if value is not None})
+        settings = dataclasses.asdict(detector.config)
         super().__init__(
             pre_processor=CranePreProcessor(settings["image_size"]) if pre_processor is True else pre_processor,
             post_processor=post_processor,
@@ -373,8 +348,6 @@ class Crane(AnomalibModule):
         if settings["dattn_batch_mean"] and settings["dino_model"] != "none":
             log.warning("dattn_batch_mean: each map depends on the images batched with it (anomalib's batches, "
                         "not the published ones), so the numbers differ from test.py's")
-        detector = Detector.from_config(clip_weights=clip_weights, checkpoint=state_dict, dino_weights=dino_weights,
-                                        device="cpu", **settings)
         self.settings = settings
         self.model = CraneTorchModel(InferenceGraph.from_detector(detector))
 
