@@ -183,6 +183,20 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
+REFERENCE_SETTINGS: tuple[Setting, ...] = (
+    Setting("coreset_ratio", float, 1.0, role="reference",
+            rule=lambda v, _c: None if 0.0 < float(v) <= 1.0 else f"--coreset_ratio must be in (0, 1], got {v}",
+            help="keep this fraction of the reference patches (greedy k-centre coreset, as PatchCore; 1: all). "
+                 "Smaller memories search faster; the maps move by at most the coreset's covering radius"),
+    Setting("few_shot_weight", float, 0.5, role="reference",
+            rule=lambda v, _c: None if 0.0 <= float(v) <= 1.0 else f"--few_shot_weight must be in [0, 1], got {v}",
+            help="weight w of the few-shot part: map = (1 - w) zero-shot + w few-shot (docs/method.md, Few-shot)"),
+)
+"""How a reference memory is built (few-shot, ``docs/method.md``): the flags of every command that builds one
+(``test.py --few_shot``, ``calibrate --reference_memory``, ``predict --reference DIR``, ``export --reference
+DIR``). They are recorded in the memory itself (``reference.pt``), not in the model records."""
+REFERENCE_BY_NAME: dict[str, Setting] = {s.name: s for s in REFERENCE_SETTINGS}
+
 BEFORE_RECORDED = {"clip_model": "ViT-L-14-336"}
 """Settings added after records (``thresholds.json``, exported graphs) were first written, with the value
 every record that lacks them was made with."""
@@ -284,7 +298,7 @@ def problems(values: Any, context: str, only: Optional[Iterable[str]] = None) ->
     get = values.get if isinstance(values, Mapping) else (lambda k, d=None: getattr(values, k, d))
     missing = object()
     out = []
-    for s in SETTINGS:
+    for s in SETTINGS + REFERENCE_SETTINGS:
         if only is not None and s.name not in only:
             continue
         value = get(s.name, missing)

@@ -93,6 +93,13 @@ def add_setting_flags(group: argparse._ArgumentGroup, context: str, *, defaults_
         group.add_argument(f"--{s.name}", **kwargs)
 
 
+def add_reference_flags(group: argparse._ArgumentGroup, defaults_in_help: bool = False) -> None:
+    """The flags of how a reference memory is built (:data:`crane.settings.REFERENCE_SETTINGS`)."""
+    for s in settings.REFERENCE_SETTINGS:
+        group.add_argument(f"--{s.name}", type=s.type, default=s.default, metavar=s.name.split("_")[-1].upper(),
+                           help=_help(s.help, defaults_in_help))
+
+
 def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
     """The settings typed on the command line, among those :func:`add_setting_flags` suppressed."""
     return frozenset(k for k in settings.BY_NAME if k in vars(args))
