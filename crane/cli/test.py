@@ -16,8 +16,8 @@ import sys
 from typing import Optional, Sequence
 
 from crane import settings
-from crane.cli.args import (HelpFormatter, add_bool_flag, add_data_flags, add_precision_flags, add_setting_flags,
-                            explicit_flags)
+from crane.cli.args import (HelpFormatter, add_bool_flag, add_data_flags, add_precision_flags, add_reference_flags,
+                            add_setting_flags, explicit_flags)
 from crane.data.image import PREPROCESSING
 from crane.device import DEVICE_HELP
 from crane.engine.evaluate import EvalOptions, evaluate
@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, help="dataset key: the folder DATASETS_ROOT_DIR/DATASET with meta.json")
     add_data_flags(g, d)
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the k_shot / portion selection")
+    g = p.add_argument_group("few-shot (docs/method.md, Few-shot; default: zero-shot, as published)")
+    g.add_argument("--few_shot", type=int, default=d.few_shot, metavar="K",
+                   help="score each class against a reference memory of K normal images drawn from its train split "
+                        "(results in SAVE_PATH/seed_S/ per seed, and summary.json / summary.md over the seeds)")
+    g.add_argument("--few_shot_seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="seeds of the reference draws, one run each (default: the one value of --seed)")
+    add_reference_flags(g)
     g = p.add_argument_group("weights")
     g.add_argument("--model_name", default=d.model_name, help="checkpoints/MODEL_NAME/epoch_N.pth and results/MODEL_NAME/")
     g.add_argument("--epoch", type=int, default=d.epoch, help="checkpoint epoch")
@@ -63,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crane: images become 8-bit RGB (16-bit scaled, alpha dropped) before the resize; published: "
                         "resized in their own mode, then converted (identical for 8-bit RGB and grayscale)")
     g = p.add_argument_group("output")
-    g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET)")
+    g.add_argument("--save_path", default=None, help="results folder (default: results/MODEL_NAME/test_on_DATASET, "
+                                                     "with --few_shot K: results/MODEL_NAME/test_on_DATASET_fewshot_K)")
     add_bool_flag(g, "--save_maps", d.save_maps, "save each smoothed map as maps/<img_path>.npy (float32)")
     add_bool_flag(g, "--visualize", d.visualize, "save a panel per image to visualization/CLASS/")
     g.add_argument("--why", default=None, help="a note on the purpose of the run, kept in metrics.json")
@@ -86,6 +94,9 @@ def notes(argv: Sequence[str], args: argparse.Namespace) -> list[str]:
     """One line per flag given that does not do what a user of the published test.py may expect."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     out = [f"note: {text}" for flag, text in NO_EFFECT.items() if flag in given]
+    if args.few_shot == 0:
+        out += [f"note: {flag} has no effect without --few_shot K" for flag in ("--coreset_ratio", "--few_shot_weight")
+                if flag in given]
     if args.k_shot > 0 or args.portion < 1:
         out.append("note: --k_shot/--portion evaluate a subset of each class; the published test.py ignores them "
                    "and evaluates every image")

@@ -53,11 +53,13 @@ from torch.utils.data import DataLoader
 from crane import metrics, settings
 from crane.checkpoints import CheckpointInfo, apply_settings, named_checkpoint, read_checkpoint
 from crane.data.dataset import CraneDataset
+from crane.data.decode import Damaged, check_image
 from crane.data.image import PREPROCESSING, load_rgb
 from crane.data.meta import default_datasets_root
 from crane.detector import build_detector
 from crane.device import precision_error, resolve_device
 from crane.engine import results
+from crane.engine.few_shot import draw_references, seed_folder, summarize_seeds
 from crane.engine.distributed import (DistContext, barrier, broadcast_from_main, gather_batches, init_distributed,
                                       launch)
 from crane.engine.timing import StageTimer
@@ -105,6 +107,10 @@ class EvalRun:
     preprocessing: str = "crane"
     metrics_as_published: bool = False
     profile: Optional[str] = None
+    few_shot: int = 0
+    few_shot_seeds: Optional[Sequence[int]] = None
+    coreset_ratio: float = settings.REFERENCE_BY_NAME["coreset_ratio"].default
+    few_shot_weight: float = settings.REFERENCE_BY_NAME["few_shot_weight"].default
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
@@ -133,6 +139,7 @@ class EvalPlan:
     inputs: dict[str, list[list]]  # pending class -> identities of the images its numbers depend on
     run: dict[str, Any] = field(default_factory=dict)  # names and places, recorded in metrics.json
     checkpoint_state: dict[str, Any] = field(default_factory=dict)  # the prompt learner, read once in prepare
+    references: dict[str, list[list]] = field(default_factory=dict)  # few-shot: class -> [[img_path, identity]]
 
 
 
@@ -154,10 +161,24 @@ def run_name(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> str:
 
 
 def save_path(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> Path:
-    """``--save_path``, else ``results/RUN_NAME/test_on_DATASET`` (:func:`run_name`)."""
+    """``--save_path``, else ``results/RUN_NAME/test_on_DATASET`` (:func:`run_name`); few-shot runs
+    (``--few_shot K``) default to ``results/RUN_NAME/test_on_DATASET_fewshot_K``, each seed in its own
+    ``seed_S/`` below it (:func:`run_folder`)."""
     if opts.save_path:
         return Path(opts.save_path)
-    return Path("results") / run_name(opts, info) / f"test_on_{opts.dataset}"
+    suffix = f"_fewshot_{opts.few_shot}" if opts.few_shot > 0 else ""
+    return Path("results") / run_name(opts, info) / f"test_on_{opts.dataset}{suffix}"
+
+
+def few_shot_seeds(opts: EvalOptions) -> list[int]:
+    """The seeds of the reference draws: ``--few_shot_seeds``, else the one value of ``--seed``."""
+    return [int(s) for s in (opts.few_shot_seeds or [opts.seed])]
+
+
+def run_folder(opts: EvalOptions, info: Optional[CheckpointInfo] = None) -> Path:
+    """Where one run's files go: :func:`save_path`, for a few-shot run its seed's folder (one seed per run)."""
+    base = save_path(opts, info)
+    return seed_folder(base, few_shot_seeds(opts)[0]) if opts.few_shot > 0 else base
 
 
 def weights_identity(weights: Optional[str], kind: str, clip_model: str = settings.DEFAULT_CLIP_MODEL
@@ -189,6 +210,9 @@ def result_settings(opts: EvalOptions, info: CheckpointInfo) -> dict[str, Any]:
                     "metrics_as_published": bool(opts.metrics_as_published), "precision": opts.precision}
     if published_batching(opts):
         run_settings["batch_size"] = min(PUBLISHED_BATCH, int(opts.batch_size))
+    if opts.few_shot > 0:  # zero-shot runs keep the keys (and resume key) they always had
+        run_settings.update(few_shot=int(opts.few_shot), few_shot_seed=few_shot_seeds(opts)[0],
+                            coreset_ratio=float(opts.coreset_ratio), few_shot_weight=float(opts.few_shot_weight))
     return run_settings
 
 
@@ -208,6 +232,12 @@ def _check_options(opts: EvalOptions) -> None:
             problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(opts, name)!r}")
     if opts.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {opts.batch_size}")
+    if opts.few_shot < 0:
+        problems.append(f"--few_shot must be >= 0 (0: zero-shot), got {opts.few_shot}")
+    elif opts.few_shot == 0 and opts.few_shot_seeds:
+        problems.append("--few_shot_seeds needs --few_shot K (the reference images per class)")
+    elif opts.few_shot_seeds is not None and len(set(opts.few_shot_seeds)) != len(opts.few_shot_seeds):
+        problems.append(f"--few_shot_seeds repeats a seed: {' '.join(map(str, opts.few_shot_seeds))}")
     try:
         opts.device, opts.devices = resolve_device(opts.device, opts.devices)
     except CraneError as e:
@@ -285,12 +315,14 @@ def _batch_paths(dataset: CraneDataset, batches: list[list[int]], opts: EvalOpti
 
 
 def _finished(record: Optional[dict], settings: dict, img_paths: list[str], inputs: list[list],
-              batches: Optional[list[list[str]]], opts: EvalOptions) -> bool:
+              batches: Optional[list[list[str]]], opts: EvalOptions, references: Optional[list[list]] = None) -> bool:
     """Whether a saved class record can be reused for this run: same settings (checkpoint and weights
-    by content), same images and masks (by content, :func:`crane.files.file_identity`), same batches."""
+    by content), same images and masks (by content, :func:`crane.files.file_identity`), same batches,
+    same few-shot reference images (by content)."""
     return (isinstance(record, dict) and record.get("settings") == settings
             and [p["img_path"] for p in record.get("predictions", [])] == img_paths
             and record.get("inputs") == inputs and record.get("batches") == batches
+            and record.get("references") == references
             and (record.get("maps_saved") or not opts.save_maps)
             and (record.get("visualized") or not opts.visualize))
 
@@ -324,7 +356,8 @@ def prepare(opts: EvalOptions) -> EvalPlan:
     root = Path(opts.datasets_root_dir) / opts.dataset
     dataset = _dataset(opts, root)
     recorded = result_settings(opts, info)
-    save = save_path(opts, info)
+    save = run_folder(opts, info)
+    references = _reference_identities(opts, root, dataset.classes)
     pending, stale, old, identities = [], [], [], {}
     every = class_batches(dataset, dataset.classes, opts)
     for cls_name in dataset.classes:
@@ -334,7 +367,7 @@ def prepare(opts: EvalOptions) -> EvalPlan:
         identities[cls_name] = inputs
         record = results.read_json(_class_file(save, cls_name))
         if not _finished(record, recorded, [s["img_path"] for s in mine], inputs,
-                         _batch_paths(dataset, every[cls_name], opts), opts):
+                         _batch_paths(dataset, every[cls_name], opts), opts, references.get(cls_name)):
             pending.append(cls_name)
             if _old_format(record):
                 old.append(cls_name)
@@ -353,7 +386,25 @@ def prepare(opts: EvalOptions) -> EvalPlan:
            "dataset_dir": str(root), "clip_weights": str(opts.clip_weights), "dino_weights": opts.dino_weights,
            "why": opts.why}
     return EvalPlan(opts, root, checkpoint_path(opts), save, recorded, dataset.classes, pending, batches,
-                    {c: identities[c] for c in pending}, run, state)
+                    {c: identities[c] for c in pending}, run, state, references)
+
+
+def _reference_identities(opts: EvalOptions, root: Path, classes: Sequence[str]) -> dict[str, list[list]]:
+    """Few-shot: ``{class: [[img_path, identity], ...]}`` of the reference images drawn for this run's seed
+    (:func:`crane.engine.few_shot.draw_references`), each decoded once here; zero-shot: ``{}``."""
+    if opts.few_shot <= 0:
+        return {}
+    drawn = draw_references(root, classes, opts.few_shot, few_shot_seeds(opts)[0])
+    out = {}
+    for cls_name, paths in drawn.items():
+        for path in paths:
+            try:
+                check_image(root / path)
+            except (OSError, Damaged) as e:
+                raise EvalError(f"reference image {root / path} (train split of class {cls_name!r}) cannot be "
+                                f"read: {e}") from None
+        out[cls_name] = [[path, file_identity(root / path)] for path in paths]
+    return out
 
 
 # -------------------------------------------------------------------------- inference
@@ -547,9 +598,10 @@ class _Schedule:
         self.todo: dict[str, list[list[int]]] = {}
         for cls_name in plan.pending:
             self.todo[cls_name] = [b for b in plan.batches[cls_name] if tuple(b) not in done]
-            done.update(tuple(b) for b in self.todo[cls_name])
+            if not plan.references:  # few-shot: each class scores with its own memory, so computes its own
+                done.update(tuple(b) for b in self.todo[cls_name])
         self.later = {c: {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
-                      for k, c in enumerate(plan.pending)}
+                      for k, c in enumerate(plan.pending)} if not plan.references else {c: set() for c in plan.pending}
         self.kept: dict[tuple[int, ...], dict] = {}
 
     def rank_batches(self, ctx: DistContext) -> list[list[int]]:
@@ -579,6 +631,9 @@ def _predict_class(cls_name: str, position: str, detector, dataset: CraneDataset
     """Predict one class (its scheduled batches); rank 0 returns the filled collector."""
     indices = [i for i, s in enumerate(dataset.samples) if s["cls_name"] == cls_name]
     todo = schedule.todo[cls_name]
+    if plan.references:  # every rank builds the class's memory from the same drawn images
+        detector.set_reference([plan.root / path for path, _ in plan.references[cls_name]], opts.coreset_ratio,
+                               opts.few_shot_weight)
     collector = None
     if ctx.is_main:
         samples = [dataset.samples[i] for i in indices]
@@ -605,10 +660,12 @@ def _finish_class(cls_name: str, collector: _ClassCollector, dataset: CraneDatas
     with timer("files"):
         if opts.visualize:
             _visualize_class(collector, plan.root, plan.save_path / "visualization" / cls_name)
-        results.write_json(_class_file(plan.save_path, cls_name), {
-            "settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
-            "inputs": plan.inputs[cls_name], "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
-            "maps_saved": opts.save_maps, "visualized": opts.visualize})
+        record = {"settings": plan.settings, "metrics": values, "predictions": collector.predictions(),
+                  "inputs": plan.inputs[cls_name], "batches": _batch_paths(dataset, plan.batches[cls_name], opts),
+                  "maps_saved": opts.save_maps, "visualized": opts.visualize}
+        if plan.references:
+            record["references"] = plan.references[cls_name]
+        results.write_json(_class_file(plan.save_path, cls_name), record)
 
 
 def summarize(plan: EvalPlan) -> str:
@@ -617,15 +674,18 @@ def summarize(plan: EvalPlan) -> str:
     records = {c: results.read_json(_class_file(plan.save_path, c)) for c in plan.classes}
     per_class = {c: records[c]["metrics"] for c in plan.classes}
     mean = {m: results.mean_defined(v[m] for v in per_class.values()) for m in results.METRICS}
-    results.write_json(plan.save_path / "metrics.json", {"classes": per_class, "mean": mean, "args": plan.settings,
-                                                         "run": plan.run})
+    content = {"classes": per_class, "mean": mean, "args": plan.settings, "run": plan.run}
+    if plan.references:  # the reference images each class was scored with (paths relative to the dataset)
+        content["references"] = {c: [path for path, _ in records[c]["references"]] for c in plan.classes}
+    results.write_json(plan.save_path / "metrics.json", content)
     rows = [dict(p, score=str(np.float32(p["score"]))) for c in plan.classes for p in records[c]["predictions"]]
     results.write_csv(plan.save_path / "predictions.csv", results.PREDICTION_COLUMNS, rows)
     table = results.metrics_table(per_class, mean)
     banner = settings.random_weights_banner(plan.settings)
+    shots = f", {plan.settings['few_shot']}-shot, seed {plan.settings['few_shot_seed']}" if plan.references else ""
     results.write_text(plan.save_path / "metrics.md", (f"> {banner}\n\n" if banner else "")
                        + f"# {plan.settings['dataset']} ({plan.run['run_name']}, "
-                       f"AUPRO: {plan.settings['aupro_method']})\n\n{table}\n")
+                       f"AUPRO: {plan.settings['aupro_method']}{shots})\n\n{table}\n")
     return f"{banner}\n{table}" if banner else table
 
 
@@ -667,9 +727,10 @@ def rank_loader(plan: EvalPlan, ctx: DistContext) -> DataLoader:
 
 
 def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None,
-           build: Callable[[EvalOptions, dict], Any] = build_detector) -> None:
+           build: Callable[[EvalOptions, dict], Any] = build_detector) -> Path:
     """One process of an evaluation (the only one, or one rank of many). ``build(options, checkpoint_state)``
-    makes the detector (:func:`crane.detector.build_detector`; benchmarks pass their own)."""
+    makes the detector (:func:`crane.detector.build_detector`; benchmarks pass their own). Returns the run's
+    results folder."""
     setup_logging()  # a spawned process starts without the parent's logging configuration
     ctx = join(opts)
     if plan is None:
@@ -719,6 +780,7 @@ def worker(opts: EvalOptions, plan: Optional[EvalPlan] = None,
         if opts.profile is not None:
             timer.write(Path(opts.profile))
             log.info("stage timings in %s", opts.profile)
+    return plan.save_path
 
 
 def evaluate(opts: EvalOptions) -> Path:
@@ -727,14 +789,31 @@ def evaluate(opts: EvalOptions) -> Path:
     With several ``devices`` (and not already under ``torchrun``) one process per device
     is spawned. Raises ``EvalError``, ``DatasetError``, ``WeightsNotFoundError`` or
     ``CheckpointMismatchError`` with a one-line message for unusable input.
+
+    Few-shot (``few_shot`` > 0): one run per seed of :func:`few_shot_seeds`, each in its own folder
+    (:func:`run_folder`), then the summary over the seeds beside them
+    (:func:`crane.engine.few_shot.summarize_seeds`); returns the folder holding them.
     """
+    if opts.few_shot <= 0:
+        return _evaluate_run(opts)
+    seeds = few_shot_seeds(opts)
+    folders = [_evaluate_run(dataclasses.replace(opts, few_shot_seeds=[seed])) for seed in seeds]
+    base = folders[0].parent
+    if int(os.environ.get("RANK", "0")) == 0:
+        table = summarize_seeds(base, seeds, opts.few_shot)
+        print(f"{opts.few_shot}-shot over seeds {' '.join(map(str, seeds))} (mean ± sample std):\n{table}\n"
+              f"summary in {base}", flush=True)
+    return base
+
+
+def _evaluate_run(opts: EvalOptions) -> Path:
+    """One evaluation (one seed of a few-shot protocol); returns its results folder."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         try:
-            worker(opts)
+            return worker(opts)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-        return save_path(opts)
     plan = prepare(opts)
     launch(worker, len(plan.opts.devices), plan.opts, plan)
     return plan.save_path
