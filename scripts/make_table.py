@@ -3,7 +3,9 @@
     python scripts/make_table.py RESULTS [--paper] [--out PREFIX]
 
 Reads ``RESULTS/{crane,cranep}/DATASET/metrics.json`` (what ``bash test.sh``
-writes) and writes ``PREFIX.md`` and ``PREFIX.csv`` (default ``RESULTS/table1``):
+writes) and, beside each, few-shot results ``RESULTS/{crane,cranep}_fewshot_K/DATASET/summary.json``
+(``test.py --few_shot K --save_path RESULTS/crane_fewshot_K/DATASET``: the mean over its seeds, with
+the sample standard deviation when there are several), and writes ``PREFIX.md`` and ``PREFIX.csv`` (default ``RESULTS/table1``):
 one row per dataset, the industrial and medical averages, and for each method
 the class-mean image AUROC / AP / F1-max and pixel AUROC / AUPRO / F1-max in %.
 Undefined values (image metrics of all-anomalous sets, pixel metrics of
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,67 +52,108 @@ PAPER = {
 }
 
 Values = dict[str, dict[str, Optional[float]]]  # method -> metric -> % (None: undefined or missing)
+FEW_SHOT = re.compile(r"^(crane|cranep)_fewshot_(\d+)$")
+"""Folders of few-shot results: ``crane_fewshot_4`` holds Crane's 4-shot results."""
 
 
-def read_results(root: Path) -> tuple[dict[str, Values], list[str], set[str], set[str]]:
-    """``{dataset: {method: {metric: %}}}`` of the datasets found, the missing ``metrics.json`` files,
-    the AUPRO definitions they used, and the random-weights flags any of them ran with."""
+def methods_in(root: Path) -> dict[str, str]:
+    """``{folder: column label}``: Crane and Crane+, each followed by its few-shot folders under ``root`` (by K)."""
+    found = {}
+    for method, label in METHODS.items():
+        found[method] = label
+        shots = sorted((int(m.group(2)), p.name) for p in root.glob(f"{method}_fewshot_*")
+                       if p.is_dir() and (m := FEW_SHOT.match(p.name)) and m.group(1) == method)
+        found.update((name, f"{label} {k}-shot") for k, name in shots)
+    return found
+
+
+def _few_shot_result(path: Path) -> dict:
+    """A ``summary.json`` as a ``metrics.json``: the seeds' mean per metric (and ``std``, ``runs``)."""
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return {"mean": {m: v["mean"] for m, v in summary["mean"].items()},
+            "std": {m: v["std"] for m, v in summary["mean"].items()},
+            "runs": {m: v["runs"] for m, v in summary["mean"].items()}, "args": summary.get("args", {})}
+
+
+def read_results(root: Path, methods: dict[str, str]) -> tuple[dict[str, Values], list[str], set[str], set[str],
+                                                                dict[str, Values]]:
+    """``{dataset: {method: {metric: %}}}`` of the datasets found, the missing result files (zero-shot methods
+    only), the AUPRO definitions they used, the random-weights flags any of them ran with, and the spread over
+    seeds of the few-shot methods ``{dataset: {method: {metric: % std}}}`` (only where several seeds ran)."""
     table: dict[str, Values] = {}
+    spreads: dict[str, Values] = {}
     missing, aupro, random = [], set(), set()
     for ds in (*INDUSTRIAL, *MEDICAL):
-        for method in METHODS:
-            path = root / method / ds / "metrics.json"
+        for method in methods:
+            few_shot = method not in METHODS
+            path = root / method / ds / ("summary.json" if few_shot else "metrics.json")
             if not path.is_file():
-                missing.append(str(path))
+                if not few_shot:
+                    missing.append(str(path))
                 continue
-            result = json.loads(path.read_text(encoding="utf-8"))
+            result = _few_shot_result(path) if few_shot else json.loads(path.read_text(encoding="utf-8"))
             aupro.add(result.get("args", {}).get("aupro_method", "crane"))
             random.update(random_weights(result.get("args", {})))
             table.setdefault(ds, {})[method] = {m: None if result["mean"][m] is None else 100.0 * result["mean"][m]
                                                 for m in METRICS}
-    return table, missing, aupro, random
+            if few_shot:
+                spreads.setdefault(ds, {})[method] = {m: 100.0 * result["std"][m] for m in METRICS
+                                                      if result["runs"][m] > 1}
+    return table, missing, aupro, random, spreads
 
 
 def paper_values(ds: str) -> Values:
     return {method: dict(zip(METRICS, PAPER[ds][method])) for method in METHODS}
 
 
-def average(rows: list[Values]) -> Values:
+def average(rows: list[Values], methods: dict[str, str]) -> Values:
     """Per method and metric, the mean over the rows where it is defined."""
     return {method: {m: mean_defined(row.get(method, {}).get(m) for row in rows) for m in METRICS}
-            for method in METHODS}
+            for method in methods}
 
 
-def build_rows(table: dict[str, Values]) -> list[tuple[str, Values, Values]]:
-    """``(label, ours, paper)`` for each dataset row and the two average rows."""
+Row = tuple[str, Values, Values, Values]  # label, ours, paper, spread over seeds (few-shot)
+
+
+def build_rows(table: dict[str, Values], methods: dict[str, str],
+               spreads: Optional[dict[str, Values]] = None) -> list[Row]:
+    """``(label, ours, paper, spread)`` for each dataset row and the two average rows (averages have no spread)."""
     rows = []
+    spreads = spreads or {}
     for group, label in ((INDUSTRIAL, "Industrial average"), (MEDICAL, "Medical average")):
         present = [ds for ds in group if ds in table]
         for ds in present:
-            rows.append((group[ds], table[ds], paper_values(ds)))
+            rows.append((group[ds], table[ds], paper_values(ds), spreads.get(ds, {})))
         if present:
-            rows.append((label, average([table[ds] for ds in present]),
-                         average([paper_values(ds) for ds in present])))
+            rows.append((label, average([table[ds] for ds in present], methods),
+                         average([paper_values(ds) for ds in present], METHODS), {}))
     return rows
 
 
-def _cell(ours: Optional[float], paper: Optional[float], with_paper: bool) -> str:
+def _cell(ours: Optional[float], paper: Optional[float], with_paper: bool, std: Optional[float] = None) -> str:
     text = "-" if ours is None else fixed(ours)
+    if ours is not None and std is not None:
+        text += f" ± {fixed(std)}"
     if with_paper and paper is not None:
         text += f" ({paper:.1f})"
     return text
 
 
-def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: set[str], missing: list[str],
-             random: set[str] = frozenset()) -> str:
+def markdown(rows: list[Row], with_paper: bool, aupro: set[str], missing: list[str],
+             random: set[str] = frozenset(), methods: Optional[dict[str, str]] = None) -> str:
     from tabulate import tabulate
 
-    headers = ["Dataset"] + [f"{METHODS[method]} {SHORT[m]}" for method in METHODS for m in METRICS]
-    body = [[label] + [_cell(ours.get(method, {}).get(m), paper[method][m], with_paper)
-                       for method in METHODS for m in METRICS] for label, ours, paper in rows]
+    methods = methods or METHODS
+    headers = ["Dataset"] + [f"{methods[method]} {SHORT[m]}" for method in methods for m in METRICS]
+    body = [[label] + [_cell(ours.get(method, {}).get(m), paper.get(method, {}).get(m), with_paper,
+                             spread.get(method, {}).get(m))
+                       for method in methods for m in METRICS] for label, ours, paper, spread in rows]
     notes = [f"AUPRO: {', '.join(sorted(aupro)) or 'crane'} definition"
              + (" (published 200-threshold)" if aupro <= {"crane"} else "")
              + ("; the paper's numbers in parentheses" if with_paper else "")]
+    if any(method not in METHODS for method in methods):
+        notes.append("K-shot columns: test.py --few_shot K, the mean over its seeds (± the sample standard "
+                     "deviation where several ran); the paper reports zero-shot only")
     if missing:  # "RESULTS/METHOD/DATASET/metrics.json" -> "METHOD: DATASET, ..."
         by_method: dict[str, list[str]] = {}
         for path in missing:
@@ -119,23 +163,30 @@ def markdown(rows: list[tuple[str, Values, Values]], with_paper: bool, aupro: se
                      + "; ".join(f"{METHODS.get(m, m)}: {' '.join(ds)}" for m, ds in by_method.items()) + ")")
     banner = (f"> RANDOM WEIGHTS ({', '.join(sorted(random))}): these numbers are meaningless; the runs only "
               "exercised the pipeline\n\n") if random else ""
-    return banner + "# Table 1: zero-shot anomaly detection (class means, %)\n\n" + tabulate(
+    title = "zero-shot" if all(method in METHODS for method in methods) else "zero-shot and few-shot"
+    return banner + f"# Table 1: {title} anomaly detection (class means, %)\n\n" + tabulate(
         body, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + "\n".join(
         f"- {n}" for n in notes) + "\n"
 
 
-def csv_rows(rows: list[tuple[str, Values, Values]], with_paper: bool) -> tuple[list[str], list[dict]]:
-    columns = ["dataset"] + [f"{method}_{m}" for method in METHODS for m in METRICS]
+def csv_rows(rows: list[Row], with_paper: bool, methods: Optional[dict[str, str]] = None
+             ) -> tuple[list[str], list[dict]]:
+    methods = methods or METHODS
+    columns = ["dataset"] + [f"{method}_{m}" for method in methods for m in METRICS]
+    columns += [f"{method}_{m}_std" for method in methods if method not in METHODS for m in METRICS]
     if with_paper:
         columns += [f"paper_{method}_{m}" for method in METHODS for m in METRICS]
     out = []
-    for label, ours, paper in rows:
+    for label, ours, paper, spread in rows:
         row = {"dataset": label}
-        for method in METHODS:
+        for method in methods:
             for m in METRICS:
                 value = ours.get(method, {}).get(m)
                 row[f"{method}_{m}"] = "" if value is None else f"{value:.4f}"
-                if with_paper:
+                if method not in METHODS:
+                    std = spread.get(method, {}).get(m)
+                    row[f"{method}_{m}_std"] = "" if std is None else f"{std:.4f}"
+                if with_paper and method in METHODS:
                     row[f"paper_{method}_{m}"] = "" if paper[method][m] is None else f"{paper[method][m]:.1f}"
         out.append(row)
     return columns, out
@@ -150,7 +201,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --paper: put results of random weights (--clip_weights synthetic) beside the "
                              "paper's numbers anyway")
     args = parser.parse_args(argv)
-    table, missing, aupro, random = read_results(args.results)
+    methods = methods_in(args.results)
+    table, missing, aupro, random, spreads = read_results(args.results, methods)
     if not table:
         print(f"make_table.py: no metrics.json under {args.results}/{{crane,cranep}}/DATASET/; run "
               "'bash test.sh DEVICE' first", file=sys.stderr)
@@ -160,11 +212,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"({', '.join(sorted(random))}); they are not put beside the paper's numbers (pass --allow_random to "
               "do it anyway)", file=sys.stderr)
         return 2
-    rows = build_rows(table)
+    rows = build_rows(table, methods, spreads)
     prefix = str(args.out or args.results / "table1")
-    text = markdown(rows, args.paper, aupro, missing, random)
+    text = markdown(rows, args.paper, aupro, missing, random, methods)
     write_text(Path(prefix + ".md"), text)
-    write_csv(Path(prefix + ".csv"), *csv_rows(rows, args.paper))
+    write_csv(Path(prefix + ".csv"), *csv_rows(rows, args.paper, methods))
     print(text)
     print(f"written: {prefix}.md, {prefix}.csv")
     return 0

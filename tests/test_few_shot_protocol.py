@@ -5,6 +5,7 @@ textures (``datasets.synthetic``): the numbers are meaningless, the files and th
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -140,3 +141,28 @@ def test_zero_shot_files_have_no_few_shot_keys(base_args, tmp_path):
 def test_few_shot_seeds_without_few_shot_is_one_line(base_args, tmp_path):
     proc = _run([*base_args, "--few_shot_seeds", "1", "2", "--save_path", str(tmp_path / "x")])
     assert proc.returncode == 2 and "--few_shot_seeds needs --few_shot K" in proc.stderr
+
+
+def test_make_table_puts_few_shot_columns_beside_zero_shot(tmp_path, capsys):
+    from tests.test_evaluate import METRIC_NAMES, _load_make_table
+
+    make_table = _load_make_table()
+    zero = dict(zip(METRIC_NAMES, (0.5, 0.5, 0.5, 0.6, 0.4, 0.1)))
+    for method in ("crane", "cranep"):
+        (tmp_path / method / "mvtec").mkdir(parents=True)
+        (tmp_path / method / "mvtec" / "metrics.json").write_text(json.dumps({"mean": zero, "args": {}}))
+    seeds = {"image_auroc": [0.8, 0.9], "pixel_auroc": [0.7, 0.9]}
+    mean = {m: spread(seeds.get(m, [0.5, 0.5])) for m in METRIC_NAMES}
+    (tmp_path / "crane_fewshot_4" / "mvtec").mkdir(parents=True)
+    (tmp_path / "crane_fewshot_4" / "mvtec" / "summary.json").write_text(json.dumps({"mean": mean, "args": {}}))
+    assert make_table.main([str(tmp_path), "--paper"]) == 0
+    text = (tmp_path / "table1.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| Dataset"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns.index("Crane 4-shot I-AUROC") == columns.index("Crane P-F1") + 1  # beside Crane's
+    assert columns.index("Crane+ I-AUROC") == columns.index("Crane 4-shot P-F1") + 1
+    assert "85.0 ± 7.1" in text and "80.0 ± 14.1" in text and "50.0 (93.8)" in text
+    with open(tmp_path / "table1.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["crane_fewshot_4_image_auroc"]) == pytest.approx(85.0)
+    assert float(row["crane_fewshot_4_image_auroc_std"]) == pytest.approx(7.0711, abs=1e-3)
