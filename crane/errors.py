@@ -10,6 +10,9 @@ Torch-free (the deploy runtime uses it too).
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 EXIT_USAGE = 2
 """Exit status of a :class:`CraneError`."""
 EXIT_INTERRUPTED = 130
@@ -24,3 +27,17 @@ def one_line(message: object) -> str:
     """A message (such as a weights hint with bullets) as one line."""
     lines = [line.strip().lstrip("*").strip() for line in str(message).strip().splitlines()]
     return " ".join(line for line in lines if line) or "error"
+
+
+def guarded(prog: str, work: Callable[[], int], interrupted: str) -> int:
+    """Run an entry point's ``work`` and return its exit status; a :class:`CraneError` becomes one line
+    ``PROG: error: ...`` on stderr and :data:`EXIT_USAGE`, Ctrl-C the line ``PROG: INTERRUPTED`` and
+    :data:`EXIT_INTERRUPTED`."""
+    try:
+        return work()
+    except CraneError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED

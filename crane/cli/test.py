@@ -21,7 +21,7 @@ from crane.cli.args import (HelpFormatter, add_bool_flag, add_data_flags, add_pr
 from crane.data.image import PREPROCESSING
 from crane.device import DEVICE_HELP
 from crane.engine.evaluate import EvalOptions, evaluate
-from crane.errors import EXIT_INTERRUPTED, EXIT_USAGE, CraneError
+from crane.errors import guarded
 from crane.logs import setup_logging
 from crane.settings import AUPRO_METHODS
 
@@ -110,13 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for line in notes(argv, args):
         print(line, file=sys.stderr)
-    try:
+
+    def work() -> int:
         evaluate(EvalOptions(**vars(args), explicit=explicit_flags(args)))
-    except CraneError as e:
-        print(f"test.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("test.py: interrupted; run the same command again to resume (finished classes are kept)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+        return 0
+
+    return guarded("test.py", work, "interrupted; run the same command again to resume (finished classes are kept)")

@@ -19,14 +19,13 @@ per process; the data order is then sharded, not the published one).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
 from crane import settings
 from crane.cli.args import (HelpFormatter, add_bool_flag, add_data_flags, add_precision_flags, add_setting_flags,
                             fill_settings)
 from crane.engine.train import FEATURE_CACHES, INTERPOLATIONS, TrainOptions, train
-from crane.errors import EXIT_INTERRUPTED, EXIT_USAGE, CraneError
+from crane.errors import guarded
 from crane.logs import setup_logging
 from crane.settings import random_weights_banner
 
@@ -92,16 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     fill_settings(args, "train", offered_only=True)  # the tower-scaled defaults (--features_list) for the --clip_model tower
     opts = TrainOptions(**vars(args))
-    try:
+
+    def work() -> int:
         folder = train(opts)
-    except CraneError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("train.py: interrupted; run the same command with --resume to continue from the last complete epoch",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    epochs = sorted(folder.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
-    print(f"train.py: checkpoints in {folder}/" + (f" (last: {epochs[-1].name})" if epochs else "")
-          + (" - random weights: meaningless prompts" if random_weights_banner(opts) else ""))
-    return 0
+        epochs = sorted(folder.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+        print(f"train.py: checkpoints in {folder}/" + (f" (last: {epochs[-1].name})" if epochs else "")
+              + (" - random weights: meaningless prompts" if random_weights_banner(opts) else ""))
+        return 0
+
+    return guarded("train.py", work, "interrupted; run the same command with --resume to continue from the last "
+                                     "complete epoch")
