@@ -149,7 +149,8 @@ def _budget_error(what: str, nbytes: int, references: int, patches: int, widths:
     if nbytes <= budget:
         return None
     fits = fitting_ratio(references, patches, widths, budget)
-    size = (f"{what} is {nbytes / 2 ** 20:,.1f} MiB of float32 constants ({references} images x {patches} patches, "
+    amount = f"{nbytes / 2 ** 20:,.1f} MiB" if nbytes >= 2 ** 17 else f"{nbytes:,} bytes"
+    size = (f"{what} is {amount} of float32 constants ({references} images x {patches} patches, "
             f"{len(widths)} bank{'s' if len(widths) > 1 else ''}, coreset ratio {ratio:g}), over --max_reference_mb "
             f"{budget_mb:g}")
     if fits is None:
