@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "text features as constants, score pooling, upsampling and Gaussian smoothing. The model "
                     "settings, S, the checkpoint's SHA-256 and the thresholds (thresholds.json beside the "
                     "checkpoint) go into the file's metadata; `predict --backend onnxruntime|openvino --model PATH` "
-                    "and crane.deploy read them from there.")
+                    "and crane.deploy read them from there. With --reference (few-shot) a reference memory of normal "
+                    "images goes into the graph as constants, and its record into the metadata.")
     e.add_argument("--out", required=True, type=Path, metavar="PATH",
                    help="file to write: .onnx (ONNX), .xml (OpenVINO IR, with a .bin beside it)")
     e.add_argument("--format", choices=FORMATS, help="onnx or openvino (default: from the suffix of --out)")
@@ -191,18 +192,16 @@ def _reference_images(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(images))
 
 
-def _load_memory(detector, paths: list[Path], args: argparse.Namespace):
-    """Give ``detector`` the memory of ``paths`` (a ``reference.pt``, or images built on the fly after their
-    size was checked against ``--max_reference_mb`` on the first image). Returns the ``reference.pt`` or
-    ``None``."""
+def _load_memory(detector, file: Optional[Path], images: list[Path], args: argparse.Namespace) -> None:
+    """Give ``detector`` the memory of the ``reference.pt`` ``file``, or one built from ``images`` on the fly after
+    its size, measured on the first image, was checked against ``--max_reference_mb``."""
     from crane.data.image import load_rgb, preprocess
     from crane.export.writer import reference_bytes
     from crane.models.memory import distinct_sets, memory_queries
 
-    if len(paths) == 1 and paths[0].suffix == ".pt":
-        detector.set_reference(str(paths[0]))
-        return paths[0]
-    images = _reference_images(paths)
+    if file is not None:
+        detector.set_reference(str(file))
+        return
     first = preprocess(load_rgb(images[0], exif_orientation=True), detector.config.image_size)
     features = detector.encode(first[None])
     banks = memory_queries(features, distinct_sets(features), features.vfm_features is not None)
@@ -212,7 +211,6 @@ def _load_memory(detector, paths: list[Path], args: argparse.Namespace):
     if problem:
         raise CraneError(problem)
     detector.set_reference(images, args.coreset_ratio, args.few_shot_weight, progress=True, exif_orientation=True)
-    return None
 
 
 def _check(graph, files: list[Path], fmt: str, fp16: bool) -> None:
@@ -250,10 +248,11 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(checkpoint_of(args)).expanduser()
     state, info = settle(args)
     reference, thresholds = _choose_reference(args, _thresholds(args, checkpoint))
-    if reference is not None and len(reference) == 1 and reference[0].suffix == ".pt":
-        problem = _file_memory_error(reference[0], args.max_reference_mb)
-        if problem:
-            raise CraneError(problem)
+    memory_file = reference[0] if reference is not None and reference[0].suffix == ".pt" else None
+    images = _reference_images(reference) if reference is not None and memory_file is None else []
+    problem = None if memory_file is None else _file_memory_error(memory_file, args.max_reference_mb)
+    if problem:
+        raise CraneError(problem)
     model_options = settings.recorded(args, "thresholds")
     if thresholds is not None:
         calibrated = thresholds.meta.get("model", {})
@@ -271,11 +270,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {', '.join(f'{k}={v!r}' for k, v in model_options.items())} (from {info.source} where no flag "
           "gives them)", file=sys.stderr)
     detector = build_detector(args, state)
-    source = None if reference is None else _load_memory(detector, reference, args)
+    if reference is not None:
+        _load_memory(detector, memory_file, images, args)
     graph = InferenceGraph.from_detector(detector)
     info = default_info(graph, str(checkpoint), info.sha256, model_options,
                         None if thresholds is None else {**thresholds.to_json(), "source": thresholds.source},
-                        args.fp16, source)
+                        args.fp16, memory_file)
     if info.reference is not None:
         print(f"the graph holds {info.reference_summary()}", file=sys.stderr)
     files = export_graph(graph, args.out, fmt, info, args.fp16)
