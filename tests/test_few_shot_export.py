@@ -270,6 +270,15 @@ def test_budget_refusal_is_one_line_naming_a_ratio_before_any_work(cli_setup, tm
                "--max_reference_mb 0.001" in errors[0] and rebuild in errors[0]
         assert "--coreset_ratio 0.083 " in errors[0] and fitting_ratio(3, 16, [64], 1048) == 0.083
     assert not out.exists()
+    # the ratio named fits: the memory is built from the folder at that ratio, within the budget
+    monkeypatch.undo()
+    assert cli.main(["export", *cli_setup["flags"], "--reference", str(cli_setup["normal"]), "--max_reference_mb",
+                     "0.001", "--coreset_ratio", "0.083", "--few_shot_weight", "0.3", "--out", str(out),
+                     "--no_check"]) == 0
+    record = load_model(out).info.reference
+    assert record["bytes"] == 4 * 64 * 4 <= 1048 and record["rows_per_bank"] == [4]
+    assert record["coreset_ratio"] == 0.083 and record["few_shot_weight"] == 0.3 and record["identity"] is None
+    assert sorted(Path(image["source"]).name for image in record["images"]) == ["n0.png", "n1.png", "n2.png"]
 
 
 def test_refusals_of_memories_that_do_not_fit(cli_setup, tmp_path, capsys):
