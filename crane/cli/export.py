@@ -7,6 +7,15 @@ SHA-256: :func:`crane.checkpoints.read_checkpoint`) and from the defaults of
 contradicts the checkpoint stops the export unless ``--force``. The thresholds come from
 ``thresholds.json`` beside the checkpoint (or ``--thresholds FILE``) when there is one.
 
+Few-shot: ``--reference FILE|DIR`` puts a reference memory into the graph as constants (a
+``reference.pt``, refused in one line when built for other patch features, or normal images to
+build one from with ``--coreset_ratio`` / ``--few_shot_weight``). Thresholds and memory must fit
+each other: a ``thresholds.json`` whose ``"reference"`` entry (``{"path", "identity"}``, written by
+``calibrate --reference_memory``) names a memory is exported with that memory (without ``--reference``,
+one line says so) and refused with another; zero-shot thresholds are refused with ``--thresholds`` and
+left out (one line) when found beside the checkpoint. A memory over ``--max_reference_mb`` is refused in
+one line naming the coreset ratio that fits, before the memory is built and before the export.
+
 Importing this module is cheap (no torch), so ``python -m crane --help`` stays fast.
 """
 from __future__ import annotations
@@ -14,12 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from crane import settings
+from crane.cli.args import add_reference_flags
 from crane.cli.common import add_model_flags, checkpoint_of, settle
 from crane.errors import CraneError
-from crane.files import output_problem
+from crane.files import file_identity, output_problem
 
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
@@ -35,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "text features as constants, score pooling, upsampling and Gaussian smoothing. The model "
                     "settings, S, the checkpoint's SHA-256 and the thresholds (thresholds.json beside the "
                     "checkpoint) go into the file's metadata; `predict --backend onnxruntime|openvino --model PATH` "
-                    "and crane.deploy read them from there.")
+                    "and crane.deploy read them from there. With --reference (few-shot) a reference memory of normal "
+                    "images goes into the graph as constants, and its record into the metadata.")
     e.add_argument("--out", required=True, type=Path, metavar="PATH",
                    help="file to write: .onnx (ONNX), .xml (OpenVINO IR, with a .bin beside it)")
     e.add_argument("--format", choices=FORMATS, help="onnx or openvino (default: from the suffix of --out)")
@@ -45,6 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="thresholds.json to embed (default: the one beside --checkpoint, when present)")
     e.add_argument("--no_check", action="store_true",
                    help="do not run the written file once against the torch model")
+    r = e.add_argument_group("few-shot (a reference memory of normal images inside the graph, docs/method.md)")
+    r.add_argument("--reference", nargs="+", type=Path, metavar="FILE|DIR",
+                   help="a reference.pt (calibrate --reference_memory, crane.reference.save_reference), or folders / "
+                        "files of normal images to build the memory from (only those under good/ folders when a "
+                        "folder has any); default: the memory the thresholds.json names, if any")
+    add_reference_flags(r, defaults_in_help=True)
+    r.add_argument("--max_reference_mb", type=float, default=1024.0, metavar="MB",
+                   help="largest memory put into the graph, MiB of float32 constants (default: 1024); a larger one "
+                        "is refused, naming the --coreset_ratio that fits")
     add_model_flags(e, run_flags=False)
 
 
@@ -66,6 +86,131 @@ def _thresholds(args: argparse.Namespace, checkpoint: Path):
     if args.thresholds is None and not path.is_file():
         return None
     return load_thresholds(path)
+
+
+def _named_memory(thresholds) -> Optional[Path]:
+    """The ``reference.pt`` a thresholds file names (its ``"reference"`` entry; a relative path is relative to the
+    file's folder), checked to be the file calibrated with; ``None`` for zero-shot thresholds."""
+    entry = None if thresholds is None else thresholds.meta.get("reference")
+    if entry is None:
+        return None
+    path = Path(str(entry.get("path") if isinstance(entry, dict) else "")).expanduser()
+    path = path if path.is_absolute() else Path(thresholds.source).expanduser().parent / path
+    if not path.is_file() or file_identity(path) != entry.get("identity"):
+        state = "missing" if not path.is_file() else "changed since"
+        raise CraneError(f"{thresholds.source} was calibrated with the reference memory {path}, which is {state}: "
+                         "calibrate again (`python -m crane calibrate --normal DIR --reference_memory`)")
+    return path
+
+
+def _choose_reference(args: argparse.Namespace, thresholds) -> tuple[Optional[list[Path]], Any]:
+    """The memory to export (``--reference`` paths, or the one the thresholds name) and the thresholds that fit
+    it (``None``: none embedded), before any model work. One-line :class:`CraneError` when they do not fit."""
+    given = args.reference
+    problems = [f"--reference {p}: no such file or folder" for p in given or [] if not p.expanduser().exists()]
+    file = given is not None and len(given) == 1 and given[0].suffix == ".pt"
+    if given and not file and any(p.suffix == ".pt" for p in given):
+        problems.append("--reference takes one reference.pt, or folders and files of normal images, not both")
+    for s in settings.REFERENCE_SETTINGS:
+        if getattr(args, s.name) != s.default and (not given or file):
+            problems.append(f"--{s.name} sets how a memory is built from images (--reference DIR); "
+                            + (f"{given[0]} holds its own" if file else "no memory is built here"))
+    if problems:
+        raise CraneError("\n".join(problems))
+    named = _named_memory(thresholds)
+    if given is None:
+        if named is not None:
+            print(f"few-shot: exporting the reference memory {named}, the one {thresholds.source} names",
+                  file=sys.stderr)
+            return [named], thresholds
+        return None, thresholds
+    if named is not None:
+        if file and file_identity(given[0]) == file_identity(named):
+            return given, thresholds
+        raise CraneError(f"{thresholds.source} was calibrated with the reference memory {named}, not "
+                         f"--reference {' '.join(map(str, given))}: its thresholds would not fit the graph's scores; "
+                         f"leave --reference out to export {named}, or calibrate with this memory")
+    if thresholds is not None:
+        if args.thresholds is not None:
+            raise CraneError(f"{thresholds.source} was calibrated zero-shot (without a reference memory): its "
+                             "thresholds would not fit the few-shot scores of --reference; calibrate with the memory "
+                             "(`python -m crane calibrate --normal DIR --reference_memory`) or leave --thresholds out")
+        print(f"note: not embedding {thresholds.source}: it was calibrated zero-shot, and the graph's scores are "
+              "few-shot", file=sys.stderr)
+    return given, None
+
+
+def _budget_error(what: str, nbytes: int, references: int, patches: int, widths: list[int], ratio: float,
+                  budget_mb: float, rebuild: bool) -> Optional[str]:
+    """The one-line refusal of a memory of ``nbytes`` over ``budget_mb`` MiB, naming the coreset ratio that fits
+    (of ``references`` images of ``patches`` patches, banks of ``widths``); ``None`` when it fits."""
+    from crane.export.writer import fitting_ratio
+
+    budget = int(budget_mb * 2 ** 20)
+    if nbytes <= budget:
+        return None
+    fits = fitting_ratio(references, patches, widths, budget)
+    amount = f"{nbytes / 2 ** 20:,.1f} MiB" if nbytes >= 2 ** 17 else f"{nbytes:,} bytes"
+    size = (f"{what} is {amount} of float32 constants ({references} images x {patches} patches, "
+            f"{len(widths)} bank{'s' if len(widths) > 1 else ''}, coreset ratio {ratio:g}), over --max_reference_mb "
+            f"{budget_mb:g}")
+    if fits is None:
+        return f"{size}, and no coreset keeps it under that: raise --max_reference_mb"
+    how = "build it again from the images with" if rebuild else "export with"
+    return f"{size}: {how} --coreset_ratio {fits:g} (or raise --max_reference_mb)"
+
+
+def _file_memory_error(path: Path, budget_mb: float) -> Optional[str]:
+    """:func:`_budget_error` of a ``reference.pt``, read memory-mapped without a model."""
+    import torch
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        widths = [int(b["features"].shape[1]) for b in content["banks"]]
+        nbytes = sum(b["features"].numel() * 4 for b in content["banks"])
+        spec = content["spec"]
+        references, patches = len(spec["digests"]), int(spec["patches_per_image"])
+    except Exception:  # not a memory: load_reference says so in one line
+        return None
+    return _budget_error(f"the reference memory {path}", nbytes, references, patches, widths,
+                         float(spec["coreset_ratio"]), budget_mb, rebuild=True)
+
+
+def _reference_images(paths: list[Path]) -> list[Path]:
+    """The normal images of ``--reference`` folders and files (those under ``good/`` folders when a folder has
+    any, as ``calibrate --normal`` reads them)."""
+    from crane.data.folders import InputError, folder_samples
+
+    images: list[Path] = []
+    for path in paths:
+        try:
+            images += [sample.path for sample in folder_samples(path) if not sample.anomaly]
+        except InputError as e:
+            raise CraneError(f"--reference: {e}") from None
+    if not images:
+        raise CraneError(f"--reference {' '.join(map(str, paths))}: no normal images (only defect folders)")
+    return list(dict.fromkeys(images))
+
+
+def _load_memory(detector, file: Optional[Path], images: list[Path], args: argparse.Namespace) -> None:
+    """Give ``detector`` the memory of the ``reference.pt`` ``file``, or one built from ``images`` on the fly after
+    its size, measured on the first image, was checked against ``--max_reference_mb``."""
+    from crane.data.image import load_rgb, preprocess
+    from crane.export.writer import reference_bytes
+    from crane.models.memory import distinct_sets, memory_queries
+
+    if file is not None:
+        detector.set_reference(str(file))
+        return
+    first = preprocess(load_rgb(images[0], exif_orientation=True), detector.config.image_size)
+    features = detector.encode(first[None])
+    banks = memory_queries(features, distinct_sets(features), features.vfm_features is not None)
+    widths, patches = [int(b.shape[-1]) for b in banks], int(banks[0].shape[1])
+    problem = _budget_error("the reference memory", reference_bytes(len(images), patches, widths, args.coreset_ratio),
+                            len(images), patches, widths, args.coreset_ratio, args.max_reference_mb, rebuild=False)
+    if problem:
+        raise CraneError(problem)
+    detector.set_reference(images, args.coreset_ratio, args.few_shot_weight, progress=True, exif_orientation=True)
 
 
 def _check(graph, files: list[Path], fmt: str, fp16: bool) -> None:
@@ -98,9 +243,16 @@ def run(args: argparse.Namespace) -> int:
     problem = output_problem(args.out, flag="--out")
     if problem:
         raise CraneError(problem)
+    if not args.max_reference_mb > 0:
+        raise CraneError(f"--max_reference_mb must be a positive number of MiB, got {args.max_reference_mb:g}")
     checkpoint = Path(checkpoint_of(args)).expanduser()
     state, info = settle(args)
-    thresholds = _thresholds(args, checkpoint)
+    reference, thresholds = _choose_reference(args, _thresholds(args, checkpoint))
+    memory_file = reference[0] if reference is not None and reference[0].suffix == ".pt" else None
+    images = _reference_images(reference) if reference is not None and memory_file is None else []
+    problem = None if memory_file is None else _file_memory_error(memory_file, args.max_reference_mb)
+    if problem:
+        raise CraneError(problem)
     model_options = settings.recorded(args, "thresholds")
     if thresholds is not None:
         calibrated = thresholds.meta.get("model", {})
@@ -117,15 +269,22 @@ def run(args: argparse.Namespace) -> int:
     args.device = "cpu"
     print(f"model: {', '.join(f'{k}={v!r}' for k, v in model_options.items())} (from {info.source} where no flag "
           "gives them)", file=sys.stderr)
-    graph = InferenceGraph.from_detector(build_detector(args, state))
+    detector = build_detector(args, state)
+    if reference is not None:
+        _load_memory(detector, memory_file, images, args)
+    graph = InferenceGraph.from_detector(detector)
     info = default_info(graph, str(checkpoint), info.sha256, model_options,
                         None if thresholds is None else {**thresholds.to_json(), "source": thresholds.source},
-                        args.fp16)
+                        args.fp16, memory_file)
+    if info.reference is not None:
+        print(f"the graph holds {info.reference_summary()}", file=sys.stderr)
     files = export_graph(graph, args.out, fmt, info, args.fp16)
     if not args.no_check:
         _check(graph, files, fmt, args.fp16)
     size = sum(f.stat().st_size for f in files) / 1e6
     kept = "no thresholds" if thresholds is None else \
         f"thresholds image={thresholds.image!r}, pixel={thresholds.pixel!r} from {thresholds.source}"
+    if info.reference is not None:
+        kept += f"; a reference memory of {info.reference['references']} images"
     print(f"wrote {', '.join(map(str, files))} ({size:.1f} MB; {fmt}, {info.precision}, S={info.image_size}, {kept})")
     return 0

@@ -69,6 +69,9 @@ def open_predictor(args: argparse.Namespace) -> DeployPredictor:
                          "exported with (`python -m crane export --fp16` for half precision)")
     print(f"loading the exported model ({args.model}, {args.backend}) ...", file=sys.stderr)
     model = DeployedModel(args.model, args.backend, args.device)
+    memory = model.info.reference_summary()
+    if memory is not None:
+        print(f"few-shot: the graph holds {memory}; its scores mix zero-shot and few-shot", file=sys.stderr)
     exported = model.info.model
     typed = explicit_flags(args)
     conflicts = [f"--{k} {getattr(args, k)!r} (exported: {exported.get(k)!r})" for k in settings.names()

@@ -31,6 +31,11 @@ class ExportInfo:
     ...). ``config``: every :class:`crane.models.crane.CraneConfig` field.
     ``thresholds``: the ``thresholds.json`` content found at export, or ``None``.
     ``precision``: ``fp32`` or ``fp16`` (weights and arithmetic; inputs and outputs are float32).
+    ``reference``: the reference memory the graph holds as constants (few-shot), or ``None`` (zero-shot):
+    ``references`` ``K``, ``rows_per_bank``, ``feature_widths``, ``bytes`` (fp32 constants), ``coreset_ratio``,
+    ``few_shot_weight``, ``scale`` / ``shift`` (the mix's affine map), ``patches_per_image``, ``images`` (each
+    reference's source, file identity and pixel digest), and ``path`` / ``identity`` of the ``reference.pt`` it
+    was read from (``None`` when built from images at export).
     """
 
     image_size: int
@@ -41,6 +46,7 @@ class ExportInfo:
     checkpoint_sha256: str
     precision: str = "fp32"
     thresholds: Optional[dict[str, Any]] = None
+    reference: Optional[dict[str, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)  # versions, opset, creation time
 
     @property
@@ -50,6 +56,17 @@ class ExportInfo:
     @property
     def pixel_threshold(self) -> Optional[float]:
         return None if self.thresholds is None else self.thresholds.get("pixel_threshold")
+
+    def reference_summary(self) -> Optional[str]:
+        """The reference memory the graph holds, in words (``None``: zero-shot), e.g. ``a reference memory of 4
+        images (1 bank x 1,024 rows, 3.1 MB of constants, coreset ratio 1, few-shot weight 0.5)``."""
+        if self.reference is None:
+            return None
+        r = self.reference
+        rows = r.get("rows_per_bank") or []
+        banks = f"{len(rows)} bank{'s' if len(rows) != 1 else ''} x {max(rows, default=0):,} rows"
+        return (f"a reference memory of {r.get('references')} images ({banks}, {r.get('bytes', 0) / 1e6:.1f} MB of "
+                f"constants, coreset ratio {r.get('coreset_ratio'):g}, few-shot weight {r.get('few_shot_weight'):g})")
 
     def to_strings(self) -> dict[str, str]:
         """``{"crane.<key>": text}`` entries for the model file."""
@@ -63,6 +80,8 @@ class ExportInfo:
         }
         if self.thresholds is not None:
             values["thresholds"] = self.thresholds
+        if self.reference is not None:
+            values["reference"] = self.reference
         return {PREFIX + k: json.dumps(v, sort_keys=True) for k, v in values.items()}
 
     @classmethod
@@ -79,7 +98,8 @@ class ExportInfo:
                          model=dict(values.pop("model")), config=dict(values.pop("config")),
                          checkpoint=str(values.pop("checkpoint")),
                          checkpoint_sha256=str(values.pop("checkpoint_sha256")),
-                         precision=str(values.pop("precision")), thresholds=values.pop("thresholds", None))
+                         precision=str(values.pop("precision")), thresholds=values.pop("thresholds", None),
+                         reference=values.pop("reference", None))
         except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise NotACraneExport(f"{source}: incomplete Crane metadata ({type(e).__name__}: {e}); export it again") \
                 from None

@@ -7,7 +7,10 @@
 
 The graph takes the preprocessed batch ``B x 3 x S x S`` (float32) and returns the
 image scores ``B`` and the smoothed anomaly maps ``B x S x S``; everything it needs to
-know (``S``, the thresholds, the model settings) is in its metadata.
+know (``S``, the thresholds, the model settings) is in its metadata. A graph exported
+with a reference memory (few-shot, ``export --reference``) holds it as constants and
+scores with it; ``model.info.reference`` records it (``None``: zero-shot) and
+``model.info.reference_summary()`` says it in words.
 """
 from __future__ import annotations
 

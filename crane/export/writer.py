@@ -12,6 +12,12 @@ folded afterwards, so the graph holds only the per-image work.
 
 OpenVINO IR is converted from that ONNX graph (``openvino.convert_model``), so both
 formats hold the same graph.
+
+A reference memory (few-shot) becomes constants of the graph: each bank's chunks of
+:data:`crane.models.memory.CHUNK` rows are folded into transposed ``E x CHUNK`` initializers
+(one ``MatMul`` + ``ReduceMax`` each). They count towards the ~1.9 GB above which the weights go
+to an external data file (:func:`external_data`), as the model's weights do. The memory's own size is
+limited at export (:data:`REFERENCE_BUDGET_MB`, :func:`fitting_ratio`).
 """
 from __future__ import annotations
 
@@ -20,17 +26,25 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..deploy.metadata import INPUT_NAME, OUTPUT_NAMES, PREFIX, ExportInfo
+from ..files import file_identity
+from ..models.memory import ReferenceMemory, coreset_size
 from .graph import InferenceGraph
 
 OPSET = 18
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
 _SINGLE_FILE_LIMIT = 1_900_000_000  # bytes of weights kept inside one .onnx (protobuf's limit is 2 GiB)
+REFERENCE_BUDGET_MB = 1024.0
+"""Default largest reference memory ``export`` puts into a graph (MiB of fp32 constants, ``--max_reference_mb``):
+a K = 64 memory at 518 px, 87,616 rows of 768 values per bank, is 257 MiB a bank: Crane's one bank (E-Attn
+layers aliased, quirk 1) and Crane+'s three (``features_list 24``: D-Attn, E-Attn, DINOv2) fit, four banks
+(1,027 MiB) do not. The model's own ~1.3-1.7 GB of weights come on top (external data from ~1.9 GB,
+:func:`external_data`)."""
 
 
 def _log(message: str) -> None:
@@ -83,11 +97,17 @@ def _publish(folder: Path, out: Path) -> list[Path]:
     return moved
 
 
+def external_data(weight_bytes: int, path: Path) -> Optional[str]:
+    """The external data file name of an ONNX file ``path`` holding ``weight_bytes`` of initializers (the model's
+    weights, the text features and any reference memory): ``path.data`` past :data:`_SINGLE_FILE_LIMIT`
+    (protobuf cannot hold 2 GiB in one file), else ``None`` (one file)."""
+    return f"{path.name}.data" if weight_bytes > _SINGLE_FILE_LIMIT else None
+
+
 def _save_onnx(model, path: Path) -> None:
     import onnx_ir as ir
 
-    external = f"{path.name}.data" if _weight_bytes(model) > _SINGLE_FILE_LIMIT else None
-    ir.save(model, path, external_data=external)
+    ir.save(model, path, external_data=external_data(_weight_bytes(model), path))
 
 
 def export_onnx(graph: InferenceGraph, out: os.PathLike, info: ExportInfo, fp16: bool = False) -> list[Path]:
@@ -146,9 +166,55 @@ def export_graph(graph: InferenceGraph, out: os.PathLike, fmt: str, info: Export
     return writer(graph, out, info, fp16)
 
 
+def reference_bytes(references: int, patches: int, widths: Sequence[int], ratio: float) -> int:
+    """Bytes of the fp32 banks of a memory of ``references`` images of ``patches`` patches each, one bank per
+    feature width in ``widths``, after a coreset of ``ratio`` (:func:`crane.models.memory.coreset_size`)."""
+    rows = coreset_size(references * patches, ratio)
+    return sum(rows * int(w) * 4 for w in widths)
+
+
+def fitting_ratio(references: int, patches: int, widths: Sequence[int], budget: int) -> Optional[float]:
+    """The coreset ratio whose memory (:func:`reference_bytes`) fits in ``budget`` bytes: ``budget`` over the
+    full memory's bytes, rounded down to two significant digits (and lowered by that digit while rounding the
+    rows up still passes the budget); ``1.0`` when the full memory fits, ``None`` when not even one row per bank
+    does."""
+    import math
+
+    full = reference_bytes(references, patches, widths, 1.0)
+    if full <= budget:
+        return 1.0
+    exponent = math.floor(math.log10(budget / full)) - 1
+    digits = math.floor(budget / full / 10.0 ** exponent)
+    while digits > 0:
+        ratio = float(f"{digits}e{exponent}")
+        if reference_bytes(references, patches, widths, ratio) <= budget:
+            return ratio
+        digits -= 1
+    return None
+
+
+def reference_record(memory: ReferenceMemory, source: Optional[os.PathLike] = None) -> dict[str, Any]:
+    """What an exported graph's metadata records of the reference ``memory`` it holds
+    (:attr:`crane.deploy.metadata.ExportInfo.reference`); ``source``: the ``reference.pt`` it was read from
+    (``None``: built from images at export), recorded by path and :func:`crane.files.file_identity`."""
+    spec = memory.spec
+    return {"references": memory.references, "banks": len(memory.banks),
+            "rows_per_bank": [int(b.features.shape[0]) for b in memory.banks],
+            "feature_widths": [int(b.features.shape[1]) for b in memory.banks], "bytes": memory.nbytes(),
+            "coreset_ratio": float(spec.coreset_ratio), "covering_radii": list(memory.radii),
+            "few_shot_weight": float(spec.weight), "scale": float(spec.scale), "shift": float(spec.shift),
+            "patches_per_image": int(spec.patches_per_image), "token_sets": list(spec.sets),
+            "vfm_bank": bool(spec.use_vfm),
+            "images": memory.info.get("images", [{"digest": d} for d in spec.digests]),
+            "path": None if source is None else str(Path(source).expanduser().resolve()),
+            "identity": file_identity(source), "provenance": memory.info.get("provenance")}
+
+
 def default_info(graph: InferenceGraph, checkpoint: str, checkpoint_sha256: str, model_options: dict,
-                 thresholds: Optional[dict], fp16: bool) -> ExportInfo:
-    """The metadata of an export of ``graph``."""
+                 thresholds: Optional[dict], fp16: bool, reference_source: Optional[os.PathLike] = None
+                 ) -> ExportInfo:
+    """The metadata of an export of ``graph`` (with its reference memory's record, :func:`reference_record`,
+    when it holds one; ``reference_source``: the ``reference.pt`` it came from)."""
     import dataclasses
     import datetime
 
@@ -160,4 +226,5 @@ def default_info(graph: InferenceGraph, checkpoint: str, checkpoint_sha256: str,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return ExportInfo(image_size=graph.image_size, sigma=float(graph.model.config.sigma), model=dict(model_options),
                       config=config, checkpoint=str(checkpoint), checkpoint_sha256=checkpoint_sha256,
-                      precision="fp16" if fp16 else "fp32", thresholds=thresholds, extra=extra)
+                      precision="fp16" if fp16 else "fp32", thresholds=thresholds, extra=extra,
+                      reference=None if graph.memory is None else reference_record(graph.memory, reference_source))
