@@ -122,6 +122,20 @@ def test_calibrate_with_a_reference_memory_and_predict_with_it(images, tmp_path,
     np.testing.assert_allclose([built[k] for k in expected], list(expected.values()), rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "dir" / "reference.json").read_text())["reference"]["origin"] == "--reference"
 
+    # the app scores with the memory its thresholds name, and its calibrations name it too (leave-one-out)
+    from crane.cli.app.backend import Engine, check_flags
+    from crane.cli.app.command import build_parser
+
+    app_args = build_parser().parse_args(common)
+    assert check_flags(app_args) == []
+    engine = Engine.open(app_args)
+    assert engine.notes[0] == first
+    some = sorted(new.iterdir())[0]
+    assert engine.predict_file(some)["score"] == pytest.approx(expected[some.name], abs=1e-6)
+    calibration = engine.calibrate(refs, 0.3)
+    assert calibration.thresholds.meta["reference"] == saved["reference"]
+    assert calibration.thresholds.image == pytest.approx(saved["image_threshold"], abs=1e-6)
+
     # the coreset and weight flags build a memory from images only
     assert cli.main(["predict", str(new), "--out", str(tmp_path / "x"), "--coreset_ratio", "0.5", *common]) == 2
     assert "--coreset_ratio 0.5: it sets how a memory is built from images" in _error(capsys)
@@ -171,6 +185,12 @@ def test_one_line_refusals(images, tmp_path, model_flags, official_checkpoint, d
     assert "needs at least 2 normal images" in _error(capsys)
     assert cli.main(["calibrate", "--labelled", str(new), "--reference_memory", *common]) == 2
     assert "pass --normal DIR" in _error(capsys)
+    assert cli.main(["calibrate", "--normal", str(new), "--target_fpr", "0.3", "--few_shot_weight", "0.7",
+                     *common]) == 2
+    assert "--few_shot_weight 0.7: sets how --reference_memory builds" in _error(capsys)
+    assert cli.main(["calibrate", "--normal", str(new), "--target_fpr", "0.3", "--reference_memory",
+                     "--coreset_ratio", "0", *common]) == 2
+    assert "--coreset_ratio must be in (0, 1], got 0.0" in _error(capsys)
     (tmp_path / "empty").mkdir()
     assert cli.main(["predict", str(new), "--out", str(tmp_path / "o"), "--reference", str(tmp_path / "empty"),
                      *common]) == 2

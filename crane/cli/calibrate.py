@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from crane import __version__
+from crane import __version__, settings
 from crane.checkpoints import CheckpointInfo
 from crane.cli import common
 from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
@@ -89,6 +89,11 @@ def _calibration_images(args: argparse.Namespace):
         raise CraneError("--reference_memory keeps --normal images as the memory; a --dataset's calibration images "
                          "are its test split (several classes, defects among them): pass the normal images of one "
                          "class with --normal DIR (for few-shot evaluation on a dataset: test.py --few_shot K)")
+    typed = [f"--{s.name} {getattr(args, s.name)}" for s in settings.REFERENCE_SETTINGS
+             if getattr(args, s.name) != s.default]
+    if typed and not args.reference_memory:
+        raise CraneError(f"{', '.join(typed)}: sets how --reference_memory builds the memory; pass --reference_memory "
+                         "too, or leave it out")
     if args.reference_memory and not args.normal:
         raise CraneError("--reference_memory keeps the --normal images as the memory: pass --normal DIR "
                          "--target_fpr RATE (with --labelled DIR too if you have defect images)")
