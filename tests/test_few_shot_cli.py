@@ -240,3 +240,14 @@ def test_leave_one_out_thresholds_are_not_biased_low(images, tmp_path, model_fla
     loo_rate, naive_rate = float(np.mean(new >= saved["image_threshold"])), float(np.mean(new >= naive))
     assert 0.05 <= loo_rate <= 0.5, (loo_rate, naive_rate)
     assert naive_rate >= 0.8, (loo_rate, naive_rate)
+
+
+def test_an_exported_graph_refuses_thresholds_of_a_memory_it_does_not_hold():
+    from crane.inspection.reference_use import deployed_problem
+    from crane.inspection.thresholds import Thresholds
+
+    named = Thresholds(0.5, 0.5, {"reference": {"path": "reference.pt", "identity": "xxh3-128:ab:1"}}, "t.json")
+    assert "holds no reference memory: export it with the memory" in deployed_problem(named, None)
+    assert "holds another reference memory" in deployed_problem(named, {"identity": "xxh3-128:cd:1"})
+    assert deployed_problem(named, {"identity": "xxh3-128:ab:1"}) is None
+    assert deployed_problem(Thresholds(0.5, 0.5, {}, "t.json"), None) is None
