@@ -150,8 +150,8 @@ class Detector:
             self.text_features = self.model.text_features()
 
     def set_reference(self, reference: ReferenceInput, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
-                      use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False
-                      ) -> Optional[ReferenceMemory]:
+                      use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False,
+                      bit_depth: int = 16) -> Optional[ReferenceMemory]:
         """Score from now on with a reference memory of normal images (``None``: zero-shot again).
 
         ``reference``: reference images (paths, PIL images or ``H x W x 3`` uint8 arrays; one or a list), a
@@ -159,7 +159,8 @@ class Detector:
         other settings) or a :class:`ReferenceMemory`. Images are encoded in batches and kept as a memory
         of their patch features, subsampled to ``coreset_ratio`` (greedy k-centre) with the VFM features
         when a VFM is loaded and ``use_vfm``; ``few_shot_weight`` is the few-shot part's weight ``w``;
-        ``exif_orientation``: files are turned as their EXIF tag says (as the command line reads them).
+        ``exif_orientation``: files are turned as their EXIF tag says (as the command line reads them);
+        ``bit_depth``: the bits 16-bit files hold (``--bit_depth``).
         Returns the memory (save it with :func:`crane.reference.save_reference`).
         """
         from . import reference as files
@@ -173,7 +174,7 @@ class Detector:
             memory = files.load_reference(reference, self.model)
         else:
             memory = files.build_reference(self, reference, coreset_ratio, few_shot_weight, use_vfm, progress,
-                                           exif_orientation)
+                                           exif_orientation, bit_depth)
         self.reference = None if memory is None else memory.to(self.device)
         return self.reference
 

@@ -112,10 +112,12 @@ def check_reference(memory: ReferenceMemory, model: CraneModel, source: str = "t
 
 
 def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
-                    use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False) -> ReferenceMemory:
+                    use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False,
+                    bit_depth: int = 16) -> ReferenceMemory:
     """A :class:`ReferenceMemory` of ``images`` (one or a list of paths, PIL images, arrays) as ``detector``
     (a :class:`crane.Detector`) encodes them, on its device; see :meth:`crane.Detector.set_reference`.
-    ``exif_orientation``: files are turned as their EXIF orientation tag says before preprocessing.
+    ``exif_orientation``: files are turned as their EXIF orientation tag says before preprocessing;
+    ``bit_depth``: the bits 16-bit files hold (:func:`crane.data.image.load_rgb`).
 
     Raises :class:`ReferenceMemoryError` (one line) for no images. An image given twice (the same
     preprocessed pixels) is kept once: a copy adds nothing to the memory, and would be its own nearest
@@ -136,7 +138,7 @@ def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_
     for start in range(0, len(images), bs):
         tensors, kept = [], []
         for image in images[start:start + bs]:
-            tensor = preprocess(load_rgb(image, exif_orientation=exif_orientation), size)
+            tensor = preprocess(load_rgb(image, exif_orientation=exif_orientation, bit_depth=bit_depth), size)
             digest = tensor_digest(tensor)
             if digest in digests:
                 continue

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from crane import __version__
+from crane import __version__, settings
 from crane.checkpoints import CheckpointInfo
 from crane.cli import common
 from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.errors import CraneError
 from crane.checkpoints import official_at, replace_problem
-from crane.cli.args import add_bool_flag
+from crane.cli.args import add_bool_flag, add_reference_flags
 from crane.files import output_problem
+from crane.inspection.reference_use import is_memory_file, memory_path, thresholds_entry
 from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, default_path, load_thresholds, model_record, \
     save_thresholds
 
@@ -51,8 +52,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--output", type=Path, metavar="FILE", help="where to write (default: thresholds.json beside "
                                                                 "--checkpoint); an earlier thresholds file there is "
                                                                 "replaced, any other file only with --overwrite")
-    add_bool_flag(c, "--overwrite", False, "replace an --output file that is not a thresholds file (never a "
+    add_bool_flag(c, "--overwrite", False, "replace an --output file that is not a thresholds file, or a "
+                                           "reference.pt beside it that is not a reference memory (never a "
                                            "shipped official checkpoint)", True)
+    r = c.add_argument_group("few-shot (docs/method.md, Few-shot)")
+    add_bool_flag(r, "--reference_memory", False,
+                  "also keep the --normal images as a reference memory, reference.pt beside the thresholds file "
+                  "(predict then scores with it, as thresholds.json names it); the thresholds are calibrated by "
+                  "leave-one-out: each normal image is scored against the memory without its own patches. Needs at "
+                  "least 2 normal images", True)
+    add_reference_flags(r, True)
     c.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=0,
                    help="with --dataset: data loading processes (default: 0)")
     add_bit_depth_flag(c)
@@ -62,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _calibration_images(args: argparse.Namespace):
     """The calibration images: ``(CraneDataset or None, folder samples, their labels, what to record
-    about them)``; checks the choice of images and criterion (:class:`CraneError`)."""
+    about them, the --normal images for --reference_memory)``; checks the choice of images and criterion
+    (:class:`CraneError`)."""
     from crane.data.folders import folder_samples
 
     if args.dataset is not None and (args.normal or args.labelled):
@@ -75,6 +85,18 @@ def _calibration_images(args: argparse.Namespace):
     if args.normal and args.target_fpr is None:
         raise CraneError("--normal images alone set thresholds at a false-alarm rate: pass --target_fpr RATE "
                        "(such as 0.01)")
+    if args.reference_memory and args.dataset is not None:
+        raise CraneError("--reference_memory keeps --normal images as the memory; a --dataset's calibration images "
+                         "are its test split (several classes, defects among them): pass the normal images of one "
+                         "class with --normal DIR (for few-shot evaluation on a dataset: test.py --few_shot K)")
+    typed = [f"--{s.name} {getattr(args, s.name)}" for s in settings.REFERENCE_SETTINGS
+             if getattr(args, s.name) != s.default]
+    if typed and not args.reference_memory:
+        raise CraneError(f"{', '.join(typed)}: sets how --reference_memory builds the memory; pass --reference_memory "
+                         "too, or leave it out")
+    if args.reference_memory and not args.normal:
+        raise CraneError("--reference_memory keeps the --normal images as the memory: pass --normal DIR "
+                         "--target_fpr RATE (with --labelled DIR too if you have defect images)")
     if args.dataset is not None:
         from crane.data.dataset import CraneDataset
 
@@ -83,7 +105,7 @@ def _calibration_images(args: argparse.Namespace):
         labels = [bool(s["anomaly"]) for s in dataset.samples]
         record = {"dataset": args.dataset, "datasets_root_dir": str(args.datasets_root_dir), "split": "test",
                   "classes": dataset.classes}
-        return dataset, [], labels, record
+        return dataset, [], labels, record, []
     samples = []
     for folder in args.normal or []:
         found = folder_samples(folder)
@@ -93,12 +115,16 @@ def _calibration_images(args: argparse.Namespace):
                   f"{len(found) - len(normal)} in other folders (pass it to --labelled to count them as defects)",
                   file=sys.stderr)
         samples += normal
+    references = list(dict.fromkeys(s.path.resolve() for s in samples)) if args.reference_memory else []
+    if args.reference_memory and len(references) < 2:
+        raise CraneError(f"--reference_memory needs at least 2 normal images (leave-one-out scores each against the "
+                         f"others), found {len(references)} in --normal {' '.join(map(str, args.normal))}")
     for folder in args.labelled or []:
         samples += folder_samples(folder, labelled=True)
     samples = list({s.path.resolve(): s for s in samples}.values())
     record = {"normal_folders": [str(f) for f in args.normal or []],
               "labelled_folders": [str(f) for f in args.labelled or []]}
-    return None, samples, [bool(s.anomaly) for s in samples], record
+    return None, samples, [bool(s.anomaly) for s in samples], record, references
 
 
 def _output(args: argparse.Namespace) -> Path:
@@ -122,6 +148,49 @@ def _output(args: argparse.Namespace) -> Path:
     return output
 
 
+def _memory_output(args: argparse.Namespace, output: Path) -> Path:
+    """Where ``--reference_memory`` keeps the memory (``reference.pt`` beside the thresholds), checked as
+    :func:`_output` checks the thresholds file: an existing file is replaced only when it is a reference memory
+    (said in one line) or with ``--overwrite``."""
+    path = memory_path(output)
+    problem = output_problem(path, flag="the reference memory")
+    if problem:
+        raise CraneError(f"cannot write {path} ({problem}); pass --output FILE to keep both elsewhere")
+    if path.exists() and official_at(path) is not None:
+        raise CraneError(f"{path} is a shipped official checkpoint: pass --output FILE in another folder")
+    if path.is_file() and not args.overwrite:
+        if not is_memory_file(path):
+            raise CraneError(f"{path} exists and is not a reference memory; pass --output FILE in another folder, "
+                             "or --overwrite to replace it")
+        print(f"note: replacing the reference memory in {path} (written by an earlier calibrate)", file=sys.stderr)
+    return path
+
+
+def _set_memory(args: argparse.Namespace, detector, references: list[Path]) -> int:
+    """Build the memory of the readable ``references`` on ``detector`` (read as the calibration images are:
+    EXIF orientation, ``--bit_depth``); return how many were unreadable (they are skipped when scored too).
+    :class:`CraneError` when fewer than 2 distinct images are left."""
+    from crane.data.image import load_rgb
+
+    readable = []
+    for path in references:
+        try:
+            load_rgb(path, exif_orientation=True, bit_depth=args.bit_depth)
+            readable.append(path)
+        except Exception:  # any decoder failure: calibrate lists the file as skipped when it scores it
+            continue
+    if len(readable) >= 2:
+        print(f"building the reference memory of {len(readable)} normal images (coreset {args.coreset_ratio:g}, "
+              f"few-shot weight {args.few_shot_weight:g}) ...", file=sys.stderr)
+        memory = detector.set_reference(readable, args.coreset_ratio, args.few_shot_weight, progress=True,
+                                        exif_orientation=True, bit_depth=args.bit_depth)
+    if len(readable) < 2 or memory.references < 2:
+        found = len(readable) if len(readable) < 2 else memory.references
+        raise CraneError(f"--reference_memory needs at least 2 distinct readable normal images, found {found} "
+                         f"(of {len(references)} files)")
+    return len(references) - len(readable)
+
+
 def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo) -> int:
     """``python -m crane calibrate`` on a settled run."""
     from tabulate import tabulate
@@ -129,7 +198,7 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     from crane.data.image import InputNotes
     from crane.inspection.calibration import CalibrationScores, pick_false_alarm, pick_labelled, run_dataset, run_samples
 
-    dataset, samples, labels, source = _calibration_images(args)
+    dataset, samples, labels, source, references = _calibration_images(args)
     anomalous, total = sum(labels), len(labels)
     where = args.dataset or " ".join(str(f) for f in (args.normal or []) + (args.labelled or []))
     if args.target_fpr is None and anomalous in (0, total):
@@ -138,14 +207,22 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     if args.target_fpr is not None and anomalous == total:
         raise CraneError(f"{where}: no normal images to set a false-alarm rate on ({total} defect images)")
     output = _output(args)
+    memory_file = _memory_output(args, output) if args.reference_memory else None
     detector = common.load_detector(args, state, info)
+    detector.set_reference(None)  # zero-shot unless --reference_memory
+    if memory_file is not None:
+        _set_memory(args, detector, references)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []
     notes = InputNotes()
+    left_out: set[int] = set()
     if dataset is not None:
         run_dataset(detector, dataset, args.batch_size, args.num_workers, scores)
     else:
-        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes)
+        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes, left_out)
+    if memory_file is not None and len(left_out) != detector.reference.references:
+        raise RuntimeError(f"only {len(left_out)} of the {detector.reference.references} reference images were "
+                           "recognised when scored, so the others were not left out of the memory")
     _, kept = scores.arrays()
     if (~kept).sum() == 0 or (args.target_fpr is None and kept.sum() == 0):
         raise CraneError(f"{where}: too few readable images left to calibrate on ({len(skipped)} unreadable)")
@@ -154,11 +231,17 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     calibration = {**source, **picked.record, **({"bit_depth": args.bit_depth} if dataset is None else {})}
     if skipped:
         calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
-    thresholds = Thresholds(picked.image, picked.pixel, {
-        **picked.criteria, "calibration": calibration, "model": model_record(args, info),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "crane_version": __version__})
-    save_thresholds(thresholds, output)
+    meta = {**picked.criteria, "calibration": calibration, "model": model_record(args, info),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "crane_version": __version__}
+    if memory_file is not None:
+        from crane.reference import save_reference
+
+        save_reference(detector.reference, memory_file, provenance={
+            "checkpoint": str(args.checkpoint), "checkpoint_sha256": info.sha256, "model": model_record(args, info),
+            "written_by": "python -m crane calibrate --reference_memory", "thresholds": str(output)})
+        meta["reference"] = thresholds_entry(memory_file, output, detector.reference.spec, len(left_out))
+    save_thresholds(Thresholds(picked.image, picked.pixel, meta), output)
     for line in notes.lines():
         print(f"note: {line}", file=sys.stderr)
     for note in picked.notes:
@@ -166,6 +249,10 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     print(tabulate(picked.rows, headers=picked.headers))
     for line in picked.summary:
         print(line)
+    if memory_file is not None:
+        print(f"wrote {memory_file} (reference memory of {detector.reference.references} normal images, coreset "
+              f"{args.coreset_ratio:g}); the thresholds were calibrated by leave-one-out (each normal image scored "
+              "against the memory without its own patches)")
     print(f"wrote {output}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s) (listed in {output}):", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from crane.checkpoints import CheckpointInfo
-from crane.cli.args import add_bool_flag
+from crane.cli.args import add_bool_flag, add_reference_flags
 from crane.cli import common
 from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.data.folders import IMAGE_SUFFIXES, InputFile, collect_inputs
@@ -57,6 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the graph --model written by `python -m crane export` (settings, size and thresholds from "
                         "its metadata) (default: torch)")
     p.add_argument("--model", metavar="PATH", help="exported graph (.onnx, or OpenVINO .xml) for --backend")
+    r = p.add_argument_group("few-shot (docs/method.md, Few-shot)")
+    r.add_argument("--reference", nargs="+", type=Path, metavar="PATH",
+                   help="score with a reference memory of normal images: a reference.pt (from `python -m crane "
+                        "calibrate --reference_memory`), or folders/files of normal images to build one from (only "
+                        "those under good/ folders when a folder has any). Without it, predict uses the memory the "
+                        "thresholds file names, if any (its first output line says so). Thresholds calibrated with "
+                        "another memory, or zero-shot, are refused unless --threshold IMG,PIX or --force")
+    add_reference_flags(r, True)
     add_bit_depth_flag(p)
     add_model_flags(p)
 
@@ -66,12 +74,15 @@ class TorchPredictor:
     """``predict``'s torch backend: :meth:`Detector.predict_tensor` with the smoothing on the device, as
     test.py. ``crane.cli.serving.DeployPredictor`` is the same interface for exported graphs."""
 
-    def __init__(self, args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo) -> None:
+    def __init__(self, args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo,
+                 reference=None) -> None:
         from crane.data.image import ImageReadError
 
         self.detector = common.load_detector(args, state, info)
         self.image_size = self.detector.config.image_size
         self.read_error = ImageReadError
+        self.memory = use_reference(self.detector, reference, args)
+
 
     def preprocess(self, rgb):
         from crane.data.image import preprocess
@@ -86,6 +97,41 @@ class TorchPredictor:
         return scores.numpy(), maps.numpy()
 
 
+
+
+def use_reference(detector, choice, args: argparse.Namespace):
+    """Give ``detector`` the memory of ``choice`` (a :class:`crane.inspection.reference_use.ReferenceChoice`;
+    ``None``: zero-shot): a ``reference.pt`` is loaded (refused in one line when built with other settings),
+    images are built into one with ``--coreset_ratio`` / ``--few_shot_weight``, read as predict reads images.
+    Returns the memory (``None``: zero-shot)."""
+    if choice is None:
+        return detector.set_reference(None)
+    if choice.file is not None:
+        return detector.set_reference(choice.file)
+    return detector.set_reference(choice.images, args.coreset_ratio, args.few_shot_weight, progress=True,
+                                  exif_orientation=True, bit_depth=args.bit_depth)
+
+
+def choose_reference(args: argparse.Namespace, thresholds: Thresholds):
+    """The memory ``predict`` (and the app) score with, checked before any model work
+    (:func:`crane.inspection.reference_use.choose_reference`); its warnings go to stderr. An exported graph
+    (``--backend onnxruntime|openvino``) holds its memory in the graph: ``--reference`` is refused, and so are
+    thresholds calibrated with a memory the graph does not hold."""
+    from crane.inspection import reference_use
+
+    problems = reference_use.reference_flag_problems(getattr(args, "reference", None), args)
+    if problems:
+        raise CraneError(problems[0])
+    if args.backend != "torch":
+        if getattr(args, "reference", None):
+            raise CraneError(f"--reference is for --backend torch: an exported graph scores with the memory exported "
+                             "into it (`python -m crane export --reference ...`)")
+        return None
+    choice, notes = reference_use.choose_reference(getattr(args, "reference", None), thresholds,
+                                                   _file_values_used(thresholds, args), args.force)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return choice
 
 
 def resolve_thresholds(args: argparse.Namespace, embedded: Optional[Thresholds] = None) -> Thresholds:
@@ -194,6 +240,12 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     from crane.data.image import InputNotes
     from crane.inspection.outputs import OutputFolder, PredictOutputs
 
+    reference = thresholds = None
+    if args.backend == "torch":  # which memory scores is the first thing said (an exported graph: below)
+        thresholds = resolve_thresholds(args)
+        reference = choose_reference(args, thresholds)
+        if reference is not None:
+            print(reference.line(args.coreset_ratio, args.few_shot_weight), flush=True)
     collected = collect_inputs(args.inputs, exclude=args.out, include_masks=args.include_masks)
     items = collected.files
     if collected.masks_left_out:
@@ -205,9 +257,9 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
     if args.backend != "torch":
         from crane.cli.serving import open_predictor, thresholds_note
 
+        choose_reference(args, Thresholds())  # --reference refused before the graph loads
         deployed = open_predictor(args)
-    thresholds = resolve_thresholds(args, None if deployed is None else deployed.thresholds())
-    if deployed is not None:
+        thresholds = resolve_thresholds(args, deployed.thresholds())
         print(thresholds_note(thresholds, deployed, args.force), file=sys.stderr)
     if args.save_masks and thresholds.pixel is None:
         raise CraneError("--save_masks needs a pixel threshold: run `python -m crane calibrate`, or pass "
@@ -219,11 +271,12 @@ def run(args: argparse.Namespace, state: Optional[Mapping[str, Any]], info: Opti
 
     from crane.logs import progress
 
-    predictor = deployed or TorchPredictor(args, state, info)
+    predictor = deployed or TorchPredictor(args, state, info, reference)
     removed = folder.clean()
     if removed:
         print(f"removed the {removed} files of the earlier predict run in {args.out}", file=sys.stderr)
-    outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel)
+    outputs = PredictOutputs(folder, args, thresholds.image, thresholds.pixel,
+                             None if reference is None else reference.record(predictor.memory))
     skipped: list[tuple[Path, str]] = []
     notes = InputNotes()
     try:

@@ -100,6 +100,13 @@ def thresholds_note(thresholds, predictor: DeployPredictor, force: bool) -> str:
         if info.thresholds is None:
             return f"thresholds: none (no thresholds.json beside {path}, none in its metadata)"
         return f"thresholds: from the metadata of {path} (no thresholds.json beside it)"
+    from crane.inspection.reference_use import deployed_problem
+
+    problem = deployed_problem(thresholds, getattr(info, "reference", None))
+    if problem and not force:
+        raise CraneError(f"{problem}; or pass --force")
+    if problem:
+        print(f"warning: {problem} (--force: using the thresholds anyway; decisions may be wrong)", file=sys.stderr)
     recorded = thresholds.meta.get("model") if isinstance(thresholds.meta.get("model"), dict) else {}
     differ = [f"{key} {recorded[key]!r}, the graph's {value!r}" for key, value in
               [("checkpoint_sha256", info.checkpoint_sha256), *info.model.items()]

@@ -328,10 +328,15 @@ def run_dataset(detector, dataset, batch_size: int, workers: int, into: Calibrat
 
 
 def run_samples(detector, samples: list, batch_size: int, into: CalibrationScores, bit_depth: int = 16,
-                notes=None) -> list[tuple[Any, str]]:
+                notes=None, left_out: Optional[set] = None) -> list[tuple[Any, str]]:
     """Score plain-folder samples (:class:`~crane.data.folders.FolderSample`; images turned as their EXIF
     orientation says, read at ``bit_depth``, as ``predict`` reads them), adding to ``into``; return the
-    unreadable ``(path, reason)``. ``notes`` (:class:`~crane.data.image.InputNotes`) counts unusual inputs."""
+    unreadable ``(path, reason)``. ``notes`` (:class:`~crane.data.image.InputNotes`) counts unusual inputs.
+
+    With a reference memory (``detector.reference``) an image that is one of its references (the same
+    preprocessed pixels) is scored by leave-one-out, against the memory without its own patches, as a new
+    normal image would be (``docs/method.md``, "Few-shot", 4); the others against the whole memory. The
+    indices of the references so scored are added to ``left_out`` (a set) when given."""
     import sys
 
     import torch
@@ -359,7 +364,13 @@ def run_samples(detector, samples: list, batch_size: int, into: CalibrationScore
                     bar.update(1)
             if not batch:
                 continue
-            scores, raw = detector.predict_tensor(torch.stack([x for _, x, _ in batch]))
+            images = torch.stack([x for _, x, _ in batch])
+            exclude = None
+            if detector.reference is not None and detector.reference.references > 1:
+                exclude = detector.reference.exclusions(images)
+                if left_out is not None:
+                    left_out.update(int(i) for i in exclude if i >= 0)
+            scores, raw = detector.predict_tensor(images, exclude=exclude)
             into.add(scores.numpy(), np.array([s.anomaly == 1 for s, _, _ in batch]),
                           smooth_maps(raw.numpy(), detector.config.sigma),
                           torch.stack([m for _, _, m in batch]).numpy() > 0.5,

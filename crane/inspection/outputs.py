@@ -1,7 +1,7 @@
 """The ``--out`` folder of ``python -m crane predict``: what it writes, and the files of an earlier run.
 
-A run writes ``scores.csv``, ``skipped.csv`` (only when files were skipped), ``panels/``,
-``maps/`` and ``masks/``, and lists every file it wrote in :data:`MANIFEST` (one line per
+A run writes ``scores.csv``, ``skipped.csv`` (only when files were skipped), ``reference.json``
+(only when it scored with a reference memory: which one, and why), ``panels/``, ``maps/`` and ``masks/``, and lists every file it wrote in :data:`MANIFEST` (one line per
 file: relative path, size, modification time; appended as each file is written, so even a
 killed run leaves an accurate list). A new run into the same folder first removes the files
 the earlier run listed, if they are still as it wrote them (same size and modification time),
@@ -19,10 +19,10 @@ from typing import Any, Optional
 import numpy as np
 
 from crane.errors import CraneError
-from crane.files import TEMP_NAME, AtomicFile, atomic_write
+from crane.files import TEMP_NAME, AtomicFile, atomic_write, write_json
 
 MANIFEST = ".crane_predict_files.tsv"
-RESULT_FILES = ("scores.csv", "skipped.csv")
+RESULT_FILES = ("scores.csv", "skipped.csv", "reference.json")
 RESULT_FOLDERS = ("panels", "maps", "masks")
 
 
@@ -65,7 +65,7 @@ class OutputFolder:
     def _result_files(self) -> list[Path]:
         found = [self.root / name for name in RESULT_FILES if (self.root / name).is_file()]
         found += [p for p in self.root.iterdir() if p.is_file() and TEMP_NAME.match(p.name)
-                  and p.name.split(".")[1] in ("scores", "skipped")]
+                  and p.name.split(".")[1] in ("scores", "skipped", "reference")]
         for folder in RESULT_FOLDERS:
             if (self.root / folder).is_dir():
                 found += sorted(p for p in (self.root / folder).rglob("*") if p.is_file() or p.is_symlink())
@@ -141,11 +141,13 @@ class PredictOutputs:
     and the per-image files, each recorded in the folder's list.
 
     ``options``: ``no_panels``, ``save_maps``, ``save_masks`` (bools); ``image_threshold`` and
-    ``pixel_threshold`` may be ``None``.
+    ``pixel_threshold`` may be ``None``. ``reference``: what the run records of the reference memory it
+    scores with (:meth:`crane.inspection.reference_use.ReferenceChoice.record`), written at once to
+    ``reference.json``; ``None``: zero-shot, no such file.
     """
 
     def __init__(self, folder: OutputFolder, options: Any, image_threshold: Optional[float],
-                 pixel_threshold: Optional[float]) -> None:
+                 pixel_threshold: Optional[float], reference: Optional[dict[str, Any]] = None) -> None:
         self.folder, self.out, self.options = folder, folder.root, options
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
         self.csv_path = self.out / "scores.csv"
@@ -154,6 +156,9 @@ class PredictOutputs:
         self._csv.writerow(["path", "score", "decision"])
         self.rows = 0
         self.anomalous = 0
+        if reference is not None:
+            path = write_json(self.out / "reference.json", {"reference": reference})
+            self.folder.record(path)
 
     def write(self, path: Path, name: str, image: np.ndarray, score: float, anomaly_map: np.ndarray) -> None:
         """One scored image: its CSV row, panel, map and mask (as the options ask)."""

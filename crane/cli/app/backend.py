@@ -40,6 +40,7 @@ from crane.data.folders import InputFile, collect_inputs, folder_samples
 from crane.errors import CraneError, one_line
 from crane.files import output_problem
 from crane.inspection.calibration import CalibrationScores, Picked, pick_false_alarm, run_samples
+from crane.inspection.reference_use import ReferenceChoice, choose_reference, thresholds_entry
 from crane.inspection.outputs import OutputFolder, PredictOutputs, decision
 from crane.inspection.thresholds import Thresholds, default_path, model_record, parse_override, save_thresholds
 from crane.inspection.visualize import render_panel
@@ -152,6 +153,7 @@ class Engine:
                  thresholds: Thresholds, notes: list[str]) -> None:
         self.args, self.predictor, self.info = args, predictor, info
         self.thresholds, self.notes = thresholds, notes
+        self.reference: Optional[ReferenceChoice] = None  # the memory the thresholds at start name
         self.model_calls = 0
         self._lock = threading.Lock()
 
@@ -166,8 +168,13 @@ class Engine:
             return cls(args, predictor, None, thresholds, notes + threshold_notes(thresholds, args, None))
         state, info, notes = settle_model(args)
         thresholds = resolve_thresholds(args)
-        notes += threshold_notes(thresholds, args, info)
-        return cls(args, TorchPredictor(args, state, info), info, thresholds, notes)
+        reference, reference_notes = choose_reference(None, thresholds, True)  # the memory the thresholds name
+        notes += threshold_notes(thresholds, args, info) + reference_notes
+        if reference is not None:
+            notes.insert(0, reference.line())
+        engine = cls(args, TorchPredictor(args, state, info, reference), info, thresholds, notes)
+        engine.reference = reference
+        return engine
 
     # ----------------------------------------------------------------------------- the model
 
@@ -253,11 +260,13 @@ class Engine:
             f"note: using the {len(samples)} images under good/ folders, not the {len(found) - len(samples)} in "
             "other folders"]
         scores = CalibrationScores.for_run(target_fpr, len(samples), self.image_size)
+        left_out: set[int] = set()
         with self._lock:
             if self.exported:
                 skipped = self._run_samples(samples, scores)
-            else:
-                skipped = run_samples(self.predictor.detector, samples, self.args.batch_size, scores)
+            else:  # with a memory: reference images among them by leave-one-out
+                skipped = run_samples(self.predictor.detector, samples, self.args.batch_size, scores,
+                                      left_out=left_out)
         skipped = [(_relative(path, folder), _reason(reason, folder)) for path, reason in skipped]
         _, labels = scores.arrays()
         if (~labels).sum() == 0:
@@ -267,10 +276,13 @@ class Engine:
                                        **picked.record}
         if skipped:
             calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
-        thresholds = Thresholds(picked.image, picked.pixel, {
-            **picked.criteria, "calibration": calibration, "model": self._model_record(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "crane_version": __version__})
+        meta = {**picked.criteria, "calibration": calibration, "model": self._model_record(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "crane_version": __version__}
+        if self.reference is not None:  # calibrated with the memory: the saved file names it, as calibrate's
+            meta["reference"] = thresholds_entry(self.reference.file, self.thresholds_path,
+                                                 self.predictor.memory.spec, len(left_out))
+        thresholds = Thresholds(picked.image, picked.pixel, meta)
         return Calibration(picked, thresholds, skipped, notes + picked.notes)
 
     def _run_samples(self, samples: list, into: CalibrationScores) -> list[tuple[Path, str]]:
