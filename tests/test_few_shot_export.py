@@ -301,7 +301,7 @@ def test_refusals_of_memories_that_do_not_fit(cli_setup, tmp_path, capsys):
          f"--reference {cli_setup['other']}"),
         (["--reference", str(cli_setup["normal"]), "--thresholds", str(zero)], "was calibrated zero-shot"),
         (["--reference", str(cli_setup["reference"]), "--coreset_ratio", "0.5"],
-         "--coreset_ratio sets how a memory is built from images"),
+         "--coreset_ratio 0.5: it sets how a memory is built from images"),
         (["--reference", str(tmp_path / "missing")], "no such file or folder"),
     ]
     assert named is not None

@@ -88,36 +88,17 @@ def _thresholds(args: argparse.Namespace, checkpoint: Path):
     return load_thresholds(path)
 
 
-def _named_memory(thresholds) -> Optional[Path]:
-    """The ``reference.pt`` a thresholds file names (its ``"reference"`` entry; a relative path is relative to the
-    file's folder), checked to be the file calibrated with; ``None`` for zero-shot thresholds."""
-    entry = None if thresholds is None else thresholds.meta.get("reference")
-    if entry is None:
-        return None
-    path = Path(str(entry.get("path") if isinstance(entry, dict) else "")).expanduser()
-    path = path if path.is_absolute() else Path(thresholds.source).expanduser().parent / path
-    if not path.is_file() or file_identity(path) != entry.get("identity"):
-        state = "missing" if not path.is_file() else "changed since"
-        raise CraneError(f"{thresholds.source} was calibrated with the reference memory {path}, which is {state}: "
-                         "calibrate again (`python -m crane calibrate --normal DIR --reference_memory`)")
-    return path
-
-
 def _choose_reference(args: argparse.Namespace, thresholds) -> tuple[Optional[list[Path]], Any]:
     """The memory to export (``--reference`` paths, or the one the thresholds name) and the thresholds that fit
     it (``None``: none embedded), before any model work. One-line :class:`CraneError` when they do not fit."""
+    from crane.inspection.reference_use import named_memory, reference_flag_problems
+
     given = args.reference
-    problems = [f"--reference {p}: no such file or folder" for p in given or [] if not p.expanduser().exists()]
-    file = given is not None and len(given) == 1 and given[0].suffix == ".pt"
-    if given and not file and any(p.suffix == ".pt" for p in given):
-        problems.append("--reference takes one reference.pt, or folders and files of normal images, not both")
-    for s in settings.REFERENCE_SETTINGS:
-        if getattr(args, s.name) != s.default and (not given or file):
-            problems.append(f"--{s.name} sets how a memory is built from images (--reference DIR); "
-                            + (f"{given[0]} holds its own" if file else "no memory is built here"))
+    problems = reference_flag_problems(given, args)
     if problems:
         raise CraneError("\n".join(problems))
-    named = _named_memory(thresholds)
+    file = given is not None and len(given) == 1 and given[0].suffix == ".pt"
+    named = None if thresholds is None else named_memory(thresholds)
     if given is None:
         if named is not None:
             print(f"few-shot: exporting the reference memory {named}, the one {thresholds.source} names",
@@ -177,19 +158,16 @@ def _file_memory_error(path: Path, budget_mb: float) -> Optional[str]:
 
 
 def _reference_images(paths: list[Path]) -> list[Path]:
-    """The normal images of ``--reference`` folders and files (those under ``good/`` folders when a folder has
-    any, as ``calibrate --normal`` reads them)."""
-    from crane.data.folders import InputError, folder_samples
+    """The normal images of ``--reference`` folders and files (:func:`crane.inspection.reference_use.reference_images`:
+    as ``calibrate --normal`` reads them), its notes printed."""
+    from crane.inspection.reference_use import reference_images
 
-    images: list[Path] = []
-    for path in paths:
-        try:
-            images += [sample.path for sample in folder_samples(path) if not sample.anomaly]
-        except InputError as e:
-            raise CraneError(f"--reference: {e}") from None
+    images, notes = reference_images(paths)
+    for note in notes:
+        print(note, file=sys.stderr)
     if not images:
         raise CraneError(f"--reference {' '.join(map(str, paths))}: no normal images (only defect folders)")
-    return list(dict.fromkeys(images))
+    return images
 
 
 def _load_memory(detector, file: Optional[Path], images: list[Path], args: argparse.Namespace) -> None:
