@@ -206,3 +206,21 @@ def edit_image(path) -> None:
     first = pixels[0, 0]
     pixels[0, 0] = tuple(255 - v for v in first) if isinstance(first, tuple) else 255 - first
     image.save(path)
+
+
+def tiny_dinov2(size: int, perturb_norms: bool = False):
+    """A small ``vit_*_patch14_reg4_dinov2``-shaped timm model (width 96, 2 blocks) inside the real VFM wrapper;
+    ``perturb_norms``: its 1-d parameters moved off their trivial 1 / 0 initialisation."""
+    import timm.models.vision_transformer as vt
+
+    from crane.models.vfm import VFMS, VisionFoundationModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        vit = vt.VisionTransformer(img_size=size, patch_size=14, embed_dim=96, depth=2, num_heads=2, reg_tokens=4,
+                                   no_embed_class=True, init_values=0.5, dynamic_img_size=True, num_classes=0)
+        if perturb_norms:
+            for p in vit.parameters():
+                if p.ndim == 1:
+                    p.data.add_(0.1 * torch.randn_like(p))
+    return VisionFoundationModel("dinov2", vit.eval().requires_grad_(False), VFMS["dinov2"])

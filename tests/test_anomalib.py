@@ -313,6 +313,34 @@ def test_engine_predict_gives_detector_scores_and_maps(dataset, clip_file, check
     assert np.array_equal(labels, scores > model.post_processor.image_threshold.item())
 
 
+@needs_anomalib
+def test_few_shot_takes_references_as_winclip_does(dataset, clip_file, checkpoints, tmp_path):
+    """``k_shot``: the first training images the datamodule yields, or the first files of ``few_shot_source``;
+    ``Engine.predict`` then gives ``Detector.predict``'s scores and maps with the same reference memory."""
+    from anomalib import LearningType
+
+    from crane import Detector
+
+    detector = Detector.from_config(clip_weights=str(clip_file), checkpoint=str(checkpoints["crane"]), image_size=SIZE,
+                                    **CRANE)
+    good = dataset / "test" / CLASS / "good"
+    for kwargs, references in (({"k_shot": 1}, [dataset / "train" / CLASS / "good" / "000.png"]),
+                               ({"k_shot": 2, "few_shot_source": str(good)}, sorted(good.iterdir())[:2])):
+        model = _crane(clip_file, checkpoints["crane"], post_processor=False, **kwargs)
+        assert model.learning_type == LearningType.FEW_SHOT
+        raw = _engine(tmp_path / str(kwargs["k_shot"])).predict(model, datamodule=_folder(dataset))
+        paths = [Path(p) for batch in raw for p in batch.image_path]
+        detector.set_reference(references)
+        expected = detector.predict(paths)
+        assert np.abs(torch.cat([b.pred_score for b in raw]).numpy() - expected.scores).max() < SCORE_TOL
+        assert np.abs(torch.cat([b.anomaly_map for b in raw]).numpy() - expected.maps).max() < SCORE_TOL
+        detector.set_reference(None)
+        assert np.abs(detector.predict(paths).scores - expected.scores).max() > 10 * SCORE_TOL  # the memory counts
+    with pytest.raises(ValueError, match="hold only 1 images"):
+        model = _crane(clip_file, checkpoints["crane"], k_shot=2)
+        _engine(tmp_path / "short").predict(model, datamodule=_folder(dataset))
+
+
 # ------------------------------------------------------------------------------------------- export
 
 

@@ -23,6 +23,7 @@ from crane.detector import Detector  # noqa: E402
 from crane.export.graph import InferenceGraph  # noqa: E402
 from crane.export.writer import OPSET, default_info, export_graph, onnx_to_openvino, to_fp16  # noqa: E402
 from crane.models.crane import CraneConfig, CraneModel  # noqa: E402
+from tests.conftest import tiny_dinov2  # noqa: E402
 
 TOL = 1e-4
 TINY_CLIP = dict(vision_width=128, vision_layers=6, patch_size=14, text_width=128, text_layers=4, embed_dim=64)
@@ -45,27 +46,11 @@ def clip(synth):
     return load_clip(synth.clip_state_dict(**TINY_CLIP))
 
 
-def tiny_dinov2(size: int):
-    """A small ``vit_*_patch14_reg4_dinov2``-shaped timm model inside the real VFM wrapper."""
-    import timm.models.vision_transformer as vt
-
-    from crane.models.vfm import VFMS, VisionFoundationModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        vit = vt.VisionTransformer(img_size=size, patch_size=14, embed_dim=96, depth=2, num_heads=2, reg_tokens=4,
-                                   no_embed_class=True, init_values=0.5, dynamic_img_size=True, num_classes=0)
-        for p in vit.parameters():  # no trivially 1 / 0 norms and biases
-            if p.ndim == 1:
-                p.data.add_(0.1 * torch.randn_like(p))
-    return VisionFoundationModel("dinov2", vit.eval().requires_grad_(False), VFMS["dinov2"])
-
-
 def make_detector(clip, **options) -> Detector:
     import open_clip
 
     config = CraneConfig(**{"image_size": 140, "eattn_layers": 4, **options})
-    vfm = tiny_dinov2(config.image_size) if config.dino_model == "dinov2" else None
+    vfm = tiny_dinov2(config.image_size, perturb_norms=True) if config.dino_model == "dinov2" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the (untrained) prompts
         model = CraneModel(clip, open_clip.get_tokenizer("ViT-L-14-336"), config, vfm)

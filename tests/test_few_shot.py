@@ -20,6 +20,7 @@ from crane.models.memory import (MapStatistics, ReferenceMemory, faiss_available
                                  max_cosine)
 from crane.reference import ReferenceMemoryError, load_reference, save_reference
 from datasets.synthetic import make_synthetic_dataset
+from tests.conftest import tiny_dinov2
 
 SIZE = 56
 TINY_CLIP = dict(vision_width=128, vision_layers=6, patch_size=14, text_width=128, text_layers=4, embed_dim=64)
@@ -31,25 +32,12 @@ def _clip(synth, seed: int = 0):
     return load_clip(synth.clip_state_dict(seed=seed, **TINY_CLIP))
 
 
-def _tiny_dinov2(size: int):
-    """A small DINOv2-shaped timm ViT inside the real VFM wrapper."""
-    import timm.models.vision_transformer as vt
-
-    from crane.models.vfm import VFMS, VisionFoundationModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        vit = vt.VisionTransformer(img_size=size, patch_size=14, embed_dim=96, depth=2, num_heads=2, reg_tokens=4,
-                                   no_embed_class=True, init_values=0.5, dynamic_img_size=True, num_classes=0)
-    return VisionFoundationModel("dinov2", vit.eval().requires_grad_(False), VFMS["dinov2"])
-
-
 def _detector(clip, **options) -> Detector:
     import open_clip
 
     config = CraneConfig(**{"image_size": SIZE, "eattn_layers": 4, "features_list": (2, 4, 6), "soft_mean": True,
                             **options})
-    vfm = _tiny_dinov2(config.image_size) if config.dino_model == "dinov2" else None
+    vfm = tiny_dinov2(config.image_size) if config.dino_model == "dinov2" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the (untrained) prompts
         model = CraneModel(clip, open_clip.get_tokenizer("ViT-L-14-336"), config, vfm)

@@ -35,6 +35,7 @@ from crane.files import file_identity  # noqa: E402
 from crane.models.crane import CraneConfig, CraneModel  # noqa: E402
 from crane.models.smoothing import gaussian_smooth  # noqa: E402
 from crane.reference import save_reference  # noqa: E402
+from tests.conftest import tiny_dinov2  # noqa: E402
 
 TOL = 1e-4
 SIZE = 56
@@ -47,23 +48,11 @@ CONFIGS = {
 }
 
 
-def _tiny_dinov2(size: int):
-    import timm.models.vision_transformer as vt
-
-    from crane.models.vfm import VFMS, VisionFoundationModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        vit = vt.VisionTransformer(img_size=size, patch_size=14, embed_dim=96, depth=2, num_heads=2, reg_tokens=4,
-                                   no_embed_class=True, init_values=0.5, dynamic_img_size=True, num_classes=0)
-    return VisionFoundationModel("dinov2", vit.eval().requires_grad_(False), VFMS["dinov2"])
-
-
 def _detector(clip, **options) -> Detector:
     import open_clip
 
     config = CraneConfig(**{"image_size": SIZE, "eattn_layers": 4, **options})
-    vfm = _tiny_dinov2(SIZE) if config.dino_model == "dinov2" else None
+    vfm = tiny_dinov2(SIZE) if config.dino_model == "dinov2" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CraneModel(clip, open_clip.get_tokenizer("ViT-L-14-336"), config, vfm)

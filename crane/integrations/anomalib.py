@@ -10,6 +10,9 @@
                   mask_dir="test/my_part/masks", val_split_mode="same_as_test")
     Engine().test(model, datamodule=data)  # image_AUROC and pixel_AUROC as test.py gives them
 
+    few = Crane(checkpoint=..., k_shot=4)  # few-shot: a reference memory of 4 normal training images
+    Engine().test(few, datamodule=data)
+
 What it reproduces of ``crane`` (the README section "Crane in anomalib" has the details):
 
 * Input: :class:`CraneResize` resizes 8-bit images with PIL bicubic and masks as
@@ -20,6 +23,11 @@ What it reproduces of ``crane`` (the README section "Crane in anomalib" has the 
 * Post-processing: :class:`CranePostProcessor` normalises like anomalib's (threshold -> 0.5,
   validation min / max -> 0 / 1) but piecewise linearly, so it keeps the order of all values
   within the validation range and the AUROCs equal ``test.py``'s.
+* Few-shot (``k_shot`` > 0, ``LearningType.FEW_SHOT``): a reference memory of ``k_shot`` normal images
+  (``docs/method.md``, "Few-shot"), taken as anomalib's WinCLIP takes its references: the first
+  ``k_shot`` images of the ``few_shot_source`` folder (sorted by name), else the first ``k_shot`` images
+  the datamodule's training loader yields. The memory is part of :attr:`Crane.model`, so it is exported
+  with it.
 * Export: anomalib's exporter (``Engine.export``) traces pre-processor, model and
   post-processor; :class:`ExportPreprocess` replaces the PIL resize by the same arithmetic in
   tensor operations (PIL's bicubic weights, 8-bit rounding after each pass), so the exported
@@ -63,6 +71,8 @@ except ImportError as error:
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from crane import settings as crane_settings
+from crane.data.folders import walk_images
 from crane.data.image import OPENAI_MEAN, OPENAI_STD, load_mask
 from crane.detector import Detector
 from crane.export.graph import InferenceGraph
@@ -297,6 +307,10 @@ class Crane(AnomalibModule):
         eattn_layers: how many final CLIP blocks run E-Attn.
         dattn_gamma: D-Attn sharpening exponent.
         force: run with settings that contradict the checkpoint's.
+        k_shot: reference images of the few-shot memory (0: zero-shot).
+        few_shot_source: a folder of normal images to take them from (default: the datamodule's training images).
+        coreset_ratio: fraction of the reference patches kept (greedy k-centre coreset; 1: all).
+        few_shot_weight: weight of the few-shot part of scores and maps.
         pre_processor: ``True`` for :class:`CranePreProcessor` (crane's input), or anomalib's choices.
         post_processor: ``True`` for :class:`CranePostProcessor`, or anomalib's choices.
         evaluator: anomalib's evaluator (``True``: image and pixel AUROC and F1).
@@ -324,11 +338,23 @@ class Crane(AnomalibModule):
         eattn_layers: int = CraneConfig.eattn_layers,
         dattn_gamma: float = CraneConfig.dattn_gamma,
         force: bool = False,
+        k_shot: int = 0,
+        few_shot_source: Optional[str] = None,
+        coreset_ratio: float = crane_settings.REFERENCE_BY_NAME["coreset_ratio"].default,
+        few_shot_weight: float = crane_settings.REFERENCE_BY_NAME["few_shot_weight"].default,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        problems = crane_settings.problems({"coreset_ratio": coreset_ratio, "few_shot_weight": few_shot_weight},
+                                           "inspect")
+        if k_shot < 0 or (few_shot_source is not None and not k_shot):
+            problems.append(f"k_shot must be > 0 with few_shot_source, and >= 0, got {k_shot}")
+        if few_shot_source is not None and not Path(few_shot_source).expanduser().is_dir():
+            problems.append(f"few_shot_source {few_shot_source}: no such folder")
+        if problems:
+            raise ValueError("; ".join(problems))
         given = {"dino_model": dino_model, "features_list": features_list, "soft_mean": soft_mean,
                  "attn_type": attn_type, "both_eattn_dattn": both_eattn_dattn,
                  "use_scorebase_pooling": use_scorebase_pooling, "n_ctx": n_ctx, "t_n_ctx": t_n_ctx, "depth": depth,
@@ -349,12 +375,45 @@ class Crane(AnomalibModule):
             log.warning("dattn_batch_mean: each map depends on the images batched with it (anomalib's batches, "
                         "not the published ones), so the numbers differ from test.py's")
         self.settings = settings
+        self.k_shot, self.coreset_ratio, self.few_shot_weight = int(k_shot), float(coreset_ratio), float(few_shot_weight)
+        self.few_shot_source = None if few_shot_source is None else Path(few_shot_source).expanduser()
+        self._detector = detector  # builds the reference memory in setup (few-shot)
         self.model = CraneTorchModel(InferenceGraph.from_detector(detector))
 
     @property
     def learning_type(self) -> LearningType:
-        """Zero-shot: nothing is learnt from the datamodule's images."""
-        return LearningType.ZERO_SHOT
+        """Zero-shot, or few-shot with ``k_shot`` reference images (nothing is trained either way)."""
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
+
+    def setup(self, stage: str) -> None:
+        """Few-shot: build the reference memory once, from :meth:`reference_images`, into :attr:`model`."""
+        del stage
+        if not self.k_shot or self._detector.reference is not None:
+            return
+        images = self.reference_images()
+        log.info("few-shot: a reference memory of %d normal images%s", len(images),
+                 f" from {self.few_shot_source}" if self.few_shot_source else " from the training images")
+        self._detector.set_reference(images, self.coreset_ratio, self.few_shot_weight, exif_orientation=True)
+        self.model = CraneTorchModel(InferenceGraph.from_detector(self._detector))
+
+    def reference_images(self) -> list[Any]:
+        """The ``k_shot`` reference images: the first of ``few_shot_source`` (paths, sorted), else the first the
+        datamodule's training loader yields (``H x W x 3`` uint8 arrays of its ``[0, 1]`` images, which are
+        ``uint8 / 255`` as anomalib reads files). ``ValueError`` when there are fewer."""
+        if self.few_shot_source is not None:
+            found: list[Any] = walk_images(self.few_shot_source)[:self.k_shot]
+            where = str(self.few_shot_source)
+        else:
+            found = []
+            for batch in self.trainer.datamodule.train_dataloader():
+                for image in batch.image[:self.k_shot - len(found)]:
+                    found.append(_to_uint8(image).permute(1, 2, 0).cpu().numpy())
+                if len(found) == self.k_shot:
+                    break
+            where = "the datamodule's training images"
+        if len(found) < self.k_shot:
+            raise ValueError(f"k_shot {self.k_shot}: {where} hold only {len(found)} images")
+        return found
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
