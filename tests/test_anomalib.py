@@ -336,6 +336,19 @@ def test_few_shot_takes_references_as_winclip_does(dataset, clip_file, checkpoin
         assert np.abs(torch.cat([b.anomaly_map for b in raw]).numpy() - expected.maps).max() < SCORE_TOL
         detector.set_reference(None)
         assert np.abs(detector.predict(paths).scores - expected.scores).max() > 10 * SCORE_TOL  # the memory counts
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime"):  # the export carries it
+        import onnxruntime as ort
+        from anomalib.deploy import ExportType
+
+        path = _engine(tmp_path / "export").export(model, ExportType.ONNX, export_root=tmp_path / "export")
+        session = ort.InferenceSession(str(path))
+        names = [output.name for output in session.get_outputs()]
+        images = _inputs(dataset)["preprocessed"]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()})))
+        with torch.no_grad():
+            expected = model(images)
+        assert np.abs(got["pred_score"] - expected.pred_score.numpy()).max() < EXPORT_TOL
+        assert np.abs(got["anomaly_map"] - expected.anomaly_map.numpy()).max() < EXPORT_TOL
     with pytest.raises(ValueError, match="hold only 1 images"):
         model = _crane(clip_file, checkpoints["crane"], k_shot=2)
         _engine(tmp_path / "short").predict(model, datamodule=_folder(dataset))
