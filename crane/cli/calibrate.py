@@ -14,11 +14,10 @@ from crane.checkpoints import CheckpointInfo
 from crane.cli import common
 from crane.cli.common import EXIT_SKIPPED, add_bit_depth_flag, add_model_flags
 from crane.errors import CraneError
-from crane.checkpoints import official_at, replace_problem
 from crane.cli.args import add_bool_flag, add_reference_flags
-from crane.files import output_problem
-from crane.inspection.reference_use import is_memory_file, memory_path, thresholds_entry
-from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, default_path, load_thresholds, model_record, \
+from crane.inspection.calibration import memory_references
+from crane.inspection.reference_use import check_memory_output, save_calibrated_memory
+from crane.inspection.thresholds import IMAGE_CRITERIA, Thresholds, check_output, default_path, model_record, \
     save_thresholds
 
 
@@ -115,10 +114,8 @@ def _calibration_images(args: argparse.Namespace):
                   f"{len(found) - len(normal)} in other folders (pass it to --labelled to count them as defects)",
                   file=sys.stderr)
         samples += normal
-    references = list(dict.fromkeys(s.path.resolve() for s in samples)) if args.reference_memory else []
-    if args.reference_memory and len(references) < 2:
-        raise CraneError(f"--reference_memory needs at least 2 normal images (leave-one-out scores each against the "
-                         f"others), found {len(references)} in --normal {' '.join(map(str, args.normal))}")
+    references = memory_references([s.path for s in samples], "--reference_memory",
+                                   f"--normal {' '.join(map(str, args.normal))}") if args.reference_memory else []
     for folder in args.labelled or []:
         samples += folder_samples(folder, labelled=True)
     samples = list({s.path.resolve(): s for s in samples}.values())
@@ -128,67 +125,23 @@ def _calibration_images(args: argparse.Namespace):
 
 
 def _output(args: argparse.Namespace) -> Path:
-    """Where the thresholds go, checked: writable; an existing file is replaced only when calibrate wrote it
-    (a thresholds file, said in one line) or with ``--overwrite``, and an official checkpoint never."""
+    """Where the thresholds go, checked (:func:`crane.inspection.thresholds.check_output`): writable; an existing
+    file is replaced only when calibrate wrote it (a thresholds file, said in one line) or with ``--overwrite``,
+    and an official checkpoint never."""
     output = Path(args.output or default_path(args.checkpoint)).expanduser()
-    problem = output_problem(output, flag="--output")
-    if problem:
-        raise CraneError(f"cannot write {output} ({problem}); pass --output FILE and give predict --thresholds FILE")
-    official = official_at(output)
-    if official is None and output.is_file() and not args.overwrite:
-        try:
-            load_thresholds(output)
-        except (OSError, ValueError):
-            raise CraneError(f"--output {output} exists and is not a thresholds file; choose another file, or pass "
-                             "--overwrite to replace it") from None
-        print(f"note: replacing the thresholds in {output} (written by an earlier calibrate)", file=sys.stderr)
-    problem = replace_problem(output, True, "--output") if official is not None else None
-    if problem:
-        raise CraneError(problem)
+    note = check_output(output, args.overwrite, "--output", "pass --output FILE and give predict --thresholds FILE")
+    if note:
+        print(note, file=sys.stderr)
     return output
 
 
 def _memory_output(args: argparse.Namespace, output: Path) -> Path:
     """Where ``--reference_memory`` keeps the memory (``reference.pt`` beside the thresholds), checked as
-    :func:`_output` checks the thresholds file: an existing file is replaced only when it is a reference memory
-    (said in one line) or with ``--overwrite``."""
-    path = memory_path(output)
-    problem = output_problem(path, flag="the reference memory")
-    if problem:
-        raise CraneError(f"cannot write {path} ({problem}); pass --output FILE to keep both elsewhere")
-    if path.exists() and official_at(path) is not None:
-        raise CraneError(f"{path} is a shipped official checkpoint: pass --output FILE in another folder")
-    if path.is_file() and not args.overwrite:
-        if not is_memory_file(path):
-            raise CraneError(f"{path} exists and is not a reference memory; pass --output FILE in another folder, "
-                             "or --overwrite to replace it")
-        print(f"note: replacing the reference memory in {path} (written by an earlier calibrate)", file=sys.stderr)
+    :func:`_output` checks the thresholds file (:func:`crane.inspection.reference_use.check_memory_output`)."""
+    path, note = check_memory_output(output, args.overwrite, "pass --output FILE in another folder")
+    if note:
+        print(note, file=sys.stderr)
     return path
-
-
-def _set_memory(args: argparse.Namespace, detector, references: list[Path]) -> int:
-    """Build the memory of the readable ``references`` on ``detector`` (read as the calibration images are:
-    EXIF orientation, ``--bit_depth``); return how many were unreadable (they are skipped when scored too).
-    :class:`CraneError` when fewer than 2 distinct images are left."""
-    from crane.data.image import load_rgb
-
-    readable = []
-    for path in references:
-        try:
-            load_rgb(path, exif_orientation=True, bit_depth=args.bit_depth)
-            readable.append(path)
-        except Exception:  # any decoder failure: calibrate lists the file as skipped when it scores it
-            continue
-    if len(readable) >= 2:
-        print(f"building the reference memory of {len(readable)} normal images (coreset {args.coreset_ratio:g}, "
-              f"few-shot weight {args.few_shot_weight:g}) ...", file=sys.stderr)
-        memory = detector.set_reference(readable, args.coreset_ratio, args.few_shot_weight, progress=True,
-                                        exif_orientation=True, bit_depth=args.bit_depth)
-    if len(readable) < 2 or memory.references < 2:
-        found = len(readable) if len(readable) < 2 else memory.references
-        raise CraneError(f"--reference_memory needs at least 2 distinct readable normal images, found {found} "
-                         f"(of {len(references)} files)")
-    return len(references) - len(readable)
 
 
 def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo) -> int:
@@ -196,7 +149,8 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     from tabulate import tabulate
 
     from crane.data.image import InputNotes
-    from crane.inspection.calibration import CalibrationScores, pick_false_alarm, pick_labelled, run_dataset, run_samples
+    from crane.inspection.calibration import (CalibrationScores, build_memory, pick_false_alarm, pick_labelled,
+                                              run_dataset, run_leave_one_out, run_samples)
 
     dataset, samples, labels, source, references = _calibration_images(args)
     anomalous, total = sum(labels), len(labels)
@@ -211,18 +165,17 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
     detector = common.load_detector(args, state, info)
     detector.set_reference(None)  # zero-shot unless --reference_memory
     if memory_file is not None:
-        _set_memory(args, detector, references)
+        build_memory(detector, references, args.coreset_ratio, args.few_shot_weight, args.bit_depth)
     scores = CalibrationScores.for_run(args.target_fpr, total - anomalous, detector.config.image_size)
     skipped: list[tuple[Path, str]] = []
     notes = InputNotes()
-    left_out: set[int] = set()
+    left_out = 0
     if dataset is not None:
         run_dataset(detector, dataset, args.batch_size, args.num_workers, scores)
+    elif memory_file is not None:
+        skipped, left_out = run_leave_one_out(detector, samples, args.batch_size, scores, args.bit_depth, notes)
     else:
-        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes, left_out)
-    if memory_file is not None and len(left_out) != detector.reference.references:
-        raise RuntimeError(f"only {len(left_out)} of the {detector.reference.references} reference images were "
-                           "recognised when scored, so the others were not left out of the memory")
+        skipped = run_samples(detector, samples, args.batch_size, scores, args.bit_depth, notes)
     _, kept = scores.arrays()
     if (~kept).sum() == 0 or (args.target_fpr is None and kept.sum() == 0):
         raise CraneError(f"{where}: too few readable images left to calibrate on ({len(skipped)} unreadable)")
@@ -235,12 +188,9 @@ def run(args: argparse.Namespace, state: Mapping[str, Any], info: CheckpointInfo
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "crane_version": __version__}
     if memory_file is not None:
-        from crane.reference import save_reference
-
-        save_reference(detector.reference, memory_file, provenance={
+        meta["reference"] = save_calibrated_memory(detector.reference, memory_file, output, {
             "checkpoint": str(args.checkpoint), "checkpoint_sha256": info.sha256, "model": model_record(args, info),
-            "written_by": "python -m crane calibrate --reference_memory", "thresholds": str(output)})
-        meta["reference"] = thresholds_entry(memory_file, output, detector.reference.spec, len(left_out))
+            "written_by": "python -m crane calibrate --reference_memory"}, left_out)
     save_thresholds(Thresholds(picked.image, picked.pixel, meta), output)
     for line in notes.lines():
         print(f"note: {line}", file=sys.stderr)

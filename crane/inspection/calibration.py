@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from crane.errors import CraneError
 from crane.inspection.thresholds import confusion, max_f1_threshold, youden_threshold
 
 CONFIDENCE = 0.95
@@ -377,3 +379,61 @@ def run_samples(detector, samples: list, batch_size: int, into: CalibrationScore
                           np.array([s.mask is not None for s, _, _ in batch]))
             bar.update(len(batch))
     return skipped
+
+
+# --------------------------------------------------------------------- with a reference memory
+
+
+def memory_references(paths: Sequence[Any], what: str, where: str) -> list[Path]:
+    """The reference images of a calibration that keeps its normal images as a memory
+    (``calibrate --normal DIR --reference_memory``, the app's few-shot option): the distinct files of ``paths``
+    (resolved, in order). :class:`CraneError` in one line, before any model work, when there are fewer than
+    two (leave-one-out needs another); ``what`` names the option, ``where`` the images."""
+    references = list(dict.fromkeys(Path(p).resolve() for p in paths))
+    if len(references) < 2:
+        raise CraneError(f"{what} needs at least 2 normal images (leave-one-out scores each against the others), "
+                         f"found {len(references)} in {where}")
+    return references
+
+
+def build_memory(detector, references: Sequence[Path], coreset_ratio: float, few_shot_weight: float,
+                 bit_depth: int = 16, what: str = "--reference_memory"):
+    """Give ``detector`` the memory of the readable ``references`` (read as the calibration images are: EXIF
+    orientation, ``bit_depth``; an unreadable one is skipped here and listed when it is scored) and return it
+    (:class:`crane.models.memory.ReferenceMemory`). :class:`CraneError` (naming ``what``) when fewer than 2
+    distinct images are left."""
+    import sys
+
+    from crane.data.image import load_rgb
+
+    readable = []
+    for path in references:
+        try:
+            load_rgb(path, exif_orientation=True, bit_depth=bit_depth)
+            readable.append(path)
+        except Exception:  # any decoder failure: the calibration lists the file as skipped when it scores it
+            continue
+    memory = None
+    if len(readable) >= 2:
+        print(f"building the reference memory of {len(readable)} normal images (coreset {coreset_ratio:g}, "
+              f"few-shot weight {few_shot_weight:g}) ...", file=sys.stderr)
+        memory = detector.set_reference(readable, coreset_ratio, few_shot_weight, progress=True,
+                                        exif_orientation=True, bit_depth=bit_depth)
+    if memory is None or memory.references < 2:
+        found = len(readable) if memory is None else memory.references
+        raise CraneError(f"{what} needs at least 2 distinct readable normal images, found {found} "
+                         f"(of {len(references)} files)")
+    return memory
+
+
+def run_leave_one_out(detector, samples: list, batch_size: int, into: CalibrationScores, bit_depth: int = 16,
+                      notes=None) -> tuple[list[tuple[Any, str]], int]:
+    """:func:`run_samples` with the memory :func:`build_memory` gave ``detector``: each of its reference images
+    among ``samples`` scored without its own patches. Returns the unreadable ``(path, reason)`` and how many
+    images were scored by leave-one-out (every reference: checked)."""
+    left_out: set[int] = set()
+    skipped = run_samples(detector, samples, batch_size, into, bit_depth, notes, left_out)
+    if len(left_out) != detector.reference.references:
+        raise RuntimeError(f"only {len(left_out)} of the {detector.reference.references} reference images were "
+                           "recognised when scored, so the others were not left out of the memory")
+    return skipped, len(left_out)

@@ -115,6 +115,43 @@ def is_memory_file(path: os.PathLike) -> bool:
     return True
 
 
+def check_memory_output(thresholds_path: os.PathLike, overwrite: bool, elsewhere: str,
+                        overwrite_flag: Optional[str] = "--overwrite") -> tuple[Path, Optional[str]]:
+    """Where a calibration that builds a memory keeps it (:func:`memory_path`), checked as the thresholds file
+    is (``calibrate --reference_memory`` and the app's rule): writable; never a shipped official checkpoint; an
+    existing file replaced only when it is a reference memory (the returned note says so) or with
+    ``overwrite``. Returns ``(path, note or None)``; raises :class:`ReferenceUseError` in one line ending with
+    ``elsewhere`` (how to choose another folder), and ``overwrite_flag`` (``None``: none offered) for a file that
+    is not a reference memory."""
+    from crane.checkpoints import official_at
+    from crane.files import output_problem
+
+    path = memory_path(thresholds_path)
+    problem = output_problem(path, flag="the reference memory")
+    if problem:
+        raise ReferenceUseError(f"cannot write {path} ({problem}); {elsewhere}")
+    if path.exists() and official_at(path) is not None:
+        raise ReferenceUseError(f"{path} is a shipped official checkpoint; {elsewhere}")
+    if path.is_file() and not overwrite:
+        if not is_memory_file(path):
+            replace = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
+            raise ReferenceUseError(f"{path} exists and is not a reference memory; {elsewhere}{replace}")
+        return path, f"note: replacing the reference memory in {path} (written by an earlier calibration)"
+    return path, None
+
+
+def save_calibrated_memory(memory: Any, memory_file: os.PathLike, thresholds_path: os.PathLike,
+                           provenance: Mapping[str, Any], leave_one_out_images: int) -> dict[str, Any]:
+    """Write the memory a calibration built (``memory``: its :class:`crane.models.memory.ReferenceMemory`) to
+    ``memory_file`` (checked with :func:`check_memory_output`), recording ``provenance`` (checkpoint, its
+    SHA-256, model record, what wrote it) and the thresholds file it belongs to; return the thresholds file's
+    ``"reference"`` entry (:func:`thresholds_entry`)."""
+    from crane.reference import save_reference
+
+    save_reference(memory, memory_file, provenance={**provenance, "thresholds": str(thresholds_path)})
+    return thresholds_entry(memory_file, thresholds_path, memory.spec, leave_one_out_images)
+
+
 @dataclass
 class ReferenceChoice:
     """The memory a run scores with: a ``reference.pt`` (``file``) or one built from ``images`` (paths of

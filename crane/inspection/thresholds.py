@@ -31,9 +31,9 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from crane import settings
-from crane.checkpoints import CheckpointInfo
+from crane.checkpoints import CheckpointInfo, official_at, replace_problem
 from crane.errors import CraneError
-from crane.files import write_json
+from crane.files import output_problem, write_json
 
 FORMAT = "crane-thresholds/1"
 FILENAME = "thresholds.json"
@@ -153,6 +153,31 @@ def save_thresholds(thresholds: Thresholds, path: Union[str, os.PathLike]) -> Pa
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, thresholds.to_json())
+
+
+def check_output(output: Union[str, os.PathLike], overwrite: bool, flag: str, elsewhere: str,
+                 overwrite_flag: Optional[str] = "--overwrite") -> Optional[str]:
+    """Whether a calibration may write its thresholds to ``output`` (``calibrate`` and the app's rule): the file
+    must be writable; an existing file is replaced only when it is a thresholds file (the returned note says so)
+    or with ``overwrite``, and a shipped official checkpoint never. Raises :class:`ThresholdsError` in one line
+    naming ``flag`` (what names the file) and ending with ``elsewhere`` (how to choose another file), and
+    ``overwrite_flag`` (``None``: the caller offers none) for a file that is not a thresholds file."""
+    output = Path(output).expanduser()
+    problem = output_problem(output, flag=flag)
+    if problem:
+        raise ThresholdsError(f"cannot write {output} ({problem}); {elsewhere}")
+    official = official_at(output)
+    if official is not None:
+        raise ThresholdsError(replace_problem(output, True, flag))
+    if output.is_file() and not overwrite:
+        try:
+            load_thresholds(output)
+        except (OSError, ValueError):
+            replace = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
+            raise ThresholdsError(f"{flag} {output} exists and is not a thresholds file; {elsewhere}{replace}") \
+                from None
+        return f"note: replacing the thresholds in {output} (written by an earlier calibration)"
+    return None
 
 
 def _optional_float(data: dict[str, Any], key: str, path: Path) -> Optional[float]:
