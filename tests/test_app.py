@@ -118,6 +118,19 @@ def setup(tmp_path_factory, detectors):
 
 
 @pytest.fixture(scope="module")
+def few_shot(setup):
+    """``calibrate --normal --reference_memory`` on the normal images (into its own folder): its thresholds.json
+    and reference.pt."""
+    from crane.cli import dispatch as cli
+
+    output = setup["root"] / "few_shot" / "thresholds.json"
+    assert cli.main(["calibrate", "--normal", str(setup["normal"]), "--target_fpr", str(TARGET_FPR),
+                     "--reference_memory", "--output", str(output), "--checkpoint", str(setup["checkpoint"]),
+                     *setup["flags"]]) == 0
+    return dict(thresholds=json.loads(output.read_text()), memory=output.parent / "reference.pt")
+
+
+@pytest.fixture(scope="module")
 def app(setup):
     """The app of the checkpoint, served from this process (so its model calls can be counted)."""
     _need("gradio")
@@ -169,7 +182,7 @@ def _wait(page, script: str, timeout: float = 60_000) -> None:
     page.wait_for_function(script, timeout=timeout)
 
 
-def test_inspect_calibrate_and_download_in_the_browser(setup, app, browser):
+def test_inspect_calibrate_and_download_in_the_browser(setup, few_shot, app, browser):
     engine = app["engine"]
     expected = {Path(r["path"]).name: r for r in _rows(setup["predicted"] / "scores.csv")}
     calibrated = setup["calibrated"]
@@ -253,6 +266,17 @@ def test_inspect_calibrate_and_download_in_the_browser(setup, app, browser):
     for key in ("image", "pixel"):
         assert saved["calibration"][key] == calibrated["calibration"][key]
     assert saved["model"] == calibrated["model"]
+
+    # again with a reference memory built from the same images: calibrate --reference_memory's thresholds, and the
+    # Inspect tab's image threshold moves to them
+    page.locator("#reference-memory input[type=checkbox]").check()
+    page.locator("#calibrate").click()
+    _wait(page, "document.querySelector('#calibration-report').innerText.includes('leave-one-out')")
+    memory = few_shot["thresholds"]
+    report = page.locator("#calibration-report").inner_text()
+    assert f"{memory['image_threshold']:.6g}" in report and f"{memory['pixel_threshold']:.6g}" in report
+    _wait(page, f"Math.abs(Number(document.querySelector('#image-threshold input[type=number]').value) - "
+                f"{memory['image_threshold']}) < 1e-6")
     page.screenshot(path=str(shots / "app_calibrate.png"), full_page=True)
     page.close()
 
@@ -281,6 +305,79 @@ def test_api_endpoint_gives_predicts_numbers(setup, app, tmp_path):
     with pytest.raises(Exception, match="(?i)size"):
         client.predict(handle_file(str(big)), api_name="/predict")
     assert app["engine"].model_calls == calls
+
+
+def test_few_shot_calibration_is_calibrates_and_inspect_scores_with_its_memory(setup, few_shot, tmp_path):
+    """Engine.calibrate with a reference memory: calibrate --reference_memory's thresholds on the same images, its
+    reference.pt and "reference" entry when saved; the session's Inspect scores are Detector.predict's with that
+    memory, the API's stay those of the model loaded at start."""
+    import torch
+
+    from crane.cli.app import command
+    from crane.cli.app.backend import Engine, check_flags
+    from crane.data.image import load_rgb
+    from crane.errors import CraneError
+    from crane.files import file_identity
+
+    checkpoint = tmp_path / "run" / setup["checkpoint"].name  # a folder of its own: no thresholds.json yet
+    checkpoint.parent.mkdir()
+    shutil.copy(setup["checkpoint"], checkpoint)
+
+    def opened() -> Engine:
+        args = command.build_parser().parse_args(["--checkpoint", str(checkpoint), *setup["flags"]])
+        assert check_flags(args) == []
+        return Engine.open(args)
+
+    engine = opened()
+    folder = tmp_path / "upload"
+    shutil.copytree(setup["normal"], folder / "normal")
+    calibration = engine.calibrate(folder, TARGET_FPR, reference_memory=True)
+    expected = few_shot["thresholds"]
+    assert (calibration.thresholds.image, calibration.thresholds.pixel) == \
+        (expected["image_threshold"], expected["pixel_threshold"])
+    for key in ("image", "pixel"):
+        assert calibration.thresholds.meta["calibration"][key] == expected["calibration"][key]
+    assert calibration.memory.references == 7 and calibration.left_out == 7
+
+    # saved: thresholds.json naming reference.pt beside it, calibrate's entry; the memory is calibrate's
+    written = engine.save(calibration)
+    assert written == [checkpoint.parent / "thresholds.json", checkpoint.parent / "reference.pt"]
+    saved = json.loads(written[0].read_text())
+    assert saved["reference"] == {**expected["reference"], "identity": file_identity(written[1])}
+    ours, theirs = (torch.load(p, weights_only=True) for p in (written[1], few_shot["memory"]))
+    assert ours["spec"] == theirs["spec"]
+    for a, b in zip(ours["banks"], theirs["banks"]):
+        assert torch.equal(a["features"], b["features"]) and torch.equal(a["indices"], b["indices"])
+
+    # this session's Inspect scores with the memory: Detector.predict's with it (images turned by their EXIF tag)
+    photos = setup["files"][:2]
+    batch = engine.score(photos, setup["photos"], calibration.memory)
+    assert "built in Calibrate" in batch.scored_with
+    detector = engine.predictor.detector
+    detector.set_reference(few_shot["memory"])
+    reference = detector.predict([load_rgb(p, exif_orientation=True) for p in photos]).scores
+    np.testing.assert_allclose([item.score for item in batch.scored], reference, rtol=0, atol=1e-6)
+    # the API, and a session without a memory, keep the model loaded at start (zero-shot: predict's scores)
+    zero_shot = {Path(r["path"]).name: float(r["score"]) for r in _rows(setup["predicted"] / "scores.csv")}
+    assert abs(engine.predict_file(photos[0])["score"] - zero_shot["a16.png"]) <= 1e-5
+    assert [round(item.score, 5) for item in engine.score(photos, setup["photos"]).scored] == \
+        [round(zero_shot[p.name], 5) for p in photos]
+    # started again, the app scores with the memory its thresholds.json names, and says so
+    again = opened()
+    assert again.notes[0].startswith(f"few-shot: scoring against reference memory {written[1]}")
+    np.testing.assert_allclose([item.score for item in again.score(photos, setup["photos"]).scored], reference,
+                               rtol=0, atol=1e-6)
+
+    # one image, and a file in the way of reference.pt: one line each
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(next(setup["normal"].iterdir()), single)
+    with pytest.raises(CraneError, match="needs at least 2 normal images"):
+        engine.calibrate(single, TARGET_FPR, reference_memory=True)
+    written[1].write_bytes(b"someone else's file")
+    with pytest.raises(CraneError, match="exists and is not a reference memory"):
+        engine.save(calibration)
+    assert written[1].read_bytes() == b"someone else's file"
 
 
 def test_no_server_file_is_readable_but_the_apps_own(setup, app):
@@ -351,7 +448,7 @@ def exported(setup):
 
 def test_exported_graph_calibrates_with_calibrates_arithmetic(setup, exported):
     from crane.cli.app import command
-    from crane.cli.app.backend import Engine, check_flags
+    from crane.cli.app.backend import CraneError, Engine, check_flags
 
     def opened() -> Engine:
         args = command.build_parser().parse_args(["--model", str(exported), "--batch_size", str(BATCH)])
@@ -360,6 +457,8 @@ def test_exported_graph_calibrates_with_calibrates_arithmetic(setup, exported):
 
     engine = opened()
     assert engine.notes[0].startswith(f"thresholds: from the metadata of {exported}")
+    with pytest.raises(CraneError, match="exported graph scores with the reference memory exported into it"):
+        engine.calibrate(setup["normal"], TARGET_FPR, reference_memory=True)
     folder = setup["root"] / "graph_calibration"
     shutil.copytree(setup["normal"], folder)
     calibration = engine.calibrate(folder, TARGET_FPR)
@@ -371,7 +470,7 @@ def test_exported_graph_calibrates_with_calibrates_arithmetic(setup, exported):
         {k: calibrated["calibration"]["image"][k] for k in ("normal_images", "flagged", "expected_fpr",
                                                             "expected_fpr_interval")}
     assert calibration.thresholds.meta["model"]["checkpoint_sha256"] == calibrated["model"]["checkpoint_sha256"]
-    assert engine.save(calibration.thresholds) == exported.parent / "thresholds.json"
+    assert engine.save(calibration) == [exported.parent / "thresholds.json"]
     assert opened().notes[0] == (f"thresholds: from {exported.parent / 'thresholds.json'} (beside the "
                                           "exported model, instead of the thresholds in its metadata)")
     (exported.parent / "thresholds.json").unlink()

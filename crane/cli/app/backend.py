@@ -11,8 +11,13 @@ same ones, so its scores, files and thresholds are those of the commands on the 
   redrawing; unreadable files listed with their reason); :func:`panel` redraws one at any
   thresholds without the model; :meth:`Engine.write_results` writes ``predict``'s files.
 * :meth:`Engine.calibrate` and :meth:`Engine.save`: ``calibrate --normal``'s thresholds (on the
-  exported graph when the app runs one) and their ``thresholds.json``.
-* :meth:`Engine.predict_file`: the ``predict`` API endpoint's answer for one file.
+  exported graph when the app runs one) and their ``thresholds.json``; with ``reference_memory``
+  (torch only) ``calibrate --normal --reference_memory``'s: a reference memory built from the normal
+  images, thresholds by leave-one-out, saved as ``reference.pt`` beside ``thresholds.json`` (the
+  functions of :mod:`crane.inspection.calibration` and :mod:`crane.inspection.reference_use` that
+  ``calibrate`` runs). :meth:`Engine.score` takes such a memory for one page session's Inspect tab.
+* :meth:`Engine.predict_file`: the ``predict`` API endpoint's answer for one file, with the memory and
+  thresholds loaded at start (never a page session's).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from crane import __version__
+from crane import __version__, settings
 from crane.checkpoints import CheckpointInfo
 from crane.cli.common import add_model_flags as add_checkpoint_model_flags
 from crane.cli.common import add_bit_depth_flag, checkpoint_of
@@ -37,18 +42,23 @@ from crane.cli.predict import TorchPredictor, load_input, resolve_thresholds, sc
 from crane.cli.serving import open_predictor, thresholds_note
 from crane.cli.setup import describe_model, flag_errors, settle_model
 from crane.data.folders import InputFile, collect_inputs, folder_samples
+from crane.data.image import InputNotes
 from crane.errors import CraneError, one_line
-from crane.files import output_problem
-from crane.inspection.calibration import CalibrationScores, Picked, pick_false_alarm, run_samples
-from crane.inspection.reference_use import ReferenceChoice, choose_reference, thresholds_entry
+from crane.inspection.calibration import (CalibrationScores, Picked, build_memory, memory_references,
+                                          pick_false_alarm, run_leave_one_out, run_samples)
+from crane.inspection.reference_use import (ReferenceChoice, check_memory_output, choose_reference,
+                                            save_calibrated_memory, thresholds_entry)
 from crane.inspection.outputs import OutputFolder, PredictOutputs, decision
-from crane.inspection.thresholds import Thresholds, default_path, model_record, parse_override, save_thresholds
+from crane.inspection.thresholds import (Thresholds, check_output, default_path, model_record, parse_override,
+                                         save_thresholds)
 from crane.inspection.visualize import render_panel
 
 __all__ = ["Batch", "Calibration", "CraneError", "Engine", "Scored", "add_model_flags", "check_flags", "one_line",
            "panel", "user_errors"]
 
 BACKENDS = ("onnxruntime", "openvino")
+MEMORY_OPTION = "a reference memory (few-shot)"
+"""How the app's one-line errors name its few-shot option (``calibrate``'s: ``--reference_memory``)."""
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -107,21 +117,28 @@ class Scored:
 
 @dataclass
 class Batch:
-    """The images of one upload: ``scored`` in upload order, ``skipped`` ``(path, reason)`` of unreadable ones."""
+    """The images of one upload: ``scored`` in upload order, ``skipped`` ``(path, reason)`` of unreadable ones;
+    ``scored_with``: which memory scored them, in words (:meth:`Engine.scored_with`)."""
 
     scored: list[Scored]
     skipped: list[tuple[Path, str]]
+    scored_with: str = "zero-shot"
 
 
 @dataclass
 class Calibration:
     """A calibration: what ``calibrate`` reports (``picked``: table, summary, notes), the ``thresholds.json``
-    content to save, and the unreadable files ``(path, reason)``."""
+    content to save, and the unreadable files ``(path, reason)``. ``memory``: the reference memory built from
+    its normal images (:class:`crane.models.memory.ReferenceMemory`; ``None``: calibrated with the memory loaded
+    at start, or zero-shot), its ``left_out`` images scored by leave-one-out; :meth:`Engine.save` writes it
+    beside the thresholds and names it there."""
 
     picked: Picked
     thresholds: Thresholds
     skipped: list[tuple[Path, str]]
     notes: list[str]
+    memory: Any = None
+    left_out: int = 0
 
 
 def panel(item: Scored, image_threshold: Optional[float], pixel_threshold: Optional[float]) -> np.ndarray:
@@ -205,16 +222,37 @@ class Engine:
         """Where calibrations are saved: ``--thresholds``, else ``thresholds.json`` beside the model."""
         return Path(self.args.thresholds or default_path(self.args.model or self.args.checkpoint)).expanduser()
 
-    def _predict(self, batch: list) -> tuple[np.ndarray, np.ndarray]:
+    def _use(self, memory: Any) -> Any:
+        """With the lock held: score with ``memory`` (a memory built in a page session), else the memory loaded at
+        start (``None``: zero-shot); set on every model call, as the one model serves every session and the API.
+        Returns the detector (``None`` for an exported graph, whose memory is inside it)."""
+        if self.exported:
+            return None
+        detector = self.predictor.detector
+        detector.reference = memory if memory is not None else self.predictor.memory
+        return detector
+
+    def _predict(self, batch: list, memory: Any = None) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             self.model_calls += 1
+            self._use(memory)
             return self.predictor.predict(batch)
+
+    def scored_with(self, memory: Any = None) -> str:
+        """Which memory scores with ``memory`` given (one built in Calibrate) or not, in words."""
+        if memory is not None:
+            return (f"the reference memory of {memory.references} normal images built in Calibrate (few-shot; the API "
+                    "keeps the memory loaded at start)")
+        if self.reference is not None:
+            return f"the reference memory {self.reference.file.name} named by {self.reference.named_by} (few-shot)"
+        return "zero-shot" if not self.exported else "the exported graph"
 
     # ------------------------------------------------------------------------------ inspect
 
-    def score(self, files: Sequence[Path], folder: Path) -> Batch:
+    def score(self, files: Sequence[Path], folder: Path, memory: Any = None) -> Batch:
         """Score ``files`` (inside ``folder``, named as the user named them) as ``predict`` does: in batches of
-        ``--batch_size``, each image turned as its EXIF orientation says; unreadable ones are listed."""
+        ``--batch_size``, each image turned as its EXIF orientation says; unreadable ones are listed. ``memory``:
+        a reference memory built in Calibrate (:attr:`Calibration.memory`), else the one loaded at start."""
         from tqdm import tqdm
 
         items = collect_inputs([str(f) for f in files]).files if files else []
@@ -223,12 +261,12 @@ class Engine:
         size = self.args.batch_size
         with tqdm(total=len(items), desc="predict", unit="img", file=sys.stderr) as bar:
             for unreadable, done in score_inputs(items, self.predictor, size, self.args.bit_depth,
-                                                 predict=self._predict):
+                                                 predict=lambda batch: self._predict(batch, memory)):
                 skipped += [(_relative(item.path, folder), _reason(reason, folder)) for item, reason in unreadable]
                 scored += [Scored(_relative(item.path, folder), item.name, rgb, score, amap)
                            for item, rgb, score, amap in done]
                 bar.update(len(unreadable) + len(done))
-        return Batch(scored, skipped)
+        return Batch(scored, skipped, self.scored_with(memory))
 
     @staticmethod
     def write_results(batch: Batch, image_threshold: Optional[float], pixel_threshold: Optional[float],
@@ -249,41 +287,76 @@ class Engine:
 
     # ---------------------------------------------------------------------------- calibrate
 
-    def calibrate(self, folder: Path, target_fpr: float) -> Calibration:
+    def calibrate(self, folder: Path, target_fpr: float, reference_memory: bool = False,
+                  coreset_ratio: float = settings.REFERENCE_BY_NAME["coreset_ratio"].default,
+                  few_shot_weight: float = settings.REFERENCE_BY_NAME["few_shot_weight"].default) -> Calibration:
         """``calibrate --normal FOLDER --target_fpr RATE`` on this model (the exported graph when the app runs
-        one): the same images (those under ``good/`` folders when there are any), the same arithmetic."""
+        one): the same images (those under ``good/`` folders when there are any), the same arithmetic.
+
+        ``reference_memory`` (torch only): ``calibrate --normal FOLDER --target_fpr RATE --reference_memory
+        --coreset_ratio R --few_shot_weight W``: a memory built from these images (at least 2), each scored
+        against it without its own patches (leave-one-out); :attr:`Calibration.memory` holds it. Without it, the
+        memory loaded at start (if any) scores, its reference images among these by leave-one-out."""
         if not 0.0 < target_fpr < 1.0:
             raise CraneError(f"the false-alarm rate must be in (0, 1), such as 0.01, got {target_fpr}")
+        if reference_memory and self.exported:
+            raise CraneError("an exported graph scores with the reference memory exported into it (`python -m crane "
+                             "export --reference ...`); to build one from normal images here, start the app with "
+                             "--checkpoint")
+        if reference_memory:
+            problems = settings.problems({"coreset_ratio": coreset_ratio, "few_shot_weight": few_shot_weight},
+                                         "calibrate")
+            if problems:
+                raise CraneError(problems[0])
         found = folder_samples(folder)
         samples = [s for s in found if not s.anomaly]
         notes = [] if len(samples) == len(found) else [
             f"note: using the {len(samples)} images under good/ folders, not the {len(found) - len(samples)} in "
             "other folders"]
+        references = memory_references([s.path for s in samples], MEMORY_OPTION, "the uploaded normal images") \
+            if reference_memory else []
         scores = CalibrationScores.for_run(target_fpr, len(samples), self.image_size)
-        left_out: set[int] = set()
+        inputs = InputNotes()
+        memory, left_out = None, 0
         with self._lock:
             if self.exported:
                 skipped = self._run_samples(samples, scores)
-            else:  # with a memory: reference images among them by leave-one-out
-                skipped = run_samples(self.predictor.detector, samples, self.args.batch_size, scores,
-                                      left_out=left_out)
+            elif reference_memory:  # calibrate --reference_memory's own steps
+                detector = self._use(None)
+                try:
+                    memory = build_memory(detector, references, coreset_ratio, few_shot_weight, self.args.bit_depth,
+                                          MEMORY_OPTION)
+                    skipped, left_out = run_leave_one_out(detector, samples, self.args.batch_size, scores,
+                                                          self.args.bit_depth, inputs)
+                finally:
+                    self._use(None)
+            else:  # with the memory loaded at start: its reference images among these by leave-one-out
+                loo: set[int] = set()
+                skipped = run_samples(self._use(None), samples, self.args.batch_size, scores, self.args.bit_depth,
+                                      inputs, loo)
+                left_out = len(loo)
         skipped = [(_relative(path, folder), _reason(reason, folder)) for path, reason in skipped]
         _, labels = scores.arrays()
         if (~labels).sum() == 0:
             raise CraneError(f"too few readable images left to calibrate on ({len(skipped)} unreadable)")
         picked = pick_false_alarm(scores, target_fpr)
         calibration: dict[str, Any] = {"normal_files": [str(s.path.relative_to(folder)) for s in samples],
-                                       **picked.record}
+                                       **picked.record, "bit_depth": self.args.bit_depth}
         if skipped:
             calibration["skipped"] = [[str(path), reason] for path, reason in skipped]
         meta = {**picked.criteria, "calibration": calibration, "model": self._model_record(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "crane_version": __version__}
-        if self.reference is not None:  # calibrated with the memory: the saved file names it, as calibrate's
+        if memory is None and self.reference is not None:  # calibrated with the memory loaded at start
             meta["reference"] = thresholds_entry(self.reference.file, self.thresholds_path,
-                                                 self.predictor.memory.spec, len(left_out))
+                                                 self.predictor.memory.spec, left_out)
+            if meta["reference"]["identity"] != self.thresholds.meta["reference"].get("identity"):
+                raise CraneError(f"the reference memory loaded at start, {self.reference.file}, has changed since "
+                                 "(replaced by a saved calibration?): restart the app to calibrate with the memory "
+                                 "on disk, or build one here (few-shot option)")
         thresholds = Thresholds(picked.image, picked.pixel, meta)
-        return Calibration(picked, thresholds, skipped, notes + picked.notes)
+        notes += [f"note: {line}" for line in inputs.lines()] + picked.notes
+        return Calibration(picked, thresholds, skipped, notes, memory, left_out)
 
     def _run_samples(self, samples: list, into: CalibrationScores) -> list[tuple[Path, str]]:
         """:func:`crane.inspection.calibration.run_samples` for the exported graph (its maps are smoothed in the graph)."""
@@ -318,13 +391,29 @@ class Engine:
         return {"checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256, **info.model,
                 "precision": info.precision, "exported_model": str(self.args.model), "backend": self.args.backend}
 
-    def save(self, thresholds: Thresholds) -> Path:
-        """Write ``thresholds`` to :attr:`thresholds_path` (atomically); return the path."""
-        output = self.thresholds_path
-        problem = output_problem(output, flag="thresholds file")
-        if problem:
-            raise CraneError(f"cannot write {output} ({problem}); start the app with --thresholds FILE")
-        return save_thresholds(thresholds, output)
+    def save(self, calibration: Calibration, output: Optional[Path] = None) -> list[Path]:
+        """Write the thresholds of ``calibration`` to ``output`` (default :attr:`thresholds_path`), atomically;
+        with a memory built from its images (:attr:`Calibration.memory`), also ``reference.pt`` beside it, named
+        in the thresholds' ``"reference"`` entry: the files ``calibrate --reference_memory`` writes, under its
+        rules (an existing file is replaced only when it is a thresholds file / a reference memory). Returns the
+        paths written, the thresholds file first."""
+        output = Path(output or self.thresholds_path).expanduser()
+        elsewhere = "start the app with --thresholds FILE in another folder"
+        lines = [check_output(output, False, "the thresholds file", elsewhere, None)]
+        memory_file = None
+        if calibration.memory is not None:
+            memory_file, note = check_memory_output(output, False, elsewhere, None)
+            lines.append(note)
+        thresholds = calibration.thresholds
+        if memory_file is not None:
+            entry = save_calibrated_memory(calibration.memory, memory_file, output, {
+                "checkpoint": str(self.args.checkpoint), "checkpoint_sha256": self.info.sha256,
+                "model": self._model_record(), "written_by": "python -m crane app (Calibrate, few-shot)"},
+                calibration.left_out)
+            thresholds = Thresholds(thresholds.image, thresholds.pixel, {**thresholds.meta, "reference": entry})
+        for line in filter(None, lines):
+            print(line, file=sys.stderr)
+        return [save_thresholds(thresholds, output)] + ([memory_file] if memory_file is not None else [])
 
     # ----------------------------------------------------------------------------------- API
 
@@ -335,7 +424,7 @@ class Engine:
         rgb, x = load_input(InputFile(path, path.stem), self.predictor, self.args.bit_depth)
         if rgb is None:
             raise CraneError(_reason(x, path.parent))
-        scores, maps = self._predict([x])
+        scores, maps = self._predict([x])  # the memory loaded at start
         score = float(scores.tolist()[0])
         threshold = self.thresholds.image if image_threshold is None else float(image_threshold)
         return {"score": score, "decision": decision(score, threshold) or None, "map_shape": list(maps[0].shape)}
