@@ -278,6 +278,19 @@ def test_inspect_calibrate_and_download_in_the_browser(setup, few_shot, app, bro
     _wait(page, f"Math.abs(Number(document.querySelector('#image-threshold input[type=number]').value) - "
                 f"{memory['image_threshold']}) < 1e-6")
     page.screenshot(path=str(shots / "app_calibrate.png"), full_page=True)
+    # and this page's Inspect tab scores with that memory: Detector.predict's scores with it
+    page.get_by_role("tab", name="Inspect").click()
+    page.locator("#inspect-files input[type=file]").set_input_files([str(f) for f in setup["files"][:2]])
+    _wait(page, "document.querySelector('#inspect-status').innerText.includes('built in Calibrate')")
+    from crane.data.image import load_rgb
+
+    detector = engine.predictor.detector
+    with engine._lock:  # the app's own model, between its calls
+        detector.set_reference(few_shot["memory"])
+        few_shot_scores = detector.predict([load_rgb(f, exif_orientation=True) for f in setup["files"][:2]]).scores
+    assert abs(few_shot_scores[0] - float(expected["a16.png"]["score"])) > 1e-3  # not the zero-shot score
+    for (name, score, _), expected_score in zip(_table(page, "#scores"), few_shot_scores):
+        assert abs(float(score) - float(expected_score)) <= 1e-5, name
     page.close()
 
 
