@@ -47,7 +47,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -318,9 +318,10 @@ def _needs_published_draws(opts: TrainOptions) -> bool:
     return opts.init_checkpoint is None or opts.train_with_img_cls_prob != 1
 
 
-def build_training_model(opts: TrainOptions) -> CraneModel:
+def build_training_model(opts: TrainOptions, init_state: Optional[Mapping[str, Any]] = None) -> CraneModel:
     """Frozen CLIP (+ VFM) with a prompt learner holding the published initial prompts of ``seed`` (or
-    ``init_checkpoint``); the global torch generator is left where the published one is."""
+    ``init_checkpoint``: its state dict ``init_state`` as :func:`train` read it, else read here); the global
+    torch generator is left where the published one is."""
     config = CraneConfig.from_options(opts)
     try:
         model = build_model(opts.clip_weights, None, opts.dino_weights, config)
@@ -333,7 +334,8 @@ def build_training_model(opts: TrainOptions) -> CraneModel:
                         "prompts differ from the published run's", opts.dino_model)
         model.prompt_learner.reset_parameters()
     if opts.init_checkpoint is not None:
-        model.prompt_learner.load_official(read_checkpoint(opts.init_checkpoint)[0], source=str(opts.init_checkpoint))
+        state = init_state if init_state is not None else read_checkpoint(opts.init_checkpoint)[0]
+        model.prompt_learner.load_official(state, source=str(opts.init_checkpoint))
     model.prompt_learner.requires_grad_(True)
     return model
 
@@ -459,12 +461,12 @@ class _RunLog(logging.Handler):
 class Trainer:
     """One process's share of a training run (see the module docstring)."""
 
-    def __init__(self, opts: TrainOptions, ctx: DistContext) -> None:
+    def __init__(self, opts: TrainOptions, ctx: DistContext, init_state: Optional[Mapping[str, Any]] = None) -> None:
         self.opts, self.ctx = opts, ctx
         self.dir = run_dir(opts)
         self.settings = result_settings(opts, ctx.world_size)
         self.data = load_training_set(opts)
-        self.model = build_training_model(opts).to(ctx.device)
+        self.model = build_training_model(opts, init_state).to(ctx.device)
         self.learner = self.model.prompt_learner
         text = PromptTextEncoder(self.model, opts.train_with_img_cls_type)
         if ctx.distributed:
@@ -698,7 +700,8 @@ def file_identity_of(weights: Optional[str]) -> Optional[str]:
     return weights if weights in (None, "synthetic") else file_identity(Path(weights).expanduser())
 
 
-def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
+def _worker(opts: TrainOptions, device: str, devices: Sequence[int],
+            init_state: Optional[Mapping[str, Any]] = None) -> None:
     setup_logging()  # a spawned process starts without the parent's logging configuration
     ctx = init_distributed(device, devices)
     if ctx.device.type == "cpu" and ctx.distributed:
@@ -712,16 +715,17 @@ def _worker(opts: TrainOptions, device: str, devices: Sequence[int]) -> None:
     np.random.seed(opts.seed)
     try:
         with published_determinism():
-            Trainer(opts, ctx).fit(run_log)
+            Trainer(opts, ctx, init_state).fit(run_log)
     finally:
         if run_log is not None:
             log.removeHandler(run_log)
             log.setLevel(previous_level)
 
 
-def _check_init_checkpoint(opts: TrainOptions) -> None:
-    """Load ``init_checkpoint`` into a bare prompt learner of the requested shape (``CheckpointMismatchError`` if
-    it does not fit); its width is taken from the checkpoint, the CLIP text width is checked when the model loads."""
+def _check_init_checkpoint(opts: TrainOptions) -> dict[str, Any]:
+    """Read ``init_checkpoint`` (the run's one read) and load it into a bare prompt learner of the requested shape
+    (``CheckpointMismatchError`` if it does not fit); its width is taken from the checkpoint, the CLIP text width
+    is checked when the model loads. Returns its state dict (for the training processes)."""
     from crane.models.build import tokenizer
     from crane.models.prompts import PromptLearner, prompt_shape_problem
     from crane.models.weights import text_width_of
@@ -736,6 +740,7 @@ def _check_init_checkpoint(opts: TrainOptions) -> None:
     learner = PromptLearner(nn.Embedding(49408, width), tokenizer(opts.clip_model), opts.n_ctx,
                             opts.t_n_ctx, opts.depth)
     learner.load_official(state, source=str(opts.init_checkpoint))
+    return state
 
 
 def _say_no_effect(opts: TrainOptions) -> None:
@@ -762,8 +767,7 @@ def train(opts: TrainOptions) -> Path:
     plans = epoch_plans(data, opts, DistContext(0, world_size))
     for _ in range(opts.epoch if opts.aug_rate > 0 else 0):
         next(plans)  # an empty mosaic pool fails here, before the model loads, as it would fail the published run
-    if opts.init_checkpoint is not None:
-        _check_init_checkpoint(opts)
+    init_state = _check_init_checkpoint(opts) if opts.init_checkpoint is not None else None
     done = check_run_folder(opts, world_size)
     if done >= opts.epoch:
         log.info("%s already has %d epochs (asked for %d): nothing to do", run_dir(opts), done, opts.epoch)
@@ -777,7 +781,7 @@ def train(opts: TrainOptions) -> Path:
     _say_no_effect(opts)
     nprocs = len(devices) if "WORLD_SIZE" not in os.environ else 1
     try:
-        launch(_worker, nprocs, opts, device, devices)
+        launch(_worker, nprocs, opts, device, devices, init_state)
     except torch.multiprocessing.ProcessRaisedException as e:  # a spawned process stopped: keep its message
         raise TrainError(f"a training process stopped: {str(e).strip().splitlines()[-1]}") from None
     return run_dir(opts)
