@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class Detector:
                     checkpoint: Union[None, str, os.PathLike, Mapping] = None, dino_model: Optional[str] = None,
                     dino_weights: VfmWeights = None, *, device: str = "cpu", precision: str = "fp32",
                     batch_size: int = 8, compile: bool = False, force: bool = False,
-                    reference: ReferenceInput = None, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
+                    reference: ReferenceInput = None, coreset_ratio: float = settings.DEFAULT_CORESET_RATIO, few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT,
                     **model_settings: Any) -> "Detector":
         """Build a detector. ``dino_model`` and ``model_settings`` are :class:`CraneConfig` fields
         (``features_list``, ``soft_mean``, ``image_size``, ``sigma``, ``attn_type``, ...); ``None`` or left
@@ -149,7 +149,7 @@ class Detector:
         with torch.no_grad():
             self.text_features = self.model.text_features()
 
-    def set_reference(self, reference: ReferenceInput, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
+    def set_reference(self, reference: ReferenceInput, coreset_ratio: float = settings.DEFAULT_CORESET_RATIO, few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT,
                       use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False,
                       bit_depth: int = 16) -> Optional[ReferenceMemory]:
         """Score from now on with a reference memory of normal images (``None``: zero-shot again).

@@ -111,7 +111,7 @@ def check_reference(memory: ReferenceMemory, model: CraneModel, source: str = "t
                                    "from the reference images with this model")
 
 
-def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5,
+def build_reference(detector: Any, images: Any, coreset_ratio: float = settings.DEFAULT_CORESET_RATIO, few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT,
                     use_vfm: bool = True, progress: bool = False, exif_orientation: bool = False,
                     bit_depth: int = 16) -> ReferenceMemory:
     """A :class:`ReferenceMemory` of ``images`` (one or a list of paths, PIL images, arrays) as ``detector``
@@ -136,7 +136,7 @@ def build_reference(detector: Any, images: Any, coreset_ratio: float = 1.0, few_
     zero = MapStatistics()
     bar = _progress(progress, len(images), "reference images", "image")
     for start in range(0, len(images), bs):
-        tensors, kept = [], []
+        tensors = []
         for image in images[start:start + bs]:
             tensor = preprocess(load_rgb(image, exif_orientation=exif_orientation, bit_depth=bit_depth), size)
             digest = tensor_digest(tensor)
@@ -190,22 +190,31 @@ def save_reference(memory: ReferenceMemory, path: Union[str, os.PathLike],
     return save_torch(content, path)
 
 
-def load_reference(path: Union[str, os.PathLike], model: CraneModel, **kwargs: Any) -> ReferenceMemory:
-    """Read a ``reference.pt`` for ``model`` (on the CPU); :class:`ReferenceMemoryError` in one line when it is
-    missing, not a reference memory, or built with other settings (:func:`check_reference`). ``kwargs`` go to
-    :class:`ReferenceMemory` (``backend``, ``chunk``)."""
+def read_reference_file(path: Union[str, os.PathLike], mmap: bool = False) -> dict[str, Any]:
+    """The content of a ``reference.pt`` (module docstring), without a model; ``mmap``: memory-mapped, so the banks
+    are read only where used (their shapes and the ``spec`` cost nothing). :class:`ReferenceMemoryError` in one
+    line when it is missing, unreadable or not a reference memory."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ReferenceMemoryError(f"reference memory not found: {path}")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated, or holding Python objects
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ReferenceMemoryError(f"{path} is not a readable reference memory ({reason})") from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise ReferenceMemoryError(f"{path} is not a Crane reference memory (expected \"format\": \"{FORMAT}\"); "
-                                   "build it again from the reference images")
+    if not isinstance(content, dict) or content.get("format") != FORMAT or not isinstance(content.get("spec"), dict):
+        raise ReferenceMemoryError(f"{path} is not a Crane reference memory (expected \"format\": \"{FORMAT}\"): "
+                                   "build it again from the reference images (`python -m crane calibrate "
+                                   "--reference_memory`, crane.reference.save_reference)")
+    return content
+
+
+def load_reference(path: Union[str, os.PathLike], model: CraneModel, **kwargs: Any) -> ReferenceMemory:
+    """Read a ``reference.pt`` for ``model`` (on the CPU); :class:`ReferenceMemoryError` in one line when it is
+    missing, not a reference memory (:func:`read_reference_file`), or built with other settings
+    (:func:`check_reference`). ``kwargs`` go to :class:`ReferenceMemory` (``backend``, ``chunk``)."""
+    content = read_reference_file(path)
     banks = [Bank(b["features"], b["indices"], float(b["radius"])) for b in content["banks"]]
     memory = ReferenceMemory(banks, MemorySpec(**content["spec"]), info=content["info"], **kwargs)
-    check_reference(memory, model, str(path))
+    check_reference(memory, model, str(Path(path).expanduser()))
     return memory

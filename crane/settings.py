@@ -196,6 +196,9 @@ REFERENCE_SETTINGS: tuple[Setting, ...] = (
 (``test.py --few_shot``, ``calibrate --reference_memory``, ``predict --reference DIR``, ``export --reference
 DIR``). They are recorded in the memory itself (``reference.pt``), not in the model records."""
 REFERENCE_BY_NAME: dict[str, Setting] = {s.name: s for s in REFERENCE_SETTINGS}
+DEFAULT_CORESET_RATIO: float = REFERENCE_BY_NAME["coreset_ratio"].default
+DEFAULT_FEW_SHOT_WEIGHT: float = REFERENCE_BY_NAME["few_shot_weight"].default
+"""The two defaults above, for the Python API's signatures."""
 
 BEFORE_RECORDED = {"clip_model": "ViT-L-14-336"}
 """Settings added after records (``thresholds.json``, exported graphs) were first written, with the value

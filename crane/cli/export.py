@@ -142,17 +142,15 @@ def _budget_error(what: str, nbytes: int, references: int, patches: int, widths:
 
 
 def _file_memory_error(path: Path, budget_mb: float) -> Optional[str]:
-    """:func:`_budget_error` of a ``reference.pt``, read memory-mapped without a model."""
-    import torch
+    """:func:`_budget_error` of a ``reference.pt``, read memory-mapped without a model
+    (:func:`crane.reference.read_reference_file`, which refuses a file that is not a memory in one line)."""
+    from crane.reference import read_reference_file
 
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        widths = [int(b["features"].shape[1]) for b in content["banks"]]
-        nbytes = sum(b["features"].numel() * 4 for b in content["banks"])
-        spec = content["spec"]
-        references, patches = len(spec["digests"]), int(spec["patches_per_image"])
-    except Exception:  # not a memory: load_reference says so in one line
-        return None
+    content = read_reference_file(path, mmap=True)
+    widths = [int(b["features"].shape[1]) for b in content["banks"]]
+    nbytes = sum(b["features"].numel() * 4 for b in content["banks"])
+    spec = content["spec"]
+    references, patches = len(spec["digests"]), int(spec["patches_per_image"])
     return _budget_error(f"the reference memory {path}", nbytes, references, patches, widths,
                          float(spec["coreset_ratio"]), budget_mb, rebuild=True)
 

@@ -109,8 +109,8 @@ class EvalRun:
     profile: Optional[str] = None
     few_shot: int = 0
     few_shot_seeds: Optional[Sequence[int]] = None
-    coreset_ratio: float = settings.REFERENCE_BY_NAME["coreset_ratio"].default
-    few_shot_weight: float = settings.REFERENCE_BY_NAME["few_shot_weight"].default
+    coreset_ratio: float = settings.DEFAULT_CORESET_RATIO
+    few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT
     explicit: frozenset = frozenset()  # model flags given on the command line (the rest may come from the checkpoint)
 
 
@@ -594,14 +594,15 @@ class _Schedule:
     next), decided identically on every rank before the run."""
 
     def __init__(self, plan: EvalPlan, dataset: CraneDataset) -> None:
+        share = not plan.references  # few-shot: each class scores with its own memory, so computes its own batches
         done: set[tuple[int, ...]] = set()
         self.todo: dict[str, list[list[int]]] = {}
         for cls_name in plan.pending:
             self.todo[cls_name] = [b for b in plan.batches[cls_name] if tuple(b) not in done]
-            if not plan.references:  # few-shot: each class scores with its own memory, so computes its own
+            if share:
                 done.update(tuple(b) for b in self.todo[cls_name])
-        self.later = {c: {i for i, s in enumerate(dataset.samples) if s["cls_name"] in plan.pending[k + 1:]}
-                      for k, c in enumerate(plan.pending)} if not plan.references else {c: set() for c in plan.pending}
+        self.later = {c: {i for i, s in enumerate(dataset.samples) if share and s["cls_name"] in plan.pending[k + 1:]}
+                      for k, c in enumerate(plan.pending)}
         self.kept: dict[tuple[int, ...], dict] = {}
 
     def rank_batches(self, ctx: DistContext) -> list[list[int]]:

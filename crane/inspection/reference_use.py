@@ -86,24 +86,15 @@ def named_memory(thresholds: Any) -> Optional[Path]:
 
 def peek_memory(path: os.PathLike) -> dict[str, Any]:
     """The ``spec`` of a ``reference.pt`` (``sets``, ``weight``, ``coreset_ratio``, ``digests``, ...), read
-    without a model (memory-mapped: the banks are not read). :class:`ReferenceUseError` in one line when it is
-    missing or not a reference memory; whether it fits a model is :func:`crane.reference.load_reference`'s check."""
-    import torch
+    without a model (memory-mapped: the banks are not read; :func:`crane.reference.read_reference_file`).
+    :class:`ReferenceUseError` in one line when it is missing or not a reference memory; whether it fits a
+    model is :func:`crane.reference.load_reference`'s check."""
+    from crane.reference import ReferenceMemoryError, read_reference_file
 
-    from crane.reference import FORMAT
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ReferenceUseError(f"reference memory not found: {path}")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # not a torch zip file, truncated, or holding Python objects
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ReferenceUseError(f"{path} is not a readable reference memory ({reason})") from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT or not isinstance(content.get("spec"), dict):
-        raise ReferenceUseError(f"{path} is not a Crane reference memory (expected \"format\": \"{FORMAT}\"): a "
-                                "reference.pt from `python -m crane calibrate --reference_memory`")
-    return content["spec"]
+        return read_reference_file(path, mmap=True)["spec"]
+    except ReferenceMemoryError as e:
+        raise ReferenceUseError(str(e)) from None
 
 
 def is_memory_file(path: os.PathLike) -> bool:
@@ -117,27 +108,16 @@ def is_memory_file(path: os.PathLike) -> bool:
 
 def check_memory_output(thresholds_path: os.PathLike, overwrite: bool, elsewhere: str,
                         overwrite_flag: Optional[str] = "--overwrite") -> tuple[Path, Optional[str]]:
-    """Where a calibration that builds a memory keeps it (:func:`memory_path`), checked as the thresholds file
-    is (``calibrate --reference_memory`` and the app's rule): writable; never a shipped official checkpoint; an
-    existing file replaced only when it is a reference memory (the returned note says so) or with
-    ``overwrite``. Returns ``(path, note or None)``; raises :class:`ReferenceUseError` in one line ending with
-    ``elsewhere`` (how to choose another folder), and ``overwrite_flag`` (``None``: none offered) for a file that
-    is not a reference memory."""
-    from crane.checkpoints import official_at
-    from crane.files import output_problem
+    """Where a calibration that builds a memory keeps it (:func:`memory_path`), checked by the thresholds file's
+    rule (:func:`crane.inspection.thresholds.check_replaceable`): an existing reference memory is replaced (the
+    returned note says so), another file only with ``overwrite``. Returns ``(path, note or None)``; raises
+    :class:`ReferenceUseError` in one line."""
+    from crane.inspection.thresholds import check_replaceable
 
     path = memory_path(thresholds_path)
-    problem = output_problem(path, flag="the reference memory")
-    if problem:
-        raise ReferenceUseError(f"cannot write {path} ({problem}); {elsewhere}")
-    if path.exists() and official_at(path) is not None:
-        raise ReferenceUseError(f"{path} is a shipped official checkpoint; {elsewhere}")
-    if path.is_file() and not overwrite:
-        if not is_memory_file(path):
-            replace = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
-            raise ReferenceUseError(f"{path} exists and is not a reference memory; {elsewhere}{replace}")
-        return path, f"note: replacing the reference memory in {path} (written by an earlier calibration)"
-    return path, None
+    note = check_replaceable(path, overwrite, "the reference memory", ("a reference memory", "the reference memory"),
+                             is_memory_file, elsewhere, overwrite_flag, ReferenceUseError)
+    return path, note
 
 
 def save_calibrated_memory(memory: Any, memory_file: os.PathLike, thresholds_path: os.PathLike,
@@ -165,7 +145,7 @@ class ReferenceChoice:
     named_by: Optional[str] = None
     spec: Optional[Mapping[str, Any]] = None
 
-    def line(self, coreset_ratio: float = 1.0, few_shot_weight: float = 0.5) -> str:
+    def line(self, coreset_ratio: float = settings.DEFAULT_CORESET_RATIO, few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT) -> str:
         """The one line a run prints first: which memory scores, how big, and why it is used (``coreset_ratio``,
         ``few_shot_weight``: those a memory is built from images with)."""
         if self.file is not None:

@@ -155,29 +155,45 @@ def save_thresholds(thresholds: Thresholds, path: Union[str, os.PathLike]) -> Pa
     return write_json(path, thresholds.to_json())
 
 
+def check_replaceable(path: Union[str, os.PathLike], overwrite: bool, flag: str, kind: tuple[str, str],
+                      is_kind, elsewhere: str, overwrite_flag: Optional[str] = "--overwrite",
+                      error: Optional[type] = None) -> Optional[str]:
+    """Whether a calibration may write ``path`` (its thresholds file, or the reference memory beside it): the file
+    must be writable; a shipped official checkpoint is never replaced; an existing file is replaced only when it
+    is of ``kind`` (``is_kind(path)``; the returned note says so) or with ``overwrite``. ``kind``: ``(a ..., the
+    ...)`` phrases. Raises ``error`` (default :class:`ThresholdsError`) in one line naming ``flag`` (what names
+    the file) and ending with ``elsewhere`` (how to choose another file), and ``overwrite_flag`` (``None``: the
+    caller offers none) for a file of another kind."""
+    error = error or ThresholdsError
+    path = Path(path).expanduser()
+    problem = output_problem(path, flag=flag)
+    if problem:
+        raise error(f"cannot write {path} ({problem}); {elsewhere}")
+    if official_at(path) is not None:
+        raise error(replace_problem(path, True, flag))
+    if path.is_file() and not overwrite:
+        if not is_kind(path):
+            replace = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
+            raise error(f"{flag} {path} exists and is not {kind[0]}; {elsewhere}{replace}")
+        return f"note: replacing {kind[1]} in {path} (written by an earlier calibration)"
+    return None
+
+
+def _is_thresholds_file(path: Path) -> bool:
+    try:
+        load_thresholds(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_output(output: Union[str, os.PathLike], overwrite: bool, flag: str, elsewhere: str,
                  overwrite_flag: Optional[str] = "--overwrite") -> Optional[str]:
-    """Whether a calibration may write its thresholds to ``output`` (``calibrate`` and the app's rule): the file
-    must be writable; an existing file is replaced only when it is a thresholds file (the returned note says so)
-    or with ``overwrite``, and a shipped official checkpoint never. Raises :class:`ThresholdsError` in one line
-    naming ``flag`` (what names the file) and ending with ``elsewhere`` (how to choose another file), and
-    ``overwrite_flag`` (``None``: the caller offers none) for a file that is not a thresholds file."""
-    output = Path(output).expanduser()
-    problem = output_problem(output, flag=flag)
-    if problem:
-        raise ThresholdsError(f"cannot write {output} ({problem}); {elsewhere}")
-    official = official_at(output)
-    if official is not None:
-        raise ThresholdsError(replace_problem(output, True, flag))
-    if output.is_file() and not overwrite:
-        try:
-            load_thresholds(output)
-        except (OSError, ValueError):
-            replace = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
-            raise ThresholdsError(f"{flag} {output} exists and is not a thresholds file; {elsewhere}{replace}") \
-                from None
-        return f"note: replacing the thresholds in {output} (written by an earlier calibration)"
-    return None
+    """Whether a calibration may write its thresholds to ``output`` (``calibrate`` and the app's rule,
+    :func:`check_replaceable`): an existing thresholds file is replaced (the returned note says so), another file
+    only with ``overwrite``. Raises :class:`ThresholdsError` in one line."""
+    return check_replaceable(output, overwrite, flag, ("a thresholds file", "the thresholds"), _is_thresholds_file,
+                             elsewhere, overwrite_flag)
 
 
 def _optional_float(data: dict[str, Any], key: str, path: Path) -> Optional[float]:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from .crane import ImageFeatures
 from .head import upsample
 
@@ -200,10 +201,10 @@ class MemorySpec:
 
     sets: list[int]
     use_vfm: bool
-    weight: float = 0.5
+    weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT
     scale: float = 1.0
     shift: float = 0.0
-    coreset_ratio: float = 1.0
+    coreset_ratio: float = settings.DEFAULT_CORESET_RATIO
     patches_per_image: int = 0
     digests: list[str] = field(default_factory=list)
 
@@ -273,7 +274,7 @@ class ReferenceMemory(nn.Module):
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def build(cls, features: Sequence[torch.Tensor], spec: MemorySpec, coreset_ratio: float = 1.0,
+    def build(cls, features: Sequence[torch.Tensor], spec: MemorySpec, coreset_ratio: float = settings.DEFAULT_CORESET_RATIO,
               progress: Optional[Callable[[int], None]] = None, **kwargs: Any) -> "ReferenceMemory":
         """A memory from the references' patch features, one ``K x L x E`` tensor per bank (normalised, as
         :func:`memory_queries` gives them), each bank subsampled by :func:`greedy_coreset` to

@@ -288,8 +288,8 @@ class Engine:
     # ---------------------------------------------------------------------------- calibrate
 
     def calibrate(self, folder: Path, target_fpr: float, reference_memory: bool = False,
-                  coreset_ratio: float = settings.REFERENCE_BY_NAME["coreset_ratio"].default,
-                  few_shot_weight: float = settings.REFERENCE_BY_NAME["few_shot_weight"].default) -> Calibration:
+                  coreset_ratio: float = settings.DEFAULT_CORESET_RATIO,
+                  few_shot_weight: float = settings.DEFAULT_FEW_SHOT_WEIGHT) -> Calibration:
         """``calibrate --normal FOLDER --target_fpr RATE`` on this model (the exported graph when the app runs
         one): the same images (those under ``good/`` folders when there are any), the same arithmetic.
 
